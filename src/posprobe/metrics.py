@@ -1,0 +1,76 @@
+"""Per-image scores of a predicted map against its target, batched in torch.
+
+SPC is Spearman's rank correlation over all pixels with ties given their average rank (as
+``scipy.stats.spearmanr``). A prediction that is constant (up to float rounding) carries no rank
+information: its SPC is defined as 0, as the paper prints ".0" for black/white inputs to PosENet,
+and ``is_constant`` lets callers count such maps.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _flatten(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if pred.dim() < 2:
+        raise ValueError(f"pred must be (B, H, W) or (B, N); got shape {tuple(pred.shape)}")
+    b = pred.shape[0]
+    p = pred.reshape(b, -1)  # (B, N)
+    if target.shape == pred.shape[1:]:
+        t = target.reshape(1, -1).expand(b, -1)  # one target for every image
+    elif target.shape == pred.shape:
+        t = target.reshape(b, -1)
+    else:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} matches neither pred {tuple(pred.shape)} nor its maps"
+        )
+    return p, t
+
+
+def is_constant(pred: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: maps whose spread is within float rounding of their magnitude."""
+    p = pred.reshape(pred.shape[0], -1)
+    spread = p.amax(1) - p.amin(1)
+    scale = p.abs().amax(1).clamp(min=1.0)
+    tol = 64 * torch.finfo(p.dtype if p.is_floating_point() else torch.float32).eps
+    return spread <= tol * scale
+
+
+def rankdata(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks (1-based, ties averaged) along the last dim of a (B, N) tensor, as float64."""
+    b, n = x.shape
+    sorted_x, order = torch.sort(x, dim=1)
+    new_group = torch.ones_like(sorted_x, dtype=torch.bool)
+    new_group[:, 1:] = sorted_x[:, 1:] != sorted_x[:, :-1]
+    group = torch.cumsum(new_group.long(), dim=1) - 1  # (B, N) tie-group index in sorted order
+    positions = torch.arange(1, n + 1, dtype=torch.float64, device=x.device).expand(b, n)
+    sums = torch.zeros(b, n, dtype=torch.float64, device=x.device).scatter_add_(1, group, positions)
+    counts = torch.zeros(b, n, dtype=torch.float64, device=x.device).scatter_add_(
+        1, group, torch.ones_like(positions)
+    )
+    avg_sorted = torch.gather(sums / counts.clamp(min=1), 1, group)  # (B, N) rank of each sorted entry
+    ranks = torch.empty_like(avg_sorted)
+    ranks.scatter_(1, order, avg_sorted)
+    return ranks
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    denom = torch.sqrt((a * a).sum(1) * (b * b).sum(1))
+    return torch.where(denom > 0, (a * b).sum(1) / denom.clamp(min=1e-300), torch.zeros_like(denom))
+
+
+def spearman(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) Spearman correlation of each predicted map with the target; 0 for constant maps.
+
+    pred: (B, H, W); target: (H, W), shared by the batch, or (B, H, W).
+    """
+    p, t = _flatten(pred.detach(), target.detach().to(pred.device))
+    rho = _pearson(rankdata(p), rankdata(t)).to(torch.float32)
+    return torch.where(is_constant(p), torch.zeros_like(rho), rho)
+
+
+def mae(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) mean absolute difference between each predicted map and the target."""
+    p, t = _flatten(pred.detach(), target.detach().to(pred.device))
+    return (p.double() - t.double()).abs().mean(1).to(torch.float32)

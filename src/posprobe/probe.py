@@ -1,0 +1,122 @@
+"""The position probe in the scikit-learn shape: settings in ``__init__``, ``fit`` returns self, learned
+state ends in ``_``, then ``predict`` and ``score``.
+
+A probe encodes each image set once with its frozen backbone and trains one readout per target map from
+those features; ``fit`` and ``score`` also accept an ``EncodedSet`` so callers can share an encoding.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from .backbones import Backbone
+from .errors import PosprobeError
+from .features import EncodedSet, encode
+from .metrics import is_constant, mae, spearman
+from .readout import Readout, check_readout_config
+from .targets import PATTERNS, make_target
+from .train import PROFILES, ReadoutJob, TrainConfig, predict, train_readouts
+
+
+@dataclass
+class Scores:
+    """Per-image scores of one readout on one test set."""
+
+    ids: list[str]
+    spc: torch.Tensor  # (N,)
+    mae: torch.Tensor  # (N,)
+    constant: torch.Tensor  # (N,) bool: prediction carries no rank information (SPC defined as 0)
+
+    def summary(self) -> dict[str, float | int]:
+        """Mean and population standard deviation over images (std is 0 for a single image)."""
+        spc, err = self.spc.double(), self.mae.double()
+        return {
+            "spc_mean": float(spc.mean()), "spc_std": float(spc.std(correction=0)),
+            "mae_mean": float(err.mean()), "mae_std": float(err.std(correction=0)),
+            "n": len(self.ids), "n_constant": int(self.constant.sum()),
+        }  # fmt: skip
+
+
+class PositionProbe:
+    """Reads fixed position maps out of a frozen backbone's features with one PEM readout per map."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        patterns: Sequence[str] = PATTERNS,
+        kernel_size: int = 3,
+        depth: int = 1,
+        padding: int = 0,
+        feat_size: int = 28,
+        image_size: int = 224,
+        train_config: TrainConfig = PROFILES["official"],
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        extra_targets: Mapping[str, torch.Tensor] | None = None,
+        encode_batch_size: int = 16,
+        strict: bool = False,
+        progress: bool = True,
+    ):
+        check_readout_config(feat_size, kernel_size, depth, padding)
+        self.backbone, self.patterns = backbone, list(patterns)
+        self.kernel_size, self.depth, self.padding = kernel_size, depth, padding
+        self.feat_size, self.image_size = feat_size, image_size
+        self.train_config, self.seed, self.device = train_config, seed, device
+        self.extra_targets = dict(extra_targets or {})
+        self.encode_batch_size, self.strict, self.progress = encode_batch_size, strict, progress
+        self.targets = {p: make_target(p, image_size, image_size) for p in self.patterns}
+        for name, t in self.extra_targets.items():
+            if tuple(t.shape) != (image_size, image_size):
+                raise PosprobeError(f"target '{name}' is {tuple(t.shape)}; expected ({image_size}, {image_size})")
+            self.targets[name] = t.float()
+        if not self.targets:
+            raise PosprobeError("no target to probe: give at least one pattern or target image")
+
+    def encode(self, images: Dataset | EncodedSet) -> EncodedSet:
+        if isinstance(images, EncodedSet):
+            return images
+        return encode(self.backbone, images, self.feat_size, self.encode_batch_size, self.device,
+                      strict=self.strict, progress=self.progress)  # fmt: skip
+
+    def new_readout(self) -> Readout:
+        """A freshly initialised readout; every target's readout starts from the same seeded weights."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return Readout(self.backbone.channels, self.kernel_size, self.depth, self.padding,
+                           self.feat_size, self.image_size)  # fmt: skip
+
+    def fit(self, images: Dataset | EncodedSet) -> "PositionProbe":
+        encoded = self.encode(images)
+        if encoded.features.shape[1] != self.backbone.channels:
+            raise PosprobeError(
+                f"features have {encoded.features.shape[1]} channels; {self.backbone.name} declares "
+                f"{self.backbone.channels}"
+            )
+        jobs = [ReadoutJob(name, self.new_readout(), target) for name, target in self.targets.items()]
+        train_readouts(encoded.features, jobs, self.train_config, self.device, self.progress)
+        self.readouts_ = {job.key: job.readout.cpu() for job in jobs}
+        self.losses_ = {job.key: job.losses for job in jobs}
+        self.train_ids_, self.train_skipped_ = encoded.ids, encoded.skipped
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "readouts_"):
+            raise PosprobeError("this probe is not fitted yet: call fit() first")
+
+    def predict(self, images: Dataset | EncodedSet) -> dict[str, torch.Tensor]:
+        """Predicted maps (N, S, S) per target."""
+        self._check_fitted()
+        encoded = self.encode(images)
+        return {name: predict(r, encoded.features, device=self.device) for name, r in self.readouts_.items()}
+
+    def score(self, images: Dataset | EncodedSet) -> dict[str, Scores]:
+        """Per-image SPC and MAE at full resolution for every target."""
+        encoded = self.encode(images)
+        scores = {}
+        for name, pred in self.predict(encoded).items():
+            target = self.targets[name]
+            scores[name] = Scores(encoded.ids, spearman(pred, target), mae(pred, target), is_constant(pred))
+        return scores

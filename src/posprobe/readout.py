@@ -1,0 +1,96 @@
+"""The position encoding module (PEM): the tiny trainable readout of PAPER.md.
+
+Every tapped level is resized bilinearly (align_corners=True) to ``feat_size`` and concatenated on
+channels; then ``depth`` convolutions of kernel ``k`` and padding ``p``: intermediate layers are
+Conv(C->C) + BatchNorm + ReLU, the last is Conv(C->1) + BatchNorm(1) + Sigmoid. Weights are
+Xavier-uniform, biases zero. The map is upsampled bilinearly (align_corners=False) to ``out_size``.
+
+``align`` is split from the trainable ``head`` so a frozen encoder's aligned features can be computed
+once and reused by any number of readouts.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import PosprobeError
+
+
+def align(levels: Sequence[torch.Tensor], feat_size: int) -> torch.Tensor:
+    """Resize every (B, C_i, h_i, w_i) level to feat_size x feat_size and concatenate: (B, sum C_i, fs, fs)."""
+    resized = [
+        F.interpolate(f, size=(feat_size, feat_size), mode="bilinear", align_corners=True)
+        for f in levels
+    ]
+    return torch.cat(resized, dim=1)
+
+
+def readout_map_size(feat_size: int, kernel_size: int, depth: int, padding: int) -> int:
+    """Side of the readout's map before upsampling: each conv maps n -> n + 2p - k + 1."""
+    return feat_size + depth * (2 * padding - kernel_size + 1)
+
+
+def check_readout_config(feat_size: int, kernel_size: int, depth: int, padding: int) -> None:
+    """Refuse settings that cannot produce a map, with the arithmetic in the message."""
+    if kernel_size < 1 or depth < 1 or padding < 0 or feat_size < 1:
+        raise PosprobeError(
+            "readout needs kernel_size >= 1, depth >= 1, padding >= 0 and feat_size >= 1; "
+            f"given kernel_size={kernel_size}, depth={depth}, padding={padding}, feat_size={feat_size}"
+        )
+    side = readout_map_size(feat_size, kernel_size, depth, padding)
+    if side < 1:
+        raise PosprobeError(
+            f"impossible readout: {depth} conv layer(s) of kernel {kernel_size} with padding {padding} "
+            f"shrink a {feat_size}x{feat_size} feature map to {side}x{side}; use a smaller kernel or depth, "
+            "more padding, or a larger --feat-size"
+        )
+
+
+class Readout(nn.Module):
+    """PEM readout: list of level tensors -> (B, 1, out_size, out_size) map in [0, 1]."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        kernel_size: int = 3,
+        depth: int = 1,
+        padding: int = 0,
+        feat_size: int = 28,
+        out_size: int = 224,
+    ) -> None:
+        super().__init__()
+        check_readout_config(feat_size, kernel_size, depth, padding)
+        self.in_channels, self.kernel_size, self.depth, self.padding = in_channels, kernel_size, depth, padding
+        self.feat_size, self.out_size = feat_size, out_size
+        layers: list[nn.Module] = []
+        for _ in range(depth - 1):
+            layers += [
+                nn.Conv2d(in_channels, in_channels, kernel_size, padding=padding),
+                nn.BatchNorm2d(in_channels),
+                nn.ReLU(),
+            ]
+        layers += [nn.Conv2d(in_channels, 1, kernel_size, padding=padding), nn.BatchNorm2d(1), nn.Sigmoid()]
+        self.head = nn.Sequential(*layers)
+        for m in self.head:
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_aligned(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, fs, fs) aligned features -> (B, 1, out_size, out_size)."""
+        y = self.head(x)  # (B, 1, s, s), s = readout_map_size(...)
+        return F.interpolate(y, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+
+    def forward(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        if isinstance(levels, torch.Tensor):
+            levels = [levels]
+        return self.forward_aligned(align(levels, self.feat_size))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, kernel_size={self.kernel_size}, depth={self.depth}, "
+            f"padding={self.padding}, feat_size={self.feat_size}, out_size={self.out_size}"
+        )
