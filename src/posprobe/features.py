@@ -82,7 +82,7 @@ def encode(
     chunks: list[torch.Tensor] = []
     kept: list[int] = []
     bad: list[int] = []
-    bar = tqdm(total=len(images), desc=f"encode {name} with {backbone.name}", unit="img", disable=not progress,
+    bar = tqdm(total=len(images), desc=f"encode {name} with {backbone.name}", unit="img", disable=None if progress else True,
                leave=False)  # fmt: skip
     for idx, batch, failed in loader:
         bad += failed

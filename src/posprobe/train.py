@@ -90,7 +90,7 @@ def train_readouts(
         opts.append(opt)
         scheds.append(torch.optim.lr_scheduler.MultiStepLR(opt, list(config.lr_milestones), config.lr_gamma))
     gen = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(total=config.epochs, desc=f"train {len(jobs)} readout(s)", unit="epoch", disable=not progress,
+    bar = tqdm(total=config.epochs, desc=f"train {len(jobs)} readout(s)", unit="epoch", disable=None if progress else True,
                leave=False)  # fmt: skip
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=gen) if config.shuffle else torch.arange(n)

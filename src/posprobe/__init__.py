@@ -1,0 +1,25 @@
+"""posprobe: how much absolute position information does a vision network encode, and where?
+
+Implements the protocol of Islam, Jia & Bruce, "How Much Position Information Do Convolutional Neural
+Networks Encode?" (ICLR 2020): a frozen backbone's multi-scale features feed a tiny trainable readout that
+must draw a fixed position map; how well it can is the measure.
+"""
+__version__ = "0.1.0"
+
+from .backbones import Backbone, Level, create_backbone, get_backbone_spec, list_backbones, register_backbone
+from .data import FolderImages, TensorImages, bundled_test_set, bundled_train_set, synthetic_images
+from .errors import PosprobeError
+from .features import EncodedSet, encode
+from .metrics import is_constant, mae, spearman
+from .probe import PositionProbe, Scores
+from .readout import Readout, align
+from .targets import PATTERNS, load_target_image, make_target
+from .train import PROFILES, TrainConfig, get_profile, train_readouts
+
+__all__ = [
+    "PATTERNS", "PROFILES", "Backbone", "EncodedSet", "FolderImages", "Level", "PositionProbe", "PosprobeError",
+    "Readout", "Scores", "TensorImages", "TrainConfig", "__version__", "align", "bundled_test_set",
+    "bundled_train_set", "create_backbone", "encode", "get_backbone_spec", "get_profile", "is_constant",
+    "list_backbones", "load_target_image", "mae", "make_target", "register_backbone", "spearman",
+    "synthetic_images", "train_readouts",
+]  # fmt: skip

@@ -1,0 +1,85 @@
+"""Figures as pure functions over saved arrays: each returns nothing and writes one PNG."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def _show(ax, img: torch.Tensor, title: str = "", cmap: str | None = "gray") -> None:
+    """img: (H, W) map in [0, 1] or (3, H, W) RGB."""
+    if img.dim() == 3:
+        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())  # CHW -> HWC
+    else:
+        ax.imshow(img.numpy(), cmap=cmap, vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+
+
+def prediction_grid(
+    path: Path,
+    targets: Mapping[str, torch.Tensor],
+    inputs: Sequence[tuple[str, torch.Tensor]],
+    predictions: Mapping[str, torch.Tensor],
+    scores: Mapping[str, torch.Tensor] | None = None,
+    title: str = "",
+) -> None:
+    """Top row: the targets; then one row per input image: the input and each target's prediction.
+
+    predictions[name]: (N, H, W) for the N inputs; scores[name]: (N,) SPC shown in the titles.
+    """
+    names = list(targets)
+    rows, cols = len(inputs) + 1, len(names) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+    axes[0][0].axis("off")
+    axes[0][0].text(0.5, 0.5, "targets", ha="center", va="center", fontsize=9)
+    for j, name in enumerate(names, start=1):
+        _show(axes[0][j], targets[name], f"target {name}")
+    for i, (label, image) in enumerate(inputs, start=1):
+        _show(axes[i][0], image, label[:22])
+        for j, name in enumerate(names, start=1):
+            spc = f" SPC {float(scores[name][i - 1]):.2f}" if scores else ""
+            _show(axes[i][j], predictions[name][i - 1], f"{name}{spc}")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def model_comparison_grid(
+    path: Path,
+    targets: Mapping[str, torch.Tensor],
+    image: tuple[str, torch.Tensor],
+    predictions: Mapping[str, Mapping[str, torch.Tensor]],
+    scores: Mapping[str, Mapping[str, float]] | None = None,
+    title: str = "",
+) -> None:
+    """One row per target: the target, then each model's prediction for the same input image.
+
+    predictions[model][pattern]: (H, W); scores[model][pattern]: that image's SPC.
+    """
+    models, patterns = list(predictions), list(targets)
+    rows, cols = len(patterns), len(models) + 2
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.7 * rows), squeeze=False)
+    for i, pattern in enumerate(patterns):
+        if i == 0:
+            _show(axes[i][0], image[1], f"input: {image[0][:18]}")
+        else:
+            axes[i][0].axis("off")
+        _show(axes[i][1], targets[pattern], f"target {pattern}")
+        for j, model in enumerate(models, start=2):
+            spc = f"\nSPC {scores[model][pattern]:.2f}" if scores else ""
+            _show(axes[i][j], predictions[model][pattern], f"{model}{spc}")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,168 @@
+"""One probe run, as the ``probe`` command does it: resolve and validate the settings, encode each image
+set once, train a readout per target, score every test set and write one run directory.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .backbones import Backbone, create_backbone
+from .data import SYNTHETIC, FolderImages, bundled_test_set, bundled_train_set, synthetic_images
+from .errors import PosprobeError
+from .features import EncodedSet
+from .plots import prediction_grid
+from .probe import PositionProbe, Scores
+from .readout import check_readout_config
+from .rundir import atomic_run_dir, environment, write_csv, write_json
+from .targets import PATTERNS, load_target_image
+from .train import PROFILES, TrainConfig
+
+METRIC_FIELDS = ("spc_mean", "spc_std", "mae_mean", "mae_std", "n", "n_constant")
+
+
+@dataclass(frozen=True)
+class ProbeRunConfig:
+    """Everything that determines a run's numbers; saved as config.json."""
+
+    backbone: str = "vgg16"
+    weights: str | None = None  # None: the backbone's default weights
+    input_norm: str = "none"  # the authors' code applies no normalisation
+    patterns: tuple[str, ...] = PATTERNS
+    target_images: tuple[str, ...] = ()
+    kernel_size: int = 3
+    depth: int = 1
+    readout_padding: int = 0
+    feat_size: int = 28
+    image_size: int = 224
+    profile: str = "official"
+    train: TrainConfig = field(default_factory=lambda: PROFILES["official"])
+    seed: int = 0
+    device: str = "cpu"
+    train_dir: str | None = None  # None: the bundled training photos
+    test_dir: str | None = None  # None: the bundled test photos
+    synthetic: tuple[str, ...] = SYNTHETIC
+    crops_per_photo: int = 8
+    strict: bool = False
+    n_preview: int = 4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ProbeRun:
+    """What a run produced, before it is written."""
+
+    config: ProbeRunConfig
+    backbone: Backbone
+    probe: PositionProbe
+    train: EncodedSet
+    tests: dict[str, EncodedSet]
+    scores: dict[str, dict[str, Scores]]  # test set -> target -> scores
+    previews: dict[str, tuple[list[str], torch.Tensor]]  # test set -> (ids, images (n, 3, S, S))
+    seconds: dict[str, float]
+
+    def metric_rows(self) -> list[dict]:
+        rows = []
+        for target in self.probe.targets:
+            for test_name, by_target in self.scores.items():
+                rows.append({"pattern": target, "test_set": test_name, **by_target[target].summary()})
+        return rows
+
+
+def prepare(config: ProbeRunConfig, progress: bool = True) -> tuple[Backbone, PositionProbe, object, dict[str, object]]:
+    """Validate every setting and build the backbone, probe and image sets, before any heavy work."""
+    check_readout_config(config.feat_size, config.kernel_size, config.depth, config.readout_padding)
+    if config.image_size < 8:
+        raise PosprobeError(f"--image-size must be at least 8; given {config.image_size}")
+    backbone = create_backbone(config.backbone, config.weights, config.seed, config.input_norm)
+    backbone.level_shapes(config.image_size)  # a too-small input fails here, clearly
+    extra = {Path(p).stem: load_target_image(p, config.image_size, config.image_size) for p in config.target_images}
+    probe = PositionProbe(
+        backbone, config.patterns, config.kernel_size, config.depth, config.readout_padding, config.feat_size,
+        config.image_size, config.train, config.seed, config.device, extra_targets=extra, strict=config.strict, progress=progress,
+    )  # fmt: skip
+    if config.train_dir:
+        train_set = FolderImages(config.train_dir, config.image_size)
+    else:
+        train_set = bundled_train_set(config.image_size, config.crops_per_photo, config.seed)
+    tests: dict[str, object] = {}
+    natural = FolderImages(config.test_dir, config.image_size) if config.test_dir else bundled_test_set(config.image_size)
+    tests[natural.name] = natural
+    for kind in config.synthetic:
+        tests[kind] = synthetic_images(kind, config.image_size, config.seed)
+    return backbone, probe, train_set, tests
+
+
+def execute(config: ProbeRunConfig, progress: bool = True) -> ProbeRun:
+    backbone, probe, train_set, test_sets = prepare(config, progress)
+    t0 = time.perf_counter()
+    train = probe.encode(train_set)
+    t1 = time.perf_counter()
+    probe.fit(train)
+    t2 = time.perf_counter()
+    tests, scores, previews = {}, {}, {}
+    for name, images in test_sets.items():
+        encoded = probe.encode(images)
+        tests[name], scores[name] = encoded, probe.score(encoded)
+        shown = encoded.ids[: config.n_preview]  # the first decodable images, features rows 0..n-1
+        previews[name] = (shown, torch.stack([images[images.ids.index(i)] for i in shown]))
+    t3 = time.perf_counter()
+    seconds = {"encode_train": t1 - t0, "train_readouts": t2 - t1, "encode_and_score_tests": t3 - t2}
+    return ProbeRun(config, backbone, probe, train, tests, scores, previews, seconds)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Compact text table: one line per target and test set."""
+    lines = [f"{'pattern':<8}{'test set':<16}{'SPC':>16}{'MAE':>16}{'n':>6}{'const':>7}"]
+    for r in rows:
+        lines.append(
+            f"{r['pattern']:<8}{r['test_set'][:15]:<16}{r['spc_mean']:>9.3f} ±{r['spc_std']:.3f}"
+            f"{r['mae_mean']:>9.3f} ±{r['mae_std']:.3f}{r['n']:>6}{r['n_constant']:>7}"
+        )
+    return "\n".join(lines)
+
+
+def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
+    """Write the run directory atomically."""
+    cfg = run.config
+    with atomic_run_dir(out, overwrite) as tmp:
+        write_json(tmp / "config.json", {
+            **cfg.to_dict(),
+            "resolved": {
+                "backbone_weights": run.backbone.weights_label, "input_norm": run.backbone.input_norm,
+                "levels": [asdict(level) for level in run.backbone.levels],
+                "level_shapes": run.backbone.level_shapes(cfg.image_size), "channels": run.backbone.channels,
+                "train_set": {"description": run.train.description, "n": len(run.train), "skipped": run.train.skipped},
+                "test_sets": {k: {"description": v.description, "n": len(v), "skipped": v.skipped}
+                              for k, v in run.tests.items()},
+            },
+        })  # fmt: skip
+        rows = run.metric_rows()
+        write_csv(tmp / "metrics.csv", rows)
+        per_image = [
+            {"pattern": t, "test_set": ts, "image": i, "spc": float(s.spc[k]), "mae": float(s.mae[k]),
+             "constant": bool(s.constant[k])}
+            for ts, by_target in run.scores.items() for t, s in by_target.items() for k, i in enumerate(s.ids)
+        ]  # fmt: skip
+        write_csv(tmp / "per_image.csv", per_image)
+        write_json(tmp / "metrics.json", {
+            "metrics": rows, "train_loss_per_epoch": run.probe.losses_, "seconds": run.seconds,
+        })  # fmt: skip
+        write_json(tmp / "environment.json", environment(cfg.device))
+        torch.save({"config": cfg.to_dict(), "in_channels": run.backbone.channels,
+                    "readouts": {k: r.state_dict() for k, r in run.probe.readouts_.items()}},
+                   tmp / "readouts.pt")  # fmt: skip
+        pred_dir = tmp / "predictions"
+        pred_dir.mkdir()
+        for name, (ids, images) in run.previews.items():
+            preds = run.probe.predict(EncodedSet(name, run.tests[name].features[: len(ids)], ids, []))
+            spc = {t: run.scores[name][t].spc[: len(ids)] for t in preds}
+            prediction_grid(
+                pred_dir / f"{name}.png", run.probe.targets, list(zip(ids, images)), preds, spc,
+                title=f"{run.backbone.name} ({run.backbone.weights_label}) on {name}",
+            )  # fmt: skip
+    return out
