@@ -67,7 +67,11 @@ class ReadoutJob:
     key: str
     readout: Readout
     target: torch.Tensor
+    channels: torch.Tensor | None = None  # input channel indices (a subset of levels); None: all
     losses: list[float] = field(default_factory=list)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.channels is None else x[:, self.channels]
 
 
 def train_readouts(
@@ -99,7 +103,7 @@ def train_readouts(
             idx = order[start : start + config.batch_size]
             x = features[idx].to(device=device, dtype=torch.float32)  # (b, C, fs, fs)
             for j, (job, opt) in enumerate(zip(jobs, opts)):
-                pred = job.readout.forward_aligned(x)[:, 0]  # (b, S, S)
+                pred = job.readout.forward_aligned(job.inputs(x))[:, 0]  # (b, S, S)
                 loss = F.mse_loss(pred, job.target.expand_as(pred))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -117,11 +121,15 @@ def train_readouts(
 
 @torch.inference_mode()
 def predict(readout: Readout, features: torch.Tensor, batch_size: int = 64,
-            device: str | torch.device = "cpu") -> torch.Tensor:  # fmt: skip
-    """(N, S, S) predicted maps of an eval-mode readout for aligned features (N, C, fs, fs)."""
+            device: str | torch.device = "cpu", channels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """(N, S, S) predicted maps of an eval-mode readout for aligned features (N, C, fs, fs).
+
+    ``channels`` selects the input channels the readout was trained on (None: all).
+    """
     readout = readout.to(device).eval()
-    out = [
-        readout.forward_aligned(features[i : i + batch_size].to(device=device, dtype=torch.float32))[:, 0].cpu()
-        for i in range(0, features.shape[0], batch_size)
-    ]
+    out = []
+    for i in range(0, features.shape[0], batch_size):
+        x = features[i : i + batch_size]
+        x = x if channels is None else x[:, channels]
+        out.append(readout.forward_aligned(x.to(device=device, dtype=torch.float32))[:, 0].cpu())
     return torch.cat(out)
