@@ -3,28 +3,27 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 import sys
 from pathlib import Path
 
 os.environ["POSPROBE_OFFLINE"] = "1"
+# Tests never read or fill the user's feature cache.
+os.environ["POSPROBE_CACHE"] = tempfile.mkdtemp(prefix="posprobe-test-cache-")
 
 if importlib.util.find_spec("posprobe") is None:  # running from a checkout without `pip install -e`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from posprobe.backbones import create_backbone  # noqa: E402
-
-# Smallest input each backbone accepts in these tests (VGG16 without padding loses 2 px per conv).
-SMALL_INPUT = {"vgg16_nopad": 196}
-DEFAULT_SMALL_INPUT = 64
+from posprobe.backbones import create_backbone, get_backbone_spec  # noqa: E402
 
 
 def small_input(name: str) -> int:
-    return SMALL_INPUT.get(name, DEFAULT_SMALL_INPUT)
+    """A small input every backbone accepts: VGG16 without padding loses 2 px per conv and needs 196."""
+    return 64 if get_backbone_spec(name).exact_strides else 196
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import save_image
 from posprobe.errors import PosprobeError
@@ -160,6 +161,15 @@ def test_load_target_image_resizes_and_keeps_orientation(tmp_path):
     assert torch.all(t[:, 1:] >= t[:, :-1])
     assert torch.allclose(t, t[:1].expand_as(t))
     np.testing.assert_allclose(t[0].numpy(), np.linspace(0, 1, 30), atol=0.05)
+
+
+def test_load_target_image_keeps_a_16_bit_gradient(tmp_path):
+    """uint16 arrays save as 16-bit grayscale PNGs (mode I;16); their full range must map to [0, 1]."""
+    ramp = np.tile(np.linspace(0, 65535, 32).round().astype(np.uint16), (8, 1))
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    t = load_target_image(path, 8, 32)
+    np.testing.assert_allclose(t[0].numpy(), np.linspace(0, 1, 32), atol=0.02)
 
 
 def test_load_target_image_refuses_constant_image(tmp_path):

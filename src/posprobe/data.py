@@ -22,8 +22,20 @@ SYNTHETIC = ("black", "white", "noise")
 NOISE_MEAN, NOISE_STD = 0.5, 0.25  # per pixel and channel, i.i.d., clipped to [0, 1]
 
 
+def _wide_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit grayscale -> 8-bit, scaled: PIL's own convert clips values above 255 to white."""
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        full = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+    else:  # "I;16*" is 16-bit; plain "I" holds 16-bit PNGs too, or 8-bit values widened
+        full = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+    return Image.fromarray(np.clip(arr / full * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+
+
 def to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
     """Any PIL image -> RGB, bilinear resize to image_size x image_size, (3, S, S) float32 in [0, 1]."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _wide_to_8bit(img)
     rgb = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()  # HWC -> CHW
 

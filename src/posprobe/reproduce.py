@@ -36,10 +36,10 @@ def build_image_sets(train_dir: str | None, test_dir: str | None, presets: Seque
 def run_reproduce(presets: Sequence[StudyPreset], out: Path, train_config: TrainConfig, profile: str,
                   train_images, test_images, seeds: int = 1, backbone_map=None, auto_substitute: bool = False,
                   device: str = "cpu", overwrite: bool = False, progress: bool = True,
-                  data_label: str = "") -> tuple[str, StudyResult]:  # fmt: skip
+                  data_label: str = "", image_size: int = 224, feat_size: int = 28) -> tuple[str, StudyResult]:  # fmt: skip
     """Run the presets together (one encoding per backbone) and write report.md, results.csv/json, figures."""
     result = run_study(presets, train_images, test_images, train_config, seeds, backbone_map, auto_substitute,
-                       device=device, progress=progress)  # fmt: skip
+                       image_size=image_size, feat_size=feat_size, device=device, progress=progress)  # fmt: skip
     env = environment(device)
     header = {
         "Data": data_label,
@@ -48,7 +48,8 @@ def run_reproduce(presets: Sequence[StudyPreset], out: Path, train_config: Train
         f"{train_config.weight_decay}, batch {train_config.batch_size}"
         + (" (the authors' settings)" if profile == "official" else " (shorter than the authors' 15 epochs)"),
         "Seeds": f"{seeds} (readout init and batch order)",
-        "Readout input": "224x224 RGB in [0,1], no normalisation; levels resized to 28x28",
+        "Readout input": f"{image_size}x{image_size} RGB in [0,1], no normalisation; levels resized to "
+        f"{feat_size}x{feat_size}",
         "Versions": f"posprobe {env['posprobe']} (commit {env['git_commit'] or 'unknown'}), torch {env['torch']}, "
         f"torchvision {env['torchvision']}, Python {platform.python_version()}, device {device}",
         "Wall time": f"{result.seconds:.0f} s",

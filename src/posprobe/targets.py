@@ -73,7 +73,10 @@ def load_target_image(path: str | Path, height: int, width: int) -> torch.Tensor
     path = Path(path)
     try:
         with Image.open(path) as img:
-            gray = img.convert("L").resize((int(width), int(height)), Image.BILINEAR)
+            # float32 keeps a 16-bit map's precision (PIL's convert("L") would clip it at 255)
+            wide = img.mode.startswith("I") or img.mode == "F"
+            gray = Image.fromarray(np.asarray(img if wide else img.convert("L"), dtype=np.float32), "F")
+            gray = gray.resize((int(width), int(height)), Image.BILINEAR)
     except FileNotFoundError:
         raise PosprobeError(f"target image not found: {path}") from None
     except (UnidentifiedImageError, OSError) as err:

@@ -1,0 +1,196 @@
+"""The command line: a smoke run of `probe`, and every bad input as one line on stderr with exit code 2."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from posprobe import cli
+
+from .conftest import save_image
+
+
+def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """Run `posprobe ARGS` in this process through the console entry point; returns (code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["posprobe", *args])
+    with warnings.catch_warnings():
+        showwarning = warnings.showwarning
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        finally:
+            warnings.showwarning = showwarning
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    """Exit 2, no traceback, and the error is one line (progress notes such as the cache's may precede it)."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in lines if line.startswith("posprobe: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    for f in fragments:
+        assert f in errors[0], (f, errors[0])
+
+
+@pytest.fixture
+def small_sets(tmp_path: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        save_image(tmp_path / "train" / f"t{i}.png", rng.integers(0, 256, (40, 40, 3)))
+    for i in range(3):
+        save_image(tmp_path / "test" / f"s{i}.jpg", rng.integers(0, 256, (50, 30, 3)))
+    return tmp_path / "train", tmp_path / "test"
+
+
+FAST = ["--backbone", "posenet", "--image-size", "32", "--feat-size", "8", "--epochs", "2", "--batch-size", "4",
+        "--quiet"]  # fmt: skip
+
+
+def test_probe_writes_a_complete_run_directory(small_sets, tmp_path, capsys, monkeypatch):
+    train, test = small_sets
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["probe", *FAST, "--pattern", "H,G", "--readout-padding", "1",
+                                 "--train", str(train), "--test", str(test), "--out", str(out)],
+                                capsys, monkeypatch)  # fmt: skip
+    assert code == 0, err
+    assert "pattern" in stdout and "SPC" in stdout
+    for name in ("config.json", "metrics.json", "metrics.csv", "per_image.csv", "environment.json", "readouts.pt",
+                 "predictions/test.png", "predictions/black.png", "predictions/noise.png"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert {r["pattern"] for r in rows} == {"H", "G"}
+    assert {r["test_set"] for r in rows} == {"test", "black", "white", "noise"}
+    assert list(rows[0]) == ["pattern", "test_set", "spc_mean", "spc_std", "mae_mean", "mae_std", "n", "n_constant"]
+    assert {r["n"] for r in rows if r["test_set"] == "test"} == {"3"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["readout_padding"] == 1 and config["train"]["epochs"] == 2 and config["patterns"] == ["H", "G"]
+    assert config["resolved"]["train_set"]["n"] == 6
+    env = json.loads((out / "environment.json").read_text())
+    assert {"torch", "python", "device", "git_commit"} <= set(env)
+
+
+def test_existing_run_directory_is_refused_unless_overwrite(small_sets, tmp_path, capsys, monkeypatch):
+    train, test = small_sets
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["probe", *FAST, "--pattern", "H", "--train", str(train), "--test", str(test), "--out", str(out)]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert_one_line_error(code, err, "already exists", "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _, err = run_cli([*args, "--overwrite"], capsys, monkeypatch)
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--backbone", "vgg61"], ["unknown backbone 'vgg61'", "Did you mean 'vgg16'"]),
+        (["--pattern", "HX"], ["unknown pattern 'HX'", "H, V, G, HS, VS"]),
+        (["--kernel-size", "31"], ["impossible readout"]),
+        (["--synthetic", "grey"], ["unknown synthetic input 'grey'"]),
+        (["--profile", "fast"], ["unknown training profile 'fast'", "official"]),
+        (["--input-norm", "zscore"], ["unknown input normalisation 'zscore'"]),
+        (["--weights", "nope.pth", "--backbone", "resnet18"], ["unknown weights 'nope.pth'"]),
+        (["--device", "cuda:7"], ["cuda"]),
+        (["--epochs", "0"], ["epochs"]),
+    ],
+)
+def test_bad_settings_are_one_line_errors_and_write_nothing(extra, fragments, small_sets, tmp_path, capsys,
+                                                            monkeypatch):  # fmt: skip
+    if extra[:2] == ["--device", "cuda:7"]:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+    train, test = small_sets
+    out = tmp_path / "run"
+    code, _, err = run_cli(["probe", *FAST, "--train", str(train), "--test", str(test), "--out", str(out), *extra],
+                           capsys, monkeypatch)  # fmt: skip
+    assert_one_line_error(code, err, *fragments)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]  # no partial directory left
+
+
+def test_missing_empty_and_unreadable_folders(tmp_path, small_sets, capsys, monkeypatch):
+    train, test = small_sets
+    out = tmp_path / "run"
+    code, _, err = run_cli(["probe", *FAST, "--train", str(tmp_path / "nope"), "--out", str(out)], capsys, monkeypatch)
+    assert_one_line_error(code, err, "image folder not found")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["probe", *FAST, "--train", str(tmp_path / "empty"), "--out", str(out)], capsys, monkeypatch)
+    assert_one_line_error(code, err, "no images")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.jpg").write_bytes(b"not a jpeg at all")
+    code, _, err = run_cli(["probe", *FAST, "--train", str(bad), "--test", str(test), "--out", str(out)],
+                           capsys, monkeypatch)  # fmt: skip
+    assert_one_line_error(code, err, "could be read")
+    assert not out.exists()
+
+
+def test_unreadable_images_are_skipped_with_a_warning_or_refused_under_strict(small_sets, tmp_path, capsys,
+                                                                               monkeypatch):  # fmt: skip
+    train, test = small_sets
+    (train / "truncated.png").write_bytes((train / "t0.png").read_bytes()[:60])
+    out = tmp_path / "run"
+    base = ["probe", *FAST, "--pattern", "H", "--train", str(train), "--test", str(test)]
+    code, _, err = run_cli([*base, "--out", str(out), "--strict"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "truncated.png", "--strict")
+    assert not out.exists()
+    code, _, err = run_cli([*base, "--out", str(out)], capsys, monkeypatch)
+    assert code == 0, err
+    assert "posprobe: warning: skipped 1 unreadable image(s)" in err and "truncated.png" in err
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolved"]["train_set"]["skipped"] == ["truncated.png"]
+
+
+def test_missing_imagenet_weights_offline_say_which_file_goes_where(tmp_path, small_sets, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    train, test = small_sets
+    code, _, err = run_cli(["probe", "--backbone", "resnet18", "--train", str(train), "--out", str(tmp_path / "r")],
+                           capsys, monkeypatch)  # fmt: skip
+    assert_one_line_error(code, err, "resnet18-f37072fd.pth", str(tmp_path / "torch-home"))
+
+
+def test_reproduce_refuses_unknown_tables_and_missing_weights(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    code, _, err = run_cli(["reproduce", "tabel4", "--out", str(tmp_path / "r")], capsys, monkeypatch)
+    assert_one_line_error(code, err, "unknown table or figure 'tabel4'", "Did you mean 'table4'")
+    code, _, err = run_cli(["reproduce", "table1", "--backbone-map", "vgg16", "--out", str(tmp_path / "r")],
+                           capsys, monkeypatch)  # fmt: skip
+    assert_one_line_error(code, err, "PAPER=BACKBONE")
+    code, _, err = run_cli(["reproduce", "table4", "--seeds", "0", "--out", str(tmp_path / "r")], capsys, monkeypatch)
+    assert_one_line_error(code, err, "--seeds")
+    assert not (tmp_path / "r").exists()
+
+
+def test_backbones_lists_every_registered_name(capsys, monkeypatch):
+    import posprobe
+
+    code, out, _ = run_cli(["backbones"], capsys, monkeypatch)
+    assert code == 0
+    for name in posprobe.list_backbones():
+        assert name in out
+    assert "relu5_3:512/16" in out
+
+
+def test_console_script_exit_code_and_stderr():
+    """The installed `posprobe` script itself: exit 2 and one line, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "posprobe.cli", "probe", "--backbone", "nope", "--out", "/tmp/x"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("posprobe: error: unknown backbone 'nope'")
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,147 @@
+"""The reproduce engine: preset structure, paper values, report, and a tiny end-to-end run of every preset."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from posprobe.data import TensorImages, synthetic_images
+from posprobe.errors import PosprobeError
+from posprobe.paper import paper_cell, paper_values
+from posprobe.presets import FIGURES, PRESETS, TABLES, get_preset
+from posprobe.report import check_direction
+from posprobe.reproduce import run_reproduce
+from posprobe.study import Direction, StudyPreset, Variant, parse_backbone_map, resolve_backbone, run_study
+from posprobe.train import TrainConfig
+
+PAPER_MD = Path(__file__).resolve().parents[2] / "shared" / "paper" / "PAPER.md"
+
+
+def test_every_paper_table_has_a_preset_and_figures_too():
+    assert set(TABLES) == {"table1", "table2a", "table2b", "table3", "table4"}
+    assert set(FIGURES) == {"fig-qualitative", "fig-padding", "fig-content-loss"}
+
+
+def test_table_shapes_match_the_paper():
+    t1 = PRESETS["table1"]
+    assert [v.backbone for v in t1.variants] == ["posenet", "vgg16", "resnet152"]
+    assert t1.patterns == ("H", "V", "G", "HS", "VS") and t1.test_sets == ("natural", "black", "white", "noise")
+    assert sorted(v.depth for v in PRESETS["table2a"].variants) == [1, 1, 2, 2, 3, 3]
+    assert sorted({v.kernel_size for v in PRESETS["table2b"].variants}) == [1, 3, 5, 7]
+    assert [v.levels for v in PRESETS["table3"].variants] == [
+        ("relu1_2",), ("relu2_2",), ("relu3_3",), ("relu4_3",), ("relu5_3",), None]
+    t4 = {v.key: v for v in PRESETS["table4"].variants}
+    assert [t4[f"posenet/pad{p}"].padding for p in (0, 1, 2)] == [0, 1, 2]
+    assert t4["vgg16_nopad"].backbone == "vgg16_nopad"
+
+
+def test_paper_values_match_paper_md():
+    """Every number in resources/paper_values.json appears in PAPER.md in the paper's printed form."""
+    if not PAPER_MD.exists():
+        pytest.skip("shared/paper/PAPER.md is not beside this checkout")
+    text = PAPER_MD.read_text()
+    printed = lambda x: ("-" if x < 0 else "") + f"{abs(x):.3f}".lstrip("0")  # noqa: E731  0.742 -> .742
+    for (table, row, pattern, test_set), rec in paper_values().items():
+        cell = f"{printed(rec['spc'])}/{printed(rec['mae'])}"
+        alt = cell.replace(".000/", ".0/")  # the paper prints .0 for constant maps
+        assert cell in text or alt in text, (table, row, pattern, test_set, cell)
+
+
+def test_paper_cells_spot_checks_and_not_printed():
+    assert paper_cell("table1", "vgg16", "H", "natural") == {**paper_cell("table1", "vgg16", "H", "natural"),
+                                                              "spc": 0.742, "mae": 0.149}
+    assert paper_cell("table1", "resnet152", "G", "noise")["spc"] == 0.971
+    assert paper_cell("table4", "vgg16_nopad", "HS", "natural")["spc"] == 0.011
+    assert paper_cell("table2b", "vgg16/k5", "H", "natural") is None  # the paper prints no 5x5 row
+    assert paper_cell("table3", "vgg16/f3", "HS", "natural") is None  # nor HS in Table 3
+    assert paper_cell(None, "vgg16", "H", "natural") is None
+
+
+def test_every_table_cell_has_a_paper_value_unless_the_paper_prints_none():
+    for name in TABLES:
+        preset = PRESETS[name]
+        for v in preset.variants:
+            for p in preset.patterns:
+                for t in preset.test_sets:
+                    cell = paper_cell(preset.paper_table, v.key, p, t)
+                    not_printed = (name == "table2b" and v.key.endswith("/k5")) or (name == "table3" and p == "HS")
+                    assert (cell is None) == not_printed, (name, v.key, p, t)
+
+
+def test_backbone_map_parsing_and_errors():
+    assert parse_backbone_map(["vgg16=vgg16_hed", "resnet152=resnet18:random"]) == {
+        "vgg16": ("vgg16_hed", None), "resnet152": ("resnet18", "random")}
+    assert parse_backbone_map(["vgg16=vgg16_hed,resnet152=efficientnet_lite0"])["resnet152"] == ("efficientnet_lite0", None)
+    with pytest.raises(PosprobeError, match="PAPER=BACKBONE"):
+        parse_backbone_map(["vgg16"])
+    with pytest.raises(PosprobeError, match="Did you mean 'vgg16_hed'"):
+        parse_backbone_map(["vgg16=vgg16_hd"])
+    r = resolve_backbone("vgg16", None, {}, auto=True)  # ImageNet VGG16 is not in the (empty) hub cache
+    assert (r.name, r.substituted) == ("vgg16_hed", True)
+    assert not resolve_backbone("posenet", None, {}, auto=True).substituted
+
+
+def test_unknown_preset_suggests():
+    with pytest.raises(PosprobeError, match="Did you mean 'table1'"):
+        get_preset("tabel1")
+
+
+def test_direction_check_says_plainly_when_not_reproduced():
+    rows = [{"study": "s", "row": k, "pattern": "H", "test_set": "natural", "spc": v}
+            for k, v in [("a", 0.1), ("b", 0.5), ("c", 0.3)]]
+    ok, detail = check_direction(Direction("rises", ("a", "b"), ("H",)), rows, "s")
+    assert ok and "0.100 < 0.500" in detail
+    ok, detail = check_direction(Direction("rises", ("a", "b", "c"), ("H",)), rows, "s")
+    assert not ok and "not rising" in detail
+
+
+def _tiny_sets(n_train: int = 4, size: int = 64):
+    g = torch.Generator().manual_seed(0)
+    train = TensorImages(torch.rand(n_train, 3, size, size, generator=g), [f"t{i}" for i in range(n_train)], "tiny")
+    natural = TensorImages(torch.rand(3, 3, size, size, generator=g), ["n0", "n1", "n2"], "tiny-test")
+    tests = {"natural": natural, **{k: synthetic_images(k, size) for k in ("black", "white", "noise")}}
+    return train, tests
+
+
+@pytest.mark.slow
+def test_every_cell_of_every_preset_is_produced_and_reported(tmp_path):
+    """One tiny end-to-end run of all presets: every (row, pattern, test set) cell has a number and a figure."""
+    train, tests = _tiny_sets()
+    mapping = parse_backbone_map(["vgg16=vgg16:random", "vgg16_nopad=vgg16:random", "resnet152=resnet18:random"])
+    presets = list(PRESETS.values())
+    report, result = run_reproduce(presets, tmp_path / "out", TrainConfig(epochs=1, batch_size=2), "quick",
+                                   train, tests, backbone_map=mapping, progress=False, image_size=64,
+                                   feat_size=12, data_label="tiny")  # fmt: skip
+    produced = {(r["study"], r["row"], r["pattern"], r["test_set"]) for r in result.records}
+    expected = {(p.name, v.key, pat, t) for p in presets for v in p.variants for pat in p.patterns for t in p.test_sets}
+    assert produced == expected
+    out = tmp_path / "out"
+    for name in ("report.md", "results.csv", "results.json", "fig-padding.png", "fig-content-loss.png",
+                 "fig-qualitative_H.png", "fig-qualitative_G.png", "fig-qualitative_HS.png"):
+        assert (out / name).is_file(), name
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    vgg_h = next(r for r in rows if (r["study"], r["row"], r["pattern"], r["test_set"]) == ("table1", "vgg16", "H", "natural"))
+    assert vgg_h["paper_spc"] == 0.742 and vgg_h["diff_spc"] == pytest.approx(vgg_h["spc"] - 0.742)
+    assert "stand-in" in report and "n/p" in report
+    for preset in presets:
+        for d in preset.directions:
+            assert d.claim in report
+    assert re.search(r"reproduced|not reproduced", report)
+    # rows that ask for the same readout share it: Table 1's VGG16 H equals Table 4's VGG16 H exactly
+    t4_h = next(r for r in rows if (r["study"], r["row"], r["pattern"], r["test_set"]) == ("table4", "vgg16", "H", "natural"))
+    assert t4_h["spc"] == vgg_h["spc"]
+
+
+def test_seeds_report_spread_and_a_missing_weight_says_how_to_substitute(tmp_path):
+    train, tests = _tiny_sets()
+    preset = StudyPreset("mini", "mini", (Variant("posenet/pad1", "PosENet pad 1", "posenet", padding=1),),
+                         ("H",), ("natural",), paper_table="table4")  # fmt: skip
+    result = run_study([preset], train, tests, TrainConfig(epochs=1, batch_size=2), seeds=2, image_size=64,
+                       progress=False)  # fmt: skip
+    assert sorted(r["seed"] for r in result.records) == [0, 1]
+    vgg = StudyPreset("v", "v", (Variant("vgg16", "VGG16", "vgg16"),), ("H",))
+    with pytest.raises(PosprobeError, match="--backbone-map auto"):
+        run_study([vgg], train, tests, TrainConfig(epochs=1), image_size=64, progress=False)
