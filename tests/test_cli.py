@@ -13,7 +13,7 @@ import pytest
 
 from posprobe import cli
 
-from .conftest import save_image
+from conftest import save_image
 
 
 def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:

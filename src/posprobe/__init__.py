@@ -6,6 +6,13 @@ must draw a fixed position map; how well it can is the measure.
 """
 __version__ = "0.1.0"
 
+import os as _os
+
+# OpenMP threads that sleep when idle instead of spinning: on a CPU shared with other work, spinning
+# threads steal the time the working thread needs (measured: readout training 2.5x faster, the encoder no
+# slower; see benchmarks/RESULTS.md). Takes effect only if torch is not imported yet; set it to override.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .backbones import Backbone, Level, create_backbone, get_backbone_spec, list_backbones, register_backbone
 from .data import FolderImages, TensorImages, bundled_test_set, bundled_train_set, synthetic_images
 from .errors import PosprobeError

@@ -60,6 +60,19 @@ def probe_cmd(
     strict: bool = typer.Option(False, help="Fail on an unreadable image instead of skipping it."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     quiet: bool = typer.Option(False, help="No progress bars."),
+    layers: Optional[str] = typer.Option(None, help="Layers to tap, comma list or 'all' (see 'posprobe layers "
+                                         "MODEL'); default: the backbone's own taps."),
+    backbone_padding: Optional[str] = typer.Option(None, help="Re-pad every conv and pool of the backbone: zeros, "
+                                                   "reflect, replicate, circular or valid (default: as built)."),
+    pos_embed: str = typer.Option("keep", help="A ViT's learned position embedding: keep, zero or shuffle."),
+    readout: str = typer.Option("pem", help="pem (the paper's readout), or linear: also the exact best linear "
+                                "k x k readout (closed-form ridge), reported beside it."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep each image set's features in the feature "
+                               "cache (float16, reused by later runs); --no-cache encodes in memory (float32)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default: $POSPROBE_CACHE or "
+                                             "~/.cache/posprobe)."),
+    cache_max_gb: float = typer.Option(32.0, help="A set whose features would exceed this many GB is streamed "
+                                       "(encoder re-run every epoch) instead of cached."),
 ) -> None:
     """Train a readout per position pattern on a frozen backbone's features and score it on every test set."""
     from .data import parse_synthetic
@@ -78,12 +91,20 @@ def probe_cmd(
         device=resolve_device(device), train_dir=str(train) if train else None,
         test_dir=str(test) if test else None, synthetic=tuple(parse_synthetic(synthetic)),
         crops_per_photo=crops_per_photo, strict=strict,
+        layers=_layer_list(layers), backbone_padding=backbone_padding, pos_embed=pos_embed,
+        readout=readout, cache=cache, cache_dir=str(cache_dir) if cache_dir else None, cache_max_gb=cache_max_gb,
     )  # fmt: skip
     run = execute(config, progress=not quiet)
     write(run, out, overwrite)
     print(f"{backbone} ({run.backbone.weights_label}), readout k={kernel_size} depth={depth} "
           f"padding={readout_padding}, {len(run.train)} training images, profile {profile}")  # fmt: skip
+    for line in _surgery_lines(run.backbone, image_size):
+        print(line)
     print(format_table(run.metric_rows()))
+    if run.linear is not None:
+        info = run.linear.summary()
+        print(f"linear probe: exact ridge ({info['solver']} solver, {info['inputs']} inputs), alpha per pattern "
+              + ", ".join(f"{k} {v:g}" for k, v in info["alpha"].items()) + f", {info['seconds']:.1f} s")  # fmt: skip
     print(f"wrote {out}")
 
 
@@ -143,6 +164,202 @@ def reproduce_cmd(
                               describe_data(train, test))  # fmt: skip
     print(report)
     print(f"wrote {out}")
+
+
+def _layer_list(layers: Optional[str]) -> Optional[tuple[str, ...]]:
+    from .backbones import parse_layers
+
+    return parse_layers(layers) if layers is not None else None
+
+
+def _surgery_lines(backbone, image_size: int) -> list[str]:
+    """What --backbone-padding / --pos-embed changed, and each level's resulting size."""
+    lines = []
+    if backbone.padding_report is not None:
+        lines.append(backbone.padding_report.describe())
+        shapes = backbone.level_shapes(image_size)
+        sizes = ", ".join(f"{lv.name} {h}x{w}" for lv, (_, h, w) in zip(backbone.levels, shapes))
+        lines.append(f"level sizes at {image_size}x{image_size}: {sizes}")
+    if backbone.pos_embed_note:
+        lines.append(backbone.pos_embed_note)
+    return lines
+
+
+@app.command("layers")
+def layers_cmd(
+    model: str = typer.Argument(..., help="A backbone: a preset (vgg16), tv:NAME (torchvision) or timm:NAME."),
+    image_size: int = typer.Option(224, help="Input side at which map sizes are shown."),
+    backbone_padding: Optional[str] = typer.Option(None, help="Show sizes after re-padding: zeros, reflect, "
+                                                   "replicate, circular or valid."),
+) -> None:
+    """List the layers a backbone can tap (--layers names) with channels, nominal stride and size; * = default."""
+    from .backbones import get_backbone_spec, layer_table
+
+    rows = layer_table(model, image_size, backbone_padding)
+    spec = get_backbone_spec(model, image_size)
+    width = max([len(r.name) for r in rows] + [5]) + 2
+    print(f"  {'layer':<{width}}{'channels':>9}{'stride':>8}{'size':>11}  also")
+    for r in rows:
+        mark = "*" if r.default else " "
+        size = f"{r.size[0]}x{r.size[1]}"
+        print(f"{mark} {r.name:<{width}}{r.channels:>9}{r.stride:>8}{size:>11}  {' '.join(r.aliases)}")
+    fixed = f"; built for {spec.input_size}x{spec.input_size} inputs" if spec.input_size else ""
+    print(f"\n{len(rows)} layers of {model} at {image_size}x{image_size}{fixed}; * = default taps; stride is "
+          f"nominal; weights: {', '.join(spec.weight_names[:6])}{', ...' if len(spec.weight_names) > 6 else ''} "
+          "or a checkpoint path")  # fmt: skip
+
+
+@app.command("layer-curve")
+def layer_curve_cmd(
+    out: Path = typer.Option(..., "--out", help="Run directory to create (refused if it exists)."),
+    backbone: list[str] = typer.Option(..., help="NAME or NAME@LAYER,LAYER (repeatable: one line each)."),
+    layers: Optional[str] = typer.Option(None, help="Layers for every --backbone without '@' (default: its taps)."),
+    weights: Optional[str] = typer.Option(None, help="Weights for every backbone: default, 'random' or a path."),
+    backbone_padding: Optional[str] = typer.Option(None, help="Comma list of zeros, reflect, replicate, circular, "
+                                                   "valid: one line per backbone and padding."),
+    pos_embed: str = typer.Option("keep", help="Comma list of keep, zero, shuffle: one line per setting."),
+    pattern: str = typer.Option("H,G", help="H, V, G, HS, VS, a comma list, or 'all'."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Training image folder (default: bundled photos)."),
+    test: Optional[Path] = typer.Option(None, "--test", help="Natural test image folder (default: bundled photos)."),
+    kernel_size: int = typer.Option(3, help="Readout kernel size."),
+    depth: int = typer.Option(1, help="Readout conv layers."),
+    readout_padding: int = typer.Option(0, help="Readout zero padding."),
+    feat_size: int = typer.Option(28, help="Side every level is resized to before the readout."),
+    image_size: int = typer.Option(224, help="Input and target side in pixels."),
+    input_norm: str = typer.Option("none", help="none, imagenet, or weights (the backbone's own)."),
+    no_all: bool = typer.Option(False, help="Skip the readout over all levels together."),
+    profile: str = typer.Option("official", help="Training profile: official (the authors') or quick."),
+    epochs: Optional[int] = typer.Option(None, help="Override the profile's epochs (lr decay rescaled)."),
+    lr: Optional[float] = typer.Option(None, help="Override the profile's learning rate."),
+    batch_size: Optional[int] = typer.Option(None, help="Override the profile's batch size."),
+    seed: int = typer.Option(0, help="Seed for readout init, batch order, random weights and crops."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    crops_per_photo: int = typer.Option(8, help="Random crops per bundled training photo."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Where position lives: probe every tapped level on its own and plot SPC against depth (Table 3, any network)."""
+    from .layer_curve import LayerCurveConfig, format_curve_table, run_layer_curve, write_layer_curve
+    from .rundir import check_out_dir, resolve_device
+    from .targets import resolve_patterns
+    from .train import get_profile
+
+    check_out_dir(out, overwrite)
+    paddings = tuple(p.strip() for p in backbone_padding.split(",") if p.strip()) if backbone_padding else (None,)
+    config = LayerCurveConfig(
+        backbones=tuple(backbone), layers=_layer_list(layers), weights=weights, input_norm=input_norm,
+        paddings=paddings, pos_embeds=tuple(p.strip() for p in pos_embed.split(",") if p.strip()) or ("keep",),
+        patterns=tuple(resolve_patterns(pattern)), kernel_size=kernel_size, depth=depth,
+        readout_padding=readout_padding, feat_size=feat_size, image_size=image_size, profile=profile,
+        train=get_profile(profile, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed), seed=seed,
+        device=resolve_device(device), train_dir=str(train) if train else None,
+        test_dir=str(test) if test else None, crops_per_photo=crops_per_photo, include_all=not no_all,
+    )  # fmt: skip
+    curve = run_layer_curve(config, progress=not quiet)
+    write_layer_curve(curve, out, overwrite)
+    for label, facts in curve.resolved.items():
+        extra = [facts["backbone_padding"]["description"]] if facts["backbone_padding"] else []
+        extra += [facts["pos_embed"]] if facts["pos_embed"] else []
+        print(f"{label}: {facts['weights']}" + "".join(f"; {e}" for e in extra))
+    print(format_curve_table(curve.rows))
+    print(f"wrote {out}")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The feature cache: list entries, total size, clear.")
+app.add_typer(cache_app, name="cache")
+_CACHE_DIR_HELP = "Feature cache folder (default: $POSPROBE_CACHE or ~/.cache/posprobe)."
+
+
+@cache_app.command("ls")
+def cache_ls_cmd(cache_dir: Optional[Path] = typer.Option(None, help=_CACHE_DIR_HELP)) -> None:
+    """One line per entry: key, state, backbone, weights, image set, images x channels x size, GB."""
+    from .cache import GB, FeatureCache
+
+    cache = FeatureCache(cache_dir)
+    entries = cache.entries()
+    print(f"{cache.root}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    if entries:
+        print(f"{'key':<14}{'state':<12}{'backbone':<20}{'weights':<22}{'image set':<18}{'shape':<20}{'GB':>8}")
+    for e in entries:
+        m = e.manifest or {}
+        state = "complete" if e.complete else f"partial {e.rows_done}"
+        shape = f"{m['rows']}x{m['channels']}x{m['feat_size']}^2" if m else "-"
+        print(f"{e.key[:12]:<14}{state:<12}{m.get('backbone', '-')[:19]:<20}{str(m.get('weights', '-'))[:21]:<22}"
+              f"{m.get('image_set', '-')[:17]:<18}{shape:<20}{e.bytes / GB:>8.2f}")  # fmt: skip
+
+
+@cache_app.command("du")
+def cache_du_cmd(cache_dir: Optional[Path] = typer.Option(None, help=_CACHE_DIR_HELP)) -> None:
+    """Total size on disk of the cache, complete and partial entries apart, and the free space left."""
+    import shutil
+
+    from .cache import GB, FeatureCache
+
+    cache = FeatureCache(cache_dir)
+    entries = cache.entries()
+    done = [e for e in entries if e.complete]
+    partial = [e for e in entries if not e.complete]
+    existing = next(p for p in (cache.root, *cache.root.parents) if p.exists())
+    free = shutil.disk_usage(existing).free / GB
+    print(f"{sum(e.bytes for e in entries) / GB:.2f} GB in {cache.root}: {len(done)} complete entries "
+          f"({sum(e.bytes for e in done) / GB:.2f} GB), {len(partial)} partial "
+          f"({sum(e.bytes for e in partial) / GB:.2f} GB); {free:.1f} GB free")  # fmt: skip
+
+
+@cache_app.command("clear")
+def cache_clear_cmd(
+    keys: Optional[list[str]] = typer.Argument(None, help="Key prefixes to remove (as 'cache ls' shows them); "
+                                               "default: every entry."),
+    partial: bool = typer.Option(False, "--partial", help="Only entries whose extraction did not finish."),
+    cache_dir: Optional[Path] = typer.Option(None, help=_CACHE_DIR_HELP),
+) -> None:
+    """Remove cache entries (entries another process is writing are left alone)."""
+    from .cache import GB, FeatureCache
+
+    cache = FeatureCache(cache_dir)
+    if keys:
+        known = [e.key for e in cache.entries()]
+        for k in keys:
+            if not any(key.startswith(k) for key in known):
+                raise PosprobeError(f"no cache entry starts with '{k}'; run 'posprobe cache ls' to list them")
+    removed, freed, busy = cache.clear(keys or None, incomplete_only=partial)
+    print(f"removed {removed} entr{'y' if removed == 1 else 'ies'} ({freed / GB:.2f} GB) from {cache.root}")
+    if busy:
+        print(f"left {len(busy)} entr{'y' if len(busy) == 1 else 'ies'} in use by another process: "
+              + ", ".join(k[:12] for k in busy))  # fmt: skip
+
+
+@app.command("bench")
+def bench_cmd(
+    backbone: list[str] = typer.Option(["vgg16"], "--backbone", help="Backbone to time (repeatable)."),
+    weights: str = typer.Option("random", help="Weights: random is fine for timing; or the backbone's named ones."),
+    n_train: int = typer.Option(64, help="Training images (bundled photo crops, else seeded noise)."),
+    n_test: int = typer.Option(12, help="Natural test images (plus black, white and noise)."),
+    image_size: int = typer.Option(224, help="Input side in pixels."),
+    epochs: int = typer.Option(15, help="Epochs of the Table 1 column (the authors': 15)."),
+    authors_epochs: int = typer.Option(1, help="Epochs of the authors' protocol actually run, then extrapolated."),
+    authors_patterns: int = typer.Option(1, help="Patterns of the authors' protocol actually run (1-5)."),
+    repeats: int = typer.Option(2, help="Runs of (a) and (b), interleaved; the fastest of each is reported."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the measurements as JSON."),
+    quiet: bool = typer.Option(False, help="No progress lines."),
+) -> None:
+    """Time a Table 1 column: (a) one encoder pass (the floor), (b) posprobe, (c) the authors' protocol."""
+    import json
+
+    from .bench import run_bench
+    from .rundir import resolve_device
+
+    results = []
+    for name in backbone:
+        result = run_bench(name, weights, n_train, n_test, image_size, epochs=epochs, authors_epochs=authors_epochs,
+                           authors_patterns=authors_patterns, device=resolve_device(device), repeats=repeats,
+                           log=(lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr)))  # fmt: skip
+        print(result.report())
+        results.append(result.to_dict())
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {json_out}")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

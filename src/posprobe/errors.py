@@ -12,8 +12,14 @@ class PosprobeError(ValueError):
     """A problem with the user's input or environment that the user can fix."""
 
 
-def unknown_choice(what: str, given: str, valid: Iterable[str], list_hint: str = "") -> PosprobeError:
-    """Build the error for an unknown name, listing the valid ones and suggesting the closest."""
+def unknown_choice(
+    what: str, given: str, valid: Iterable[str], list_hint: str = "", max_listed: int | None = None
+) -> PosprobeError:
+    """Build the error for an unknown name, listing the valid ones and suggesting the closest.
+
+    ``max_listed`` keeps the line readable when there are hundreds of choices (timm models, graph nodes):
+    only the first ones are listed, with the total, and the hint says where to see them all.
+    """
     valid = list(valid)
     close = difflib.get_close_matches(str(given), valid, n=1, cutoff=0.5)
     if not close:  # case-insensitive fallback: "h" -> "H", "VGG16" -> "vgg16"
@@ -21,6 +27,7 @@ def unknown_choice(what: str, given: str, valid: Iterable[str], list_hint: str =
         close = [lowered[given.lower()]] if str(given).lower() in lowered else []
     suggestion = f" Did you mean '{close[0]}'?" if close else ""
     hint = f" ({list_hint})" if list_hint else ""
-    return PosprobeError(
-        f"unknown {what} '{given}'; expected one of: {', '.join(valid)}.{suggestion}{hint}"
-    )
+    listed = ", ".join(valid)
+    if max_listed is not None and len(valid) > max_listed:
+        listed = f"{', '.join(valid[:max_listed])}, ... ({len(valid)} in all)"
+    return PosprobeError(f"unknown {what} '{given}'; expected one of: {listed}.{suggestion}{hint}")

@@ -6,10 +6,11 @@ epoch nor the readout, so a study computes it once per (backbone, image set) and
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
@@ -26,6 +27,9 @@ class EncodedSet:
     ids: list[str]
     skipped: list[str]
     description: str = ""
+    # (channels, height, width) of every tapped level before alignment; lets training convolve the levels
+    # that alignment upsampled at their native size (sources.py). None: unknown (treated as aligned).
+    levels: tuple[tuple[int, int, int], ...] | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -54,6 +58,44 @@ def default_workers() -> int:
     return max(0, min(4, (torch.get_num_threads() or 1) - 1))
 
 
+def prepare_encoder(backbone: Backbone, device: str | torch.device) -> tuple[Backbone, bool]:
+    """The backbone on ``device`` in eval mode, channels_last on CPU (measured fastest there)."""
+    backbone = backbone.to(device).eval()
+    channels_last = torch.device(device).type == "cpu"
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    return backbone, channels_last
+
+
+@torch.inference_mode()
+def encode_batches(
+    backbone: Backbone,
+    images: Dataset,
+    feat_size: int = 28,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    num_workers: int | None = None,
+    start: int = 0,
+) -> Iterator[tuple[list[int], torch.Tensor | None, list[int], list[tuple[int, int, int]]]]:
+    """Encode images[start:] in order, batch by batch: (indices kept, aligned (b, C, fs, fs), indices
+    unreadable, native level shapes). Decoding runs in worker processes, overlapped with the encoder.
+    """
+    backbone, channels_last = prepare_encoder(backbone, device)
+    workers = default_workers() if num_workers is None else num_workers
+    subset = _Indexed(images) if start == 0 else Subset(_Indexed(images), range(start, len(images)))
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=_collate,
+                        num_workers=workers if len(subset) > batch_size else 0)  # fmt: skip
+    for idx, batch, failed in loader:
+        if batch is None:
+            yield idx, None, failed, []
+            continue
+        x = batch.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        levels = backbone(x)
+        yield idx, align(levels, feat_size), failed, [tuple(f.shape[1:]) for f in levels]  # (b, C, fs, fs)
+
+
 @torch.inference_mode()
 def encode(
     backbone: Backbone,
@@ -72,29 +114,22 @@ def encode(
     """
     name = getattr(images, "name", "images")
     ids = getattr(images, "ids", [str(i) for i in range(len(images))])
-    backbone = backbone.to(device).eval()
-    channels_last = torch.device(device).type == "cpu"  # measured faster for CPU convolutions
-    if channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
-    workers = default_workers() if num_workers is None else num_workers
-    loader = DataLoader(_Indexed(images), batch_size=batch_size, shuffle=False, collate_fn=_collate,
-                        num_workers=workers if len(images) > batch_size else 0)  # fmt: skip
     chunks: list[torch.Tensor] = []
     kept: list[int] = []
     bad: list[int] = []
+    shapes: list[tuple[int, int, int]] = []
     bar = tqdm(total=len(images), desc=f"encode {name} with {backbone.name}", unit="img", disable=None if progress else True,
                leave=False)  # fmt: skip
-    for idx, batch, failed in loader:
+    for idx, aligned, failed, level_shapes in encode_batches(backbone, images, feat_size, batch_size, device,
+                                                             num_workers):  # fmt: skip
         bad += failed
         if strict and failed:
             raise PosprobeError(f"unreadable image in {name}: {ids[failed[0]]} (--strict stops at the first)")
-        if batch is not None:
-            x = batch.to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            aligned = align(backbone(x), feat_size)  # (B, C, fs, fs)
-            chunks.append(aligned.to(dtype).contiguous().cpu())
+        if aligned is not None:
+            # channels_last, as the encoder made it: fast batch gathers and convolutions in training
+            chunks.append(aligned.to(dtype).cpu().contiguous(memory_format=torch.channels_last))
             kept += idx
+            shapes = level_shapes
         bar.update(len(idx) + len(failed))
     bar.close()
     skipped = [ids[i] for i in bad]
@@ -103,6 +138,6 @@ def encode(
         warnings.warn(f"skipped {len(skipped)} unreadable image(s) in {name}: {shown}", stacklevel=2)
     if not kept:
         raise PosprobeError(f"none of the {len(images)} image(s) in {name} could be read")
-    features = torch.cat(chunks).contiguous(memory_format=torch.channels_last)  # fast batch gathers in training
+    features = chunks[0] if len(chunks) == 1 else torch.cat(chunks).contiguous(memory_format=torch.channels_last)
     return EncodedSet(name, features, [ids[i] for i in kept], skipped,
-                      getattr(images, "description", ""))  # fmt: skip
+                      getattr(images, "description", ""), levels=tuple(shapes))  # fmt: skip

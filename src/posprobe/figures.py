@@ -16,7 +16,7 @@ from .targets import make_target  # noqa: E402
 
 def _label(preset: StudyPreset, result: StudyResult, key: str) -> str:
     v = next(v for v in preset.variants if v.key == key)
-    ran = result.backbones.get(v.backbone, {})
+    ran = result.backbones[v.backbone_key]
     return f"{v.label}\n(as {ran['ran_as']})" if ran.get("substituted") else v.label
 
 

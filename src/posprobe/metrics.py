@@ -66,7 +66,9 @@ def spearman(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     pred: (B, H, W); target: (H, W), shared by the batch, or (B, H, W).
     """
     p, t = _flatten(pred.detach(), target.detach().to(pred.device))
-    rho = _pearson(rankdata(p), rankdata(t)).to(torch.float32)
+    shared = target.shape == pred.shape[1:]  # one target for the batch: rank it once
+    t_ranks = rankdata(t[:1]).expand_as(t) if shared and t.shape[0] > 0 else rankdata(t)
+    rho = _pearson(rankdata(p), t_ranks).to(torch.float32)
     return torch.where(is_constant(p), torch.zeros_like(rho), rho)
 
 

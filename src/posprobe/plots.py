@@ -83,3 +83,43 @@ def model_comparison_grid(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def layer_curve_plot(
+    path: Path,
+    points: Mapping[str, Mapping[str, Sequence[tuple[float, str, float]]]],
+    together: Mapping[str, Mapping[str, float]] | None = None,
+    title: str = "",
+) -> None:
+    """SPC against depth, one panel per pattern and one line per curve (backbone / padding / pos-embed).
+
+    points[curve][pattern]: (relative depth in [0, 1], level name, SPC) per tapped level, in order;
+    together[curve][pattern]: SPC of the readout over all levels, drawn as a dashed line of the same colour.
+    With one curve the x ticks name its levels; with several, depth is the tap's relative position.
+    """
+    patterns = list(dict.fromkeys(p for by_pattern in points.values() for p in by_pattern))
+    fig, axes = plt.subplots(1, len(patterns), figsize=(4.2 * len(patterns), 3.6), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, pattern in zip(axes[0], patterns):
+        for k, (curve, by_pattern) in enumerate(points.items()):
+            pts = by_pattern.get(pattern, [])
+            colour = colours[k % len(colours)]
+            ax.plot([d for d, _, _ in pts], [s for _, _, s in pts], "o-", color=colour, label=curve, markersize=4)
+            if together and pattern in together.get(curve, {}):
+                ax.axhline(together[curve][pattern], color=colour, linestyle="--", linewidth=0.8)
+        if len(points) == 1:
+            pts = next(iter(points.values())).get(pattern, [])
+            ax.set_xticks([d for d, _, _ in pts], [name for _, name, _ in pts], rotation=45, ha="right", fontsize=7)
+            ax.set_xlabel("tapped level")
+        else:
+            ax.set_xlabel("relative depth of the tapped level")
+        ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.0)
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+        ax.set_title(f"pattern {pattern}", fontsize=9)
+        ax.set_ylabel("SPC (dashed: all levels)")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from .backbones import Backbone
 from .errors import PosprobeError
-from .features import EncodedSet, encode
+from .features import EncodedSet
 from .metrics import is_constant, mae, spearman
 from .readout import Readout, check_readout_config
 from .targets import PATTERNS, make_target
@@ -59,6 +59,7 @@ class PositionProbe:
         encode_batch_size: int = 16,
         strict: bool = False,
         progress: bool = True,
+        cache=None,
     ):
         check_readout_config(feat_size, kernel_size, depth, padding)
         self.backbone, self.patterns = backbone, list(patterns)
@@ -67,6 +68,7 @@ class PositionProbe:
         self.train_config, self.seed, self.device = train_config, seed, device
         self.extra_targets = dict(extra_targets or {})
         self.encode_batch_size, self.strict, self.progress = encode_batch_size, strict, progress
+        self.cache = cache  # a cache.FeatureCache: encode through it (None: in memory, float32)
         self.targets = {p: make_target(p, image_size, image_size) for p in self.patterns}
         for name, t in self.extra_targets.items():
             if tuple(t.shape) != (image_size, image_size):
@@ -76,10 +78,11 @@ class PositionProbe:
             raise PosprobeError("no target to probe: give at least one pattern or target image")
 
     def encode(self, images: Dataset | EncodedSet) -> EncodedSet:
-        if isinstance(images, EncodedSet):
-            return images
-        return encode(self.backbone, images, self.feat_size, self.encode_batch_size, self.device,
-                      strict=self.strict, progress=self.progress)  # fmt: skip
+        """Images -> EncodedSet (or a StreamedSet when the cache says the set is too large to keep)."""
+        from .cache import encode_images
+
+        return encode_images(self.backbone, images, self.feat_size, self.encode_batch_size, self.device,
+                             strict=self.strict, progress=self.progress, cache=self.cache)  # fmt: skip
 
     def new_readout(self) -> Readout:
         """A freshly initialised readout; every target's readout starts from the same seeded weights."""
@@ -90,13 +93,14 @@ class PositionProbe:
 
     def fit(self, images: Dataset | EncodedSet) -> "PositionProbe":
         encoded = self.encode(images)
-        if encoded.features.shape[1] != self.backbone.channels:
+        channels = encoded.features.shape[1] if isinstance(encoded, EncodedSet) else encoded.channels
+        if channels != self.backbone.channels:
             raise PosprobeError(
-                f"features have {encoded.features.shape[1]} channels; {self.backbone.name} declares "
+                f"features have {channels} channels; {self.backbone.name} declares "
                 f"{self.backbone.channels}"
             )
         jobs = [ReadoutJob(name, self.new_readout(), target) for name, target in self.targets.items()]
-        train_readouts(encoded.features, jobs, self.train_config, self.device, self.progress)
+        train_readouts(encoded, jobs, self.train_config, self.device, self.progress)
         self.readouts_ = {job.key: job.readout.cpu() for job in jobs}
         self.losses_ = {job.key: job.losses for job in jobs}
         self.train_ids_, self.train_skipped_ = encoded.ids, encoded.skipped
@@ -110,6 +114,10 @@ class PositionProbe:
         """Predicted maps (N, S, S) per target."""
         self._check_fitted()
         encoded = self.encode(images)
+        if not isinstance(encoded, EncodedSet):  # streamed: one encoder pass for every readout
+            from .joint import predict_source
+
+            return predict_source(self.readouts_, encoded, device=self.device)
         return {name: predict(r, encoded.features, device=self.device) for name, r in self.readouts_.items()}
 
     def score(self, images: Dataset | EncodedSet) -> dict[str, Scores]:

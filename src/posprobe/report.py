@@ -49,7 +49,7 @@ def table_markdown(rows: list[dict], preset: StudyPreset, result: StudyResult) -
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for pattern in preset.patterns:
         for v in preset.variants:
-            ran = result.backbones.get(v.backbone, {})
+            ran = result.backbones[v.backbone_key]
             label = v.label + (f" → `{ran['ran_as']}` (stand-in)" if ran.get("substituted") else "")
             cells = [pattern, label]
             for t in preset.test_sets:
@@ -87,9 +87,9 @@ def render(result: StudyResult, presets: Sequence[StudyPreset], header: dict, fi
              "(1 = perfect, 0 = no position information); a constant prediction scores 0. Per-image spreads, "
              "counts of constant maps and every seed's numbers are in results.csv / results.json.",
              "", "## What ran", ""]  # fmt: skip
-    lines.append("| Paper backbone | Ran as | Weights | Substituted |")
+    lines.append("| Asked for | Ran as | Weights | Substituted |")
     lines.append("|---|---|---|---|")
-    for paper_name, ran in result.backbones.items():
+    for paper_name, ran in result.backbones.items():  # 'vgg16' or 'vgg16:random'
         lines.append(f"| {paper_name} | `{ran['ran_as']}` | {ran['weights']} | "
                      f"{'**yes: a stand-in, not the paper’s network**' if ran['substituted'] else 'no'} |")  # fmt: skip
     lines.append("")

@@ -47,6 +47,13 @@ class ProbeRunConfig:
     crops_per_photo: int = 8
     strict: bool = False
     n_preview: int = 4
+    layers: tuple[str, ...] | None = None  # None: the backbone's default taps
+    backbone_padding: str | None = None  # None: the model's own padding (see backbones.padding)
+    pos_embed: str = "keep"  # keep, zero or shuffle a ViT's position embedding
+    readout: str = "pem"  # pem, or linear: the exact linear probe reported beside the PEM readout
+    cache: bool = False  # encode through the feature cache (the probe command turns it on)
+    cache_dir: str | None = None  # None: $POSPROBE_CACHE or ~/.cache/posprobe
+    cache_max_gb: float = 32.0  # a set whose features exceed this is streamed, not cached
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,12 +71,20 @@ class ProbeRun:
     scores: dict[str, dict[str, Scores]]  # test set -> target -> scores
     previews: dict[str, tuple[list[str], torch.Tensor]]  # test set -> (ids, images (n, 3, S, S))
     seconds: dict[str, float]
+    linear: object | None = None  # linear.LinearProbe when --readout linear
+    linear_scores: dict[str, dict[str, Scores]] = field(default_factory=dict)
 
     def metric_rows(self) -> list[dict]:
         rows = []
         for target in self.probe.targets:
             for test_name, by_target in self.scores.items():
                 rows.append({"pattern": target, "test_set": test_name, **by_target[target].summary()})
+        if self.linear is not None:  # a readout column, only when there is more than one readout
+            rows = [{"readout": "pem", **r} for r in rows]
+            for target in self.linear.targets:
+                for test_name, by_target in self.linear_scores.items():
+                    rows.append({"readout": "linear", "pattern": target, "test_set": test_name,
+                                 **by_target[target].summary()})  # fmt: skip
         return rows
 
 
@@ -78,13 +93,21 @@ def prepare(config: ProbeRunConfig, progress: bool = True) -> tuple[Backbone, Po
     check_readout_config(config.feat_size, config.kernel_size, config.depth, config.readout_padding)
     if config.image_size < 8:
         raise PosprobeError(f"--image-size must be at least 8; given {config.image_size}")
-    backbone = create_backbone(config.backbone, config.weights, config.seed, config.input_norm)
+    if config.readout not in ("pem", "linear"):
+        raise PosprobeError(f"--readout must be pem or linear; given '{config.readout}'")
+    backbone = create_backbone(config.backbone, config.weights, config.seed, config.input_norm, layers=config.layers,
+                               padding=config.backbone_padding, pos_embed=config.pos_embed,
+                               image_size=config.image_size)  # fmt: skip
     backbone.level_shapes(config.image_size)  # a too-small input fails here, clearly
     extra = {Path(p).stem: load_target_image(p, config.image_size, config.image_size) for p in config.target_images}
     probe = PositionProbe(
         backbone, config.patterns, config.kernel_size, config.depth, config.readout_padding, config.feat_size,
         config.image_size, config.train, config.seed, config.device, extra_targets=extra, strict=config.strict, progress=progress,
     )  # fmt: skip
+    if config.cache:
+        from .cache import FeatureCache
+
+        probe.cache = FeatureCache(config.cache_dir, config.cache_max_gb)
     if config.train_dir:
         train_set = FolderImages(config.train_dir, config.image_size)
     else:
@@ -107,20 +130,33 @@ def execute(config: ProbeRunConfig, progress: bool = True) -> ProbeRun:
     tests, scores, previews = {}, {}, {}
     for name, images in test_sets.items():
         encoded = probe.encode(images)
+        if not isinstance(encoded, EncodedSet):  # a test set too large to cache is held in memory, as before
+            encoded = encoded.encoded()
         tests[name], scores[name] = encoded, probe.score(encoded)
         shown = encoded.ids[: config.n_preview]  # the first decodable images, features rows 0..n-1
         previews[name] = (shown, torch.stack([images[images.ids.index(i)] for i in shown]))
     t3 = time.perf_counter()
     seconds = {"encode_train": t1 - t0, "train_readouts": t2 - t1, "encode_and_score_tests": t3 - t2}
-    return ProbeRun(config, backbone, probe, train, tests, scores, previews, seconds)
+    run = ProbeRun(config, backbone, probe, train, tests, scores, previews, seconds)
+    if config.readout == "linear":
+        from .linear import LinearProbe
+
+        linear = LinearProbe(backbone, config.patterns, config.kernel_size, config.readout_padding, config.feat_size,
+                             config.image_size, seed=config.seed, device=config.device,
+                             extra_targets={k: v for k, v in probe.targets.items() if k not in config.patterns},
+                             progress=progress).fit(train)  # fmt: skip
+        run.linear, run.linear_scores = linear, {name: linear.score(enc) for name, enc in tests.items()}
+        seconds["linear_probe"] = time.perf_counter() - t3
+    return run
 
 
 def format_table(rows: list[dict]) -> str:
     """Compact text table: one line per target and test set."""
     lines = [f"{'pattern':<8}{'test set':<16}{'SPC':>16}{'MAE':>16}{'n':>6}{'const':>7}"]
     for r in rows:
+        pattern = f"{r['pattern']} lin" if r.get("readout") == "linear" else r["pattern"]
         lines.append(
-            f"{r['pattern']:<8}{r['test_set'][:15]:<16}{r['spc_mean']:>9.3f} ±{r['spc_std']:.3f}"
+            f"{pattern:<8}{r['test_set'][:15]:<16}{r['spc_mean']:>9.3f} ±{r['spc_std']:.3f}"
             f"{r['mae_mean']:>9.3f} ±{r['mae_std']:.3f}{r['n']:>6}{r['n_constant']:>7}"
         )
     return "\n".join(lines)
@@ -136,6 +172,9 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
                 "backbone_weights": run.backbone.weights_label, "input_norm": run.backbone.input_norm,
                 "levels": [asdict(level) for level in run.backbone.levels],
                 "level_shapes": run.backbone.level_shapes(cfg.image_size), "channels": run.backbone.channels,
+                "interpolation": run.backbone.interpolation,
+                "backbone_padding": run.backbone.padding_report.to_dict() if run.backbone.padding_report else None,
+                "pos_embed": run.backbone.pos_embed_note,
                 "train_set": {"description": run.train.description, "n": len(run.train), "skipped": run.train.skipped},
                 "test_sets": {k: {"description": v.description, "n": len(v), "skipped": v.skipped}
                               for k, v in run.tests.items()},
@@ -151,10 +190,13 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
         write_csv(tmp / "per_image.csv", per_image)
         write_json(tmp / "metrics.json", {
             "metrics": rows, "train_loss_per_epoch": run.probe.losses_, "seconds": run.seconds,
+            **({"linear_probe": run.linear.summary()} if run.linear is not None else {}),
         })  # fmt: skip
         write_json(tmp / "environment.json", environment(cfg.device))
         torch.save({"config": cfg.to_dict(), "in_channels": run.backbone.channels,
-                    "readouts": {k: r.state_dict() for k, r in run.probe.readouts_.items()}},
+                    "readouts": {k: r.state_dict() for k, r in run.probe.readouts_.items()},
+                    **({"linear_readouts": {k: r.state_dict() for k, r in run.linear.readouts_.items()}}
+                       if run.linear is not None else {})},
                    tmp / "readouts.pt")  # fmt: skip
         pred_dir = tmp / "predictions"
         pred_dir.mkdir()

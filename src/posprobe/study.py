@@ -35,6 +35,11 @@ class Variant:
     padding: int = 0
     levels: tuple[str, ...] | None = None  # tapped levels the readout sees; None: all
 
+    @property
+    def backbone_key(self) -> str:
+        """The backbone as the row asks for it: 'vgg16', or 'vgg16:random' when weights are named."""
+        return self.backbone if self.weights is None else f"{self.backbone}:{self.weights}"
+
 
 @dataclass(frozen=True)
 class Direction:
@@ -113,7 +118,7 @@ class StudyResult:
     records: list[dict]
     previews: dict[tuple[str, str, str, str], torch.Tensor]  # (preset, row, pattern, test set) -> (n, S, S)
     preview_images: dict[str, tuple[list[str], torch.Tensor]]  # test set -> (ids, (n, 3, S, S))
-    backbones: dict[str, dict]  # paper backbone name -> what ran
+    backbones: dict[str, dict]  # Variant.backbone_key -> what ran (name, weights in words, substituted)
     data: dict[str, dict]  # image set -> description and counts
     seconds: float = 0.0
     per_image: dict[tuple[str, str, str, str], torch.Tensor] = field(default_factory=dict)  # seed 0 SPC (N,)
@@ -182,8 +187,8 @@ def run_study(
         preview_images[name] = (ids, torch.stack([images[i] for i in range(len(ids))]))
     for (name, weights), cells in groups.items():
         backbone = backbones[(name, weights)]
-        for _, _, r in cells:
-            ran[r.paper_name] = {"ran_as": name, "weights": backbone.weights_label, "substituted": r.substituted}
+        for _, v, r in cells:
+            ran[v.backbone_key] = {"ran_as": name, "weights": backbone.weights_label, "substituted": r.substituted}
         needed = list(dict.fromkeys(t for p, _, _ in cells for t in p.test_sets))
         train = encode(backbone, train_images, feat_size, device=device, progress=progress)
         tests = {t: encode(backbone, test_images[t], feat_size, device=device, progress=progress) for t in needed}

@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .errors import PosprobeError, unknown_choice
 from .readout import Readout
@@ -71,53 +69,27 @@ class ReadoutJob:
     losses: list[float] = field(default_factory=list)
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.channels is None else x[:, self.channels]
+        if self.channels is None:
+            return x
+        return x[:, self.channels].contiguous(memory_format=torch.channels_last)  # indexing drops the layout
 
 
 def train_readouts(
-    features: torch.Tensor,
+    features,
     jobs: list[ReadoutJob],
     config: TrainConfig,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> list[ReadoutJob]:
-    """Train every job's readout on ``features`` (N, C, fs, fs); fills each job's per-epoch mean loss."""
-    n = features.shape[0]
-    if n == 0:
-        raise PosprobeError("no training images to train the readout on")
-    opts, scheds = [], []
-    for job in jobs:
-        job.readout.to(device).train()
-        job.target = job.target.to(device)
-        opt = torch.optim.SGD(job.readout.parameters(), lr=config.lr, momentum=config.momentum,
-                              weight_decay=config.weight_decay)  # fmt: skip
-        opts.append(opt)
-        scheds.append(torch.optim.lr_scheduler.MultiStepLR(opt, list(config.lr_milestones), config.lr_gamma))
-    gen = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(total=config.epochs, desc=f"train {len(jobs)} readout(s)", unit="epoch", disable=None if progress else True,
-               leave=False)  # fmt: skip
-    for _ in range(config.epochs):
-        order = torch.randperm(n, generator=gen) if config.shuffle else torch.arange(n)
-        sums = [0.0] * len(jobs)
-        for start in range(0, n, config.batch_size):
-            idx = order[start : start + config.batch_size]
-            # (b, C, fs, fs); channels_last makes the readout's convolutions several times faster on CPU
-            x = features[idx].to(device=device, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
-            for j, (job, opt) in enumerate(zip(jobs, opts)):
-                pred = job.readout.forward_aligned(job.inputs(x))[:, 0]  # (b, S, S)
-                loss = F.mse_loss(pred, job.target.expand_as(pred))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sums[j] += loss.item() * len(idx)
-        for j, (job, sched) in enumerate(zip(jobs, scheds)):
-            sched.step()
-            job.losses.append(sums[j] / n)
-        bar.update(1)
-    bar.close()
-    for job in jobs:
-        job.readout.eval()
-    return jobs
+    """Train every job's readout on ``features``; fills each job's per-epoch mean loss.
+
+    ``features``: aligned features (N, C, fs, fs) as a tensor, an ``EncodedSet`` or a feature source (a
+    cache entry, or a ``StreamedSet`` that re-runs the encoder every epoch). All jobs train in one pass
+    per epoch (``joint.train_jobs``: fused first convolutions, loss on the small map, both exact).
+    """
+    from .joint import train_jobs
+
+    return train_jobs(features, jobs, config, device, progress)
 
 
 @torch.inference_mode()

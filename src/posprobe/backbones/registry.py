@@ -1,15 +1,22 @@
-"""The backbone registry: named, frozen feature extractors that declare their tapped levels."""
+"""The backbone registry: named, frozen feature extractors that declare their tapped levels.
+
+Registered names (``vgg16``, ``resnet50``...) are presets. Prefixed names (``tv:resnet50``,
+``timm:convnext_tiny``) are resolved on demand by the family that owns the prefix (``register_resolver``),
+so any torchvision or timm model is a backbone without being registered.
+"""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import PosprobeError, unknown_choice
+from .padding import PaddingReport, check_padding_mode, explain_forward_error, repad, short_module_name
+from .pos_embed import check_pos_embed_mode, set_pos_embed
 
 INPUT_NORMS = ("none", "imagenet", "weights")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -26,6 +33,23 @@ class Level:
 
 
 @dataclass(frozen=True)
+class LayerInfo:
+    """One layer a backbone can tap, as ``posprobe layers`` lists it.
+
+    ``stride`` is nominal (input side / map side with the model's own padding); ``size`` is the map's
+    (height, width) at the listed input size, after any padding surgery. ``default`` marks the taps used
+    when no ``layers`` are given; ``aliases`` are other names that select the same tensor.
+    """
+
+    name: str
+    channels: int
+    stride: int
+    size: tuple[int, int]
+    aliases: tuple[str, ...] = ()
+    default: bool = False
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """How to build a backbone and what it yields.
 
@@ -35,6 +59,10 @@ class BackboneSpec:
     ``norm`` is the (mean, std) the weights were trained with (``--input-norm weights``).
     ``exact_strides`` is False where convolutions lose border pixels (no padding), so level sizes are
     smaller than ``input / stride``.
+    ``select(names)`` returns the spec tapping those layers instead (None: any subset of ``levels``);
+    ``layer_table(image_size, padding)`` lists every tappable layer (None: ``levels``, sized by a dry run).
+    ``interpolation`` is how the weights' training images were resized (recorded, for ``--input-norm
+    weights``); ``input_size`` is the side a fixed-size model (ViT, Swin) was built for (None: any).
     """
 
     name: str
@@ -47,6 +75,10 @@ class BackboneSpec:
     weights_file: Callable[[str], Path | None] = field(default=lambda w: None)
     weight_labels: dict[str, str] = field(default_factory=dict)
     exact_strides: bool = True
+    select: Callable[[tuple[str, ...]], BackboneSpec] | None = None
+    layer_table: Callable[[int, str | None], list[LayerInfo]] | None = None
+    interpolation: str | None = None
+    input_size: int | None = None
 
     @property
     def channels(self) -> int:
@@ -62,6 +94,8 @@ class BackboneSpec:
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
+# prefix -> resolver(model name, image size or None) -> spec, for the "prefix:model" names
+_RESOLVERS: dict[str, Callable[[str, int | None], BackboneSpec]] = {}
 
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
@@ -69,15 +103,76 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
+def register_resolver(prefix: str, resolver: Callable[[str, int | None], BackboneSpec]) -> None:
+    """Make every ``prefix:MODEL`` name a backbone, built by ``resolver(MODEL, image_size)`` on demand."""
+    _RESOLVERS[prefix] = resolver
+
+
 def list_backbones() -> list[str]:
-    """Names of every registered backbone."""
+    """Names of every registered backbone (the presets; ``tv:`` and ``timm:`` names are resolved on demand)."""
     return list(_REGISTRY)
 
 
-def get_backbone_spec(name: str) -> BackboneSpec:
+def get_backbone_spec(name: str, image_size: int | None = None) -> BackboneSpec:
+    """The spec of a preset or of a ``prefix:MODEL`` name.
+
+    ``image_size`` matters only for models built for one input size (a timm ViT or Swin is created for
+    it, so its position embedding has exactly one vector per patch of that grid).
+    """
+    prefix, sep, model = name.partition(":")
+    if sep:
+        if prefix not in _RESOLVERS:
+            raise unknown_choice("backbone family", f"{prefix}:", [f"{p}:" for p in _RESOLVERS],
+                                 "write tv:MODEL for a torchvision model or timm:MODEL for a timm model")  # fmt: skip
+        if not model:
+            raise PosprobeError(f"backbone '{name}' names no model; expected {prefix}:MODEL, e.g. {prefix}:resnet18")
+        return _RESOLVERS[prefix](model, image_size)
     if name not in _REGISTRY:
-        raise unknown_choice("backbone", name, _REGISTRY, "run 'posprobe backbones' to list them")
+        raise unknown_choice("backbone", name, _REGISTRY,
+                             "run 'posprobe backbones' to list them, or write tv:MODEL / timm:MODEL")  # fmt: skip
     return _REGISTRY[name]
+
+
+def parse_layers(layers: str | Sequence[str]) -> tuple[str, ...]:
+    """'layer2,layer4' or ['layer2', 'layer4'] -> ('layer2', 'layer4'); refuses empty lists and repeats."""
+    items = layers.split(",") if isinstance(layers, str) else [x for item in layers for x in str(item).split(",")]
+    names = tuple(x.strip() for x in items if x.strip())
+    if not names:
+        raise PosprobeError("--layers names no layer; expected a comma list such as layer2,layer4, or all")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise PosprobeError(f"--layers lists '{repeated[0]}' more than once; name each layer once")
+    return names
+
+
+class SelectLevels(nn.Module):
+    """An extractor's outputs, restricted to some of its levels (by index, in order)."""
+
+    def __init__(self, extractor: nn.Module, indices: Sequence[int]):
+        super().__init__()
+        self.extractor, self.indices = extractor, list(indices)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        levels = list(self.extractor(x))
+        return [levels[i] for i in self.indices]
+
+
+def select_layers(spec: BackboneSpec, layers: str | Sequence[str]) -> BackboneSpec:
+    """The spec tapping only ``layers`` (names or aliases its family accepts, or 'all'), in network order."""
+    names = parse_layers(layers)
+    if spec.select is not None:
+        return spec.select(names)
+    by_name = {level.name: i for i, level in enumerate(spec.levels)}
+    if names == ("all",):
+        return spec
+    for n in names:
+        if n not in by_name:
+            raise unknown_choice(f"layer of {spec.name}", n, [*by_name, "all"],
+                                 f"run 'posprobe layers {spec.name}' to list them")  # fmt: skip
+    indices = sorted(by_name[n] for n in names)
+    build = spec.build
+    return replace(spec, levels=tuple(spec.levels[i] for i in indices),
+                   build=lambda weights, seed: SelectLevels(build(weights, seed), indices))  # fmt: skip
 
 
 class Backbone(nn.Module):
@@ -86,9 +181,20 @@ class Backbone(nn.Module):
     Input normalisation happens here so that every caller sees the same preprocessing.
     """
 
-    def __init__(self, spec: BackboneSpec, extractor: nn.Module, weights: str, input_norm: str = "none"):
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        extractor: nn.Module,
+        weights: str,
+        input_norm: str = "none",
+        *,
+        padding: PaddingReport | None = None,
+        pos_embed: str | None = None,
+    ):
         super().__init__()
         self.spec, self.extractor, self.weights = spec, extractor, weights
+        self.padding_report = padding  # what --backbone-padding rewrote (None: untouched)
+        self.pos_embed_note = pos_embed  # what --pos-embed did, in words (None: untouched)
         if input_norm not in INPUT_NORMS:
             raise unknown_choice("input normalisation", input_norm, INPUT_NORMS)
         if input_norm == "weights" and spec.norm is None:
@@ -115,6 +221,15 @@ class Backbone(nn.Module):
         return self.spec.channels
 
     @property
+    def padding(self) -> str | None:
+        """The --backbone-padding this backbone was re-padded with (None: the model's own padding)."""
+        return self.padding_report.mode if self.padding_report else None
+
+    @property
+    def interpolation(self) -> str | None:
+        return self.spec.interpolation
+
+    @property
     def weights_label(self) -> str:
         """What the weights are, in words, for reports (a stand-in says so)."""
         return self.spec.weight_labels.get(self.weights, self.weights)
@@ -124,20 +239,38 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = (images - self.mean) / self.std
-        return list(self.extractor(x))
+        try:
+            return list(self.extractor(x))
+        except (RuntimeError, AssertionError):
+            explained_forward(self.extractor, x[:1], self.name, self.padding)  # raises the one-line reason
+            raise
 
     @torch.inference_mode()
     def level_shapes(self, image_size: int) -> list[tuple[int, int, int]]:
         """(channels, height, width) of each level for a square input of side image_size."""
-        device = self.mean.device
-        try:
-            levels = self(torch.zeros(1, 3, image_size, image_size, device=device))
-        except RuntimeError as err:
-            raise PosprobeError(
-                f"image size {image_size} is too small for backbone {self.name} "
-                f"({str(err).strip().splitlines()[0]}); use a larger --image-size"
-            ) from None
+        x = torch.zeros(1, 3, image_size, image_size, device=self.mean.device)
+        levels = explained_forward(self.extractor, (x - self.mean) / self.std, self.name, self.padding)
         return [tuple(f.shape[1:]) for f in levels]
+
+
+def explained_forward(module: nn.Module, x: torch.Tensor, name: str, padding: str | None = None):
+    """``module(x)``, turning a shape error from deep inside torch into one line that names the layer after
+    which it happened and its likely cause (a too-small input, a skip broken by valid padding...)."""
+    last: list[str | None] = [None]
+    names = {m: n for n, m in module.named_modules() if n}
+
+    def remember(m, args, out):
+        last[0] = names.get(m, last[0])
+
+    handles = [m.register_forward_hook(remember) for m in names]
+    try:
+        return list(module(x))
+    except (RuntimeError, AssertionError) as err:
+        where = short_module_name(last[0]) if last[0] else None
+        raise explain_forward_error(err, name, x.shape[-1], padding, where) from None
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _disable_inplace(model: nn.Module) -> nn.Module:
@@ -153,13 +286,31 @@ def offline() -> bool:
 
 
 def create_backbone(
-    name: str, weights: str | Path | None = None, seed: int = 0, input_norm: str = "none"
+    name: str,
+    weights: str | Path | None = None,
+    seed: int = 0,
+    input_norm: str = "none",
+    *,
+    layers: str | Sequence[str] | None = None,
+    padding: str | None = None,
+    pos_embed: str = "keep",
+    image_size: int | None = None,
 ) -> Backbone:
     """Build the frozen backbone ``name`` with ``weights`` (a name it knows, "random", or a checkpoint path).
 
     Random weights are drawn from a generator seeded with ``seed`` and leave the global RNG untouched.
+    ``layers`` taps those layers instead of the defaults; ``padding`` re-pads every convolution and pooling
+    layer (``repad``); ``pos_embed`` zeroes or permutes (seeded by ``seed``) a ViT's position embedding;
+    ``image_size`` builds fixed-size models for that input and checks the surgery with a dry run there.
+    An extractor may carry ``preprocessing`` = ((mean, std), interpolation) of the weights it loaded (a timm
+    tag may differ from its model's default); ``--input-norm weights`` then uses those.
     """
-    spec = get_backbone_spec(name)
+    spec = get_backbone_spec(name, image_size)
+    if padding is not None:
+        check_padding_mode(padding)
+    check_pos_embed_mode(pos_embed)
+    if layers is not None:
+        spec = select_layers(spec, layers)
     weights = spec.default_weights if weights is None else weights
     key: str | Path
     if str(weights) in spec.weight_names or str(weights) == "random":
@@ -176,7 +327,32 @@ def create_backbone(
         torch.manual_seed(seed)
         extractor = spec.build(key, seed)
     label = str(key) if isinstance(key, Path) else key
-    return Backbone(spec, _disable_inplace(extractor), label, input_norm)
+    preprocessing = getattr(extractor, "preprocessing", None)  # (norm, interpolation) of the weights loaded
+    if preprocessing is not None and preprocessing[0] is not None:
+        spec = replace(spec, norm=preprocessing[0], interpolation=preprocessing[1])
+    pos_note = set_pos_embed(extractor, pos_embed, seed, spec.name) if pos_embed != "keep" else None
+    report = None
+    if padding is not None:
+        report = repad(extractor, padding, spec.name)
+        spec = replace(spec, exact_strides=spec.exact_strides and padding != "valid")
+    backbone = Backbone(spec, _disable_inplace(extractor), label, input_norm, padding=report, pos_embed=pos_note)
+    if image_size is not None and (report is not None or pos_embed != "keep"):
+        backbone.level_shapes(image_size)  # the surgery's dry run: refuse here, with the reason, not mid-encode
+    return backbone
+
+
+def layer_table(name: str, image_size: int = 224, padding: str | None = None) -> list[LayerInfo]:
+    """Every layer ``name`` can tap, with channels, nominal stride and size at ``image_size`` (after
+    ``padding`` surgery, when given). Families list their whole graph; other presets list their levels."""
+    spec = get_backbone_spec(name, image_size)
+    if padding is not None:
+        check_padding_mode(padding)
+    if spec.layer_table is not None:
+        return spec.layer_table(image_size, padding)
+    backbone = create_backbone(name, "random", padding=padding, image_size=image_size)
+    shapes = backbone.level_shapes(image_size)
+    return [LayerInfo(lv.name, lv.channels, lv.stride, (h, w), default=True)
+            for lv, (_, h, w) in zip(backbone.levels, shapes)]  # fmt: skip
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

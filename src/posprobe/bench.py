@@ -1,0 +1,291 @@
+"""``posprobe bench``: what a Table 1 column costs, against the encoder's floor and the authors' protocol.
+
+Three timings in one process, on the same images and the same prepared encoder:
+
+(a) the floor: one plain forward pass of the frozen encoder over the train and test images (no alignment,
+    no readout): what any study on this backbone must pay at least once;
+(b) posprobe's Table 1 column: cache extraction (cold), the 5 pattern readouts trained jointly for all
+    epochs from the cached features, and scoring on every test set (natural + black/white/noise);
+(c) the authors' protocol, where the encoder re-runs for every batch of every epoch of every pattern and
+    once per pattern for testing; a few epochs are timed and extrapolated to the full count (labelled).
+
+It reports wall and CPU seconds, the ratios b/a and c/b, and each phase's peak resident memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import resource
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .backbones import create_backbone
+from .cache import FeatureCache
+from .data import SYNTHETIC, TensorImages, bundled_test_set, bundled_train_set, synthetic_images
+from .errors import PosprobeError
+from .features import _collate, _Indexed, default_workers, prepare_encoder
+from .probe import PositionProbe
+from .readout import Readout, align
+from .targets import PATTERNS, make_target
+from .train import get_profile
+
+
+def _rss_kb(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"{field_name}:\s+(\d+)", f.read())
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux /proc/self/clear_refs); False where that is impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last reset (or since start), in MB."""
+    kb = _rss_kb("VmHWM")
+    if kb is None:
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024
+
+
+@dataclass
+class Phase:
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    note: str = ""
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def measure(phase: Phase) -> Iterator[Phase]:
+    """Time a block (wall and process CPU) and record its peak RSS."""
+    reset_peak_rss()
+    w, c = time.perf_counter(), time.process_time()
+    yield phase
+    phase.wall_s += time.perf_counter() - w
+    phase.cpu_s += time.process_time() - c
+    phase.peak_rss_mb = max(phase.peak_rss_mb, peak_rss_mb())
+
+
+@dataclass
+class BenchResult:
+    backbone: str
+    weights: str
+    n_train: int
+    n_test: int
+    image_size: int
+    feat_size: int
+    epochs: int
+    patterns: int
+    threads: int
+    floor: Phase
+    posprobe: Phase
+    posprobe_warm: Phase
+    authors: Phase
+    authors_measured: str
+
+    @property
+    def b_over_a(self) -> float:
+        return self.posprobe.wall_s / self.floor.wall_s
+
+    @property
+    def c_over_b(self) -> float:
+        return self.authors.wall_s / self.posprobe.wall_s
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(b_over_a=self.b_over_a, c_over_b=self.c_over_b,
+                   b_over_a_cpu=self.posprobe.cpu_s / self.floor.cpu_s,
+                   c_over_b_cpu=self.authors.cpu_s / self.posprobe.cpu_s)  # fmt: skip
+        return out
+
+    def report(self) -> str:
+        a, b, bw, c = self.floor, self.posprobe, self.posprobe_warm, self.authors
+        n_all = self.n_train + self.n_test + len(SYNTHETIC)
+        lines = [
+            f"posprobe bench: {self.backbone} ({self.weights}), {self.n_train} train + {self.n_test} test + "
+            f"{len(SYNTHETIC)} synthetic images at {self.image_size} px, feat {self.feat_size}, "
+            f"{self.patterns} patterns x {self.epochs} epochs, cpu threads {self.threads}",
+            f"{'phase':<62}{'wall s':>9}{'cpu s':>9}{'peak RSS MB':>13}",
+            f"{'(a) floor: one encoder forward pass over all ' + str(n_all) + ' images':<62}"
+            f"{a.wall_s:>9.1f}{a.cpu_s:>9.1f}{a.peak_rss_mb:>13.0f}",
+            f"{'(b) posprobe Table 1 column, cache cold':<62}{b.wall_s:>9.1f}{b.cpu_s:>9.1f}{b.peak_rss_mb:>13.0f}",
+            "      " + ", ".join(f"{k} {v:.1f} s" for k, v in b.parts.items()),
+            f"{'(b2) the same with the cache warm (a second study)':<62}{bw.wall_s:>9.1f}{bw.cpu_s:>9.1f}"
+            f"{bw.peak_rss_mb:>13.0f}",
+            f"{'(c) authors protocol, ' + self.authors_measured:<62}{c.wall_s:>9.1f}{c.cpu_s:>9.1f}"
+            f"{c.peak_rss_mb:>13.0f}",
+            f"b/a = {self.b_over_a:.2f} (cpu {b.cpu_s / a.cpu_s:.2f})   c/b = {self.c_over_b:.1f} "
+            f"(cpu {c.cpu_s / b.cpu_s:.1f})",
+            f"runs: (a) {a.note}; (b) {b.note}; (b2) {bw.note}",
+        ]
+        return "\n".join(lines)
+
+
+def bench_images(n_train: int, n_test: int, image_size: int, seed: int = 0, photos: bool = True
+                 ) -> tuple[Dataset, Dataset]:  # fmt: skip
+    """The bundled photos (train crops, test photos) when installed and wanted, else seeded noise images."""
+    try:
+        if not photos:
+            raise PosprobeError("noise images requested")
+        train = bundled_train_set(image_size, crops_per_photo=max(1, -(-n_train // 39)), seed=seed)
+        test = bundled_test_set(image_size)
+        if len(train) >= n_train and len(test) >= n_test:
+            return (TensorImages(train.images[:n_train], train.ids[:n_train], "bundled-train"),
+                    TensorImages(test.images[:n_test], test.ids[:n_test], "photos"))  # fmt: skip
+    except PosprobeError:
+        pass
+    g = torch.Generator().manual_seed(seed)
+    make = lambda n, name: TensorImages(torch.rand(n, 3, image_size, image_size, generator=g),  # noqa: E731
+                                        [f"{name}{i}" for i in range(n)], name)  # fmt: skip
+    return make(n_train, "noise-train"), make(n_test, "noise-test")
+
+
+@torch.inference_mode()
+def _forward_only(backbone, images: Dataset, batch_size: int, device: str) -> None:
+    backbone, channels_last = prepare_encoder(backbone, device)
+    loader = DataLoader(_Indexed(images), batch_size=batch_size, collate_fn=_collate,
+                        num_workers=default_workers() if len(images) > batch_size else 0)  # fmt: skip
+    for _, x, _ in loader:
+        x = x.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        backbone(x)
+
+
+def _authors_epoch(backbone, images: Dataset, readout: Readout, opt, target: torch.Tensor, batch_size: int,
+                   feat_size: int, device: str, gen: torch.Generator) -> None:  # fmt: skip
+    """One epoch as the authors' code runs it: encoder, alignment and readout step for every batch."""
+    backbone, channels_last = prepare_encoder(backbone, device)
+    order = torch.randperm(len(images), generator=gen)
+    readout.train()
+    for start in range(0, len(images), batch_size):
+        x = torch.stack([images[int(i)] for i in order[start : start + batch_size]]).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            feats = align(backbone(x), feat_size)
+        pred = readout.forward_aligned(feats)[:, 0]
+        loss = F.mse_loss(pred, target.expand_as(pred))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+@torch.no_grad()
+def _authors_test(backbone, images: Dataset, readout: Readout, batch_size: int, feat_size: int, device: str) -> None:
+    backbone, channels_last = prepare_encoder(backbone, device)
+    readout.eval()
+    for start in range(0, len(images), batch_size):
+        x = torch.stack([images[i] for i in range(start, min(start + batch_size, len(images)))]).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        readout.forward_aligned(align(backbone(x), feat_size))
+
+
+def run_bench(backbone_name: str = "vgg16", weights: str | None = "random", n_train: int = 64, n_test: int = 12,
+              image_size: int = 224, feat_size: int = 28, epochs: int = 15, authors_epochs: int = 1,
+              authors_patterns: int = 1, encode_batch_size: int = 16, device: str = "cpu", seed: int = 0,
+              repeats: int = 2, photos: bool = True, progress: bool = False, log=print) -> BenchResult:  # fmt: skip
+    """Run (a), (b), (b2) and (c) and return the measurements (see the module docstring).
+
+    (a), (b) and (b2) run ``repeats`` times, interleaved, and each keeps its fastest run: on a shared
+    machine the minimum is the least disturbed measurement of the same work.
+    """
+    if n_train < 1 or n_test < 1 or epochs < 1 or authors_epochs < 1 or repeats < 1 \
+            or not 1 <= authors_patterns <= len(PATTERNS):  # fmt: skip
+        raise PosprobeError("bench needs n_train, n_test, epochs, authors_epochs, repeats >= 1 and 1..5 "
+                            "authors_patterns")  # fmt: skip
+    backbone = create_backbone(backbone_name, weights, seed)
+    train, test = bench_images(n_train, n_test, image_size, seed, photos)
+    tests = {"natural": test, **{k: synthetic_images(k, image_size, seed) for k in SYNTHETIC}}
+    config = get_profile("official", epochs=epochs, seed=seed)
+    log(f"bench {backbone_name} ({backbone.weights_label}): {len(train)} train, {len(test)} test images")
+    _forward_only(backbone, TensorImages(train.images[:2], train.ids[:2], "warmup"), 2, device)  # warm-up
+
+    def floor_pass(phase: Phase) -> None:
+        with measure(phase):
+            _forward_only(backbone, train, encode_batch_size, device)
+            for images in tests.values():
+                _forward_only(backbone, images, encode_batch_size, device)
+
+    def table1_column(cache: FeatureCache, phase: Phase) -> None:
+        with measure(phase):
+            t0 = time.perf_counter()
+            probe = PositionProbe(backbone, PATTERNS, feat_size=feat_size, image_size=image_size, train_config=config,
+                                  seed=seed, device=device, encode_batch_size=encode_batch_size, progress=progress,
+                                  cache=cache)  # fmt: skip
+            encoded = probe.encode(train)
+            t1 = time.perf_counter()
+            probe.fit(encoded)
+            t2 = time.perf_counter()
+            for images in tests.values():
+                probe.score(images)
+            t3 = time.perf_counter()
+        phase.parts = {"encode+cache": t1 - t0, "train 5 readouts": t2 - t1, "encode+score tests": t3 - t2}
+
+    runs: dict[str, list[Phase]] = {"a": [], "b": [], "b2": []}
+    for r in range(repeats):
+        runs["a"].append(Phase())
+        floor_pass(runs["a"][-1])
+        log(f"(a) floor {runs['a'][-1].wall_s:.1f} s")
+        with tempfile.TemporaryDirectory(prefix="posprobe-bench-") as tmp:
+            cache = FeatureCache(tmp, max_gb=1e9, log=lambda m: None)
+            runs["b"].append(Phase())
+            table1_column(cache, runs["b"][-1])
+            log(f"(b) posprobe {runs['b'][-1].wall_s:.1f} s")
+            runs["b2"].append(Phase())
+            table1_column(cache, runs["b2"][-1])
+            log(f"(b2) posprobe, cache warm {runs['b2'][-1].wall_s:.1f} s")
+    best = {k: min(v, key=lambda p: p.wall_s) for k, v in runs.items()}
+    for k, v in runs.items():
+        best[k].peak_rss_mb = max(p.peak_rss_mb for p in v)
+        best[k].note = f"fastest of {len(v)}: " + ", ".join(f"{p.wall_s:.1f}" for p in v) + " s"
+    floor, cold, warm = best["a"], best["b"], best["b2"]
+
+    authors = Phase()
+    with measure(authors):
+        gen = torch.Generator().manual_seed(seed)
+        train_s, test_s = 0.0, 0.0
+        for pattern in PATTERNS[:authors_patterns]:
+            torch.manual_seed(seed)
+            readout = Readout(backbone.channels, 3, 1, 0, feat_size, image_size).to(device)
+            opt = torch.optim.SGD(readout.parameters(), lr=config.lr, momentum=config.momentum,
+                                  weight_decay=config.weight_decay)  # fmt: skip
+            target = make_target(pattern, image_size, image_size).to(device)
+            t0 = time.perf_counter()
+            for _ in range(authors_epochs):
+                _authors_epoch(backbone, train, readout, opt, target, config.batch_size, feat_size, device, gen)
+            t1 = time.perf_counter()
+            for images in tests.values():
+                _authors_test(backbone, images, readout, encode_batch_size, feat_size, device)
+            train_s, test_s = train_s + t1 - t0, test_s + time.perf_counter() - t1
+    measured_wall, measured_cpu = authors.wall_s, authors.cpu_s
+    runs = authors_epochs * authors_patterns
+    full = epochs * len(PATTERNS)
+    scale_train, scale_test = full / runs, len(PATTERNS) / authors_patterns
+    total = train_s * scale_train + test_s * scale_test
+    authors.parts = {"measured": measured_wall, "per epoch": train_s / runs, "test per pattern": test_s / authors_patterns}
+    authors.cpu_s = measured_cpu * total / max(measured_wall, 1e-9)
+    authors.wall_s = total
+    label = (f"extrapolated from {authors_epochs} epoch(s) x {authors_patterns} pattern(s)" if runs < full
+             else "measured in full")  # fmt: skip
+    log(f"(c) authors {total:.1f} s ({label})")
+    return BenchResult(backbone_name, backbone.weights_label, len(train), len(test), image_size, feat_size, epochs,
+                       len(PATTERNS), torch.get_num_threads(), floor, cold, warm, authors, label)  # fmt: skip

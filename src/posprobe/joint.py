@@ -1,0 +1,251 @@
+"""Joint training: every readout that reads the same features trains in one pass over them.
+
+The batch order comes from ``TrainConfig.seed`` alone and each readout keeps its own parameters, optimiser
+and schedule, so a readout trained with others ends bit-for-bit where it ends trained alone. Three exact
+rewrites make the shared pass cheap, none of which changes what is minimised:
+
+- Readouts whose first layer is a single-output convolution of the same geometry on the same channels
+  (every pattern of a Table 1 column) run as one convolution with one output channel per readout.
+- Levels the alignment upsampled are convolved at their native size (``conv_parts``).
+- The loss, the MSE between the bilinearly upsampled map ``U m`` and the target ``y`` at full resolution,
+  is computed from the small map: ``|U m - y|^2 = m.(M m) - 2 m.(U^T y) + |y|^2`` with ``M = U^T U``
+  separable (``MapLoss``), in float64. Predictions are still upsampled as the readout does it.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import PosprobeError
+from .readout import Readout
+from .sources import FeatureBatch, as_source, interp_matrix
+
+
+class MapLoss:
+    """MSE between a readout's upsampled map and a fixed target, evaluated on the (s, s) map.
+
+    ``U = U_h (x) U_w`` is bilinear upsampling (align_corners=False) from (s_h, s_w) to the target's (H, W);
+    ``M = U^T U`` and ``U^T y`` are precomputed, so the loss of a (b, s_h, s_w) batch costs a few
+    (s x s) matrix products instead of an (H, W) upsampling and its backward pass.
+    """
+
+    def __init__(self, target: torch.Tensor, map_size: tuple[int, int]):
+        big_h, big_w = target.shape[-2:]
+        uh = interp_matrix(big_h, map_size[0], False).to(target.device)  # (H, s_h)
+        uw = interp_matrix(big_w, map_size[1], False).to(target.device)  # (W, s_w)
+        y = target.double()
+        self.bh, self.bw = uh.T @ uh, uw.T @ uw  # (s_h, s_h), (s_w, s_w)
+        self.z = uh.T @ y @ uw  # U^T y as an (s_h, s_w) map
+        self.yy = float((y * y).sum())
+        self.pixels = big_h * big_w
+
+    def per_image(self, m: torch.Tensor) -> torch.Tensor:
+        """(b, s_h, s_w) maps -> (b,) float64 full-resolution MSE of each upsampled map."""
+        m = m.double()
+        quad = (m * (self.bh @ m @ self.bw)).sum((-2, -1))
+        return (quad - 2 * (m * self.z).sum((-2, -1)) + self.yy) / self.pixels
+
+    def __call__(self, m: torch.Tensor) -> torch.Tensor:
+        return self.per_image(m).mean()
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_matrix(fs: int, n: int, k: int, padding: int) -> torch.Tensor:
+    """(k * n, s) float32: stacked rows of the align_corners=True upsampling n -> fs, zero-padded by
+    ``padding`` and cropped for each kernel offset d: block d is ``A_pad[d : d + s].T``."""
+    a = torch.zeros(fs + 2 * padding, n, dtype=torch.float64)
+    a[padding : padding + fs] = interp_matrix(fs, n, True)
+    s = fs + 2 * padding - k + 1
+    return torch.cat([a[d : d + s].T for d in range(k)]).float()  # rows (d, native index)
+
+
+def conv_parts(batch: FeatureBatch, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+    """conv2d(batch.aligned(), weight, bias, padding=padding) computed part by part: (b, Q, s, s).
+
+    A native part f (b, c, h, w) stands for the aligned map ``A_h f A_w^T``, so kernel tap (dy, dx)
+    contributes ``A_h[dy : dy + s] (W[:, :, dy, dx] . f) A_w[dx : dx + s]^T``: a 1x1 convolution to Q*k*k
+    maps at native size, then two small matrix products that upsample, shift and sum them at once.
+    """
+    q, _, kh, kw = weight.shape
+    y = None
+    for part in batch.parts:
+        w = weight[:, part.lo : part.hi]
+        if not part.native:
+            t = F.conv2d(part.data, w, None, padding=padding)
+        else:
+            b, c, h, wd = part.data.shape
+            taps = w.permute(0, 2, 3, 1).reshape(q * kh * kw, c, 1, 1)  # rows (q, dy, dx)
+            low = F.conv2d(part.data, taps).view(b, q, kh, kw, h, wd)  # (b, q, dy, dx, h, w)
+            th = _tap_matrix(batch.feat_size, h, kh, padding).to(low.device)  # (kh*h, s)
+            tw = _tap_matrix(batch.feat_size, wd, kw, padding).to(low.device)  # (kw*w, s)
+            cols = low.permute(0, 1, 2, 4, 3, 5).reshape(b, q, kh * h, kw * wd) @ tw  # (b, q, (dy, h), s)
+            t = th.T @ cols  # (b, q, s, s)
+        y = t if y is None else y + t
+    if bias is not None:
+        y = y + bias.view(1, q, 1, 1)
+    return y
+
+
+def _fusable_conv(readout: nn.Module) -> nn.Conv2d | None:
+    """The readout's first layer when it is a plain single-output convolution (what fusion needs)."""
+    head = getattr(readout, "head", None)
+    if not isinstance(head, nn.Sequential) or not _known(readout):
+        return None
+    conv = head[0]
+    ok = (isinstance(conv, nn.Conv2d) and conv.out_channels == 1 and conv.groups == 1
+          and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+          and isinstance(conv.padding, tuple) and conv.padding[0] == conv.padding[1]
+          and conv.kernel_size[0] == conv.kernel_size[1])  # fmt: skip
+    return conv if ok else None
+
+
+def _known(readout: nn.Module) -> bool:
+    """Readouts whose ``forward_aligned`` is ``upsample(head(x))`` (so the loss may use the small map)."""
+    from .linear import LinearReadout
+
+    return isinstance(readout, (Readout, LinearReadout))
+
+
+@dataclass
+class _Group:
+    """Jobs whose first convolutions run as one (same kernel, padding and input channels)."""
+
+    members: list[int]
+    channels: torch.Tensor | None
+    padding: int
+
+
+def plan_groups(jobs: Sequence) -> tuple[list[_Group], list[int]]:
+    """Fusable jobs grouped by (kernel, padding, bias, channels); the rest are trained one by one."""
+    groups: dict[tuple, _Group] = {}
+    single: list[int] = []
+    for j, job in enumerate(jobs):
+        conv = _fusable_conv(job.readout)
+        if conv is None:
+            single.append(j)
+            continue
+        channels = getattr(job, "channels", None)
+        key = (conv.kernel_size, conv.padding, conv.bias is not None,
+               None if channels is None else tuple(int(c) for c in channels))  # fmt: skip
+        groups.setdefault(key, _Group([], channels, conv.padding[0])).members.append(j)
+    return list(groups.values()), single
+
+
+class _JobLoss:
+    """The per-batch loss of one job, the way its readout type allows."""
+
+    def __init__(self, job):
+        self.job = job
+        r = job.readout
+        self.small = _known(r)
+        if self.small:
+            side = readout_side(r)
+            self.map_loss = MapLoss(job.target, (side, side))
+
+    def from_map(self, m: torch.Tensor) -> torch.Tensor:
+        """m: (b, s, s) output of the readout's head -> scalar loss."""
+        return self.map_loss(m)
+
+    def from_batch(self, batch: FeatureBatch) -> torch.Tensor:
+        x = batch.select(getattr(self.job, "channels", None)).aligned()
+        r = self.job.readout
+        if self.small:
+            return self.from_map(r.head(x)[:, 0])
+        pred = r.forward_aligned(x)[:, 0]  # (b, S, S)
+        return F.mse_loss(pred, self.job.target.expand_as(pred))
+
+
+def readout_side(readout: nn.Module) -> int:
+    """Side of the readout's map before upsampling."""
+    side = readout.feat_size
+    for m in readout.head:
+        if isinstance(m, nn.Conv2d):
+            side = side + 2 * m.padding[0] - m.kernel_size[0] + 1
+    return side
+
+
+def _group_losses(group: _Group, jobs: Sequence, losses: Sequence[_JobLoss], batch: FeatureBatch) -> list[torch.Tensor]:
+    convs = [jobs[j].readout.head[0] for j in group.members]
+    weight = convs[0].weight if len(convs) == 1 else torch.cat([c.weight for c in convs])  # (Q, C, k, k)
+    y = conv_parts(batch.select(group.channels), weight, None, group.padding)  # (b, Q, s, s)
+    out = []
+    for q, j in enumerate(group.members):
+        # each readout's map as a fresh standard-layout tensor with its own bias added: the bias gradient and
+        # BatchNorm then reduce over the same tensor whether the readout is fused with others or alone
+        m = y[:, q : q + 1].clone(memory_format=torch.contiguous_format)
+        if convs[q].bias is not None:
+            m = m + convs[q].bias.view(1, 1, 1, 1)
+        rest = jobs[j].readout.head[1:]
+        out.append(losses[j].from_map(rest(m)[:, 0] if len(rest) else m[:, 0]))
+    return out
+
+
+def train_jobs(features, jobs: list, config, device: str | torch.device = "cpu", progress: bool = True) -> list:
+    """Train every job's readout in one pass per epoch over ``features`` (tensor, EncodedSet or source).
+
+    Fills each job's per-epoch mean loss; readouts end in eval mode.
+    """
+    source = as_source(features)
+    n = len(source)
+    if n == 0:
+        raise PosprobeError("no training images to train the readout on")
+    opts, scheds = [], []
+    for job in jobs:
+        job.readout.to(device).train()
+        job.target = job.target.to(device)
+        opt = torch.optim.SGD(job.readout.parameters(), lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)  # fmt: skip
+        opts.append(opt)
+        scheds.append(torch.optim.lr_scheduler.MultiStepLR(opt, list(config.lr_milestones), config.lr_gamma))
+    groups, single = plan_groups(jobs)
+    losses = [_JobLoss(job) for job in jobs]
+    gen = torch.Generator().manual_seed(config.seed)
+    bar = tqdm(total=config.epochs, desc=f"train {len(jobs)} readout(s)", unit="epoch",
+               disable=None if progress else True, leave=False)  # fmt: skip
+    for _ in range(config.epochs):
+        order = torch.randperm(n, generator=gen) if config.shuffle else torch.arange(n)
+        sums = [0.0] * len(jobs)
+        for idx, batch in source.batches(order, config.batch_size, device):
+            batch_losses: dict[int, torch.Tensor] = {}
+            for group in groups:
+                batch_losses.update(zip(group.members, _group_losses(group, jobs, losses, batch)))
+            for j in single:
+                batch_losses[j] = losses[j].from_batch(batch)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            torch.stack([batch_losses[j].double() for j in range(len(jobs))]).sum().backward()
+            for opt in opts:
+                opt.step()
+            for j in range(len(jobs)):
+                sums[j] += batch_losses[j].item() * len(idx)
+        for j, (job, sched) in enumerate(zip(jobs, scheds)):
+            sched.step()
+            job.losses.append(sums[j] / n)
+        bar.update(1)
+    bar.close()
+    for job in jobs:
+        job.readout.eval()
+    return jobs
+
+
+@torch.inference_mode()
+def predict_source(readouts: Mapping[str, nn.Module], features, batch_size: int = 64,
+                   device: str | torch.device = "cpu",
+                   channels: Mapping[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """(N, S, S) maps of every eval-mode readout, in one pass over ``features`` (any source)."""
+    source = as_source(features)
+    channels = channels or {}
+    for r in readouts.values():
+        r.to(device).eval()
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in readouts}
+    for _, batch in source.batches(torch.arange(len(source)), batch_size, device):
+        for k, r in readouts.items():
+            x = batch.select(channels.get(k)).aligned()
+            out[k].append(r.forward_aligned(x)[:, 0].cpu())
+    return {k: torch.cat(v) for k, v in out.items()}

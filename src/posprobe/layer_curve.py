@@ -1,0 +1,244 @@
+"""Where position lives: every tapped level of a network probed on its own (the paper's Table 3, for any
+backbone), giving SPC against depth per pattern, for several backbones, paddings or position-embedding
+controls on one figure.
+
+Each curve encodes the image sets once with all its levels; one readout per (level, pattern) then reads
+only that level's channels of the shared features (``ReadoutJob.channels``), and all of a curve's
+readouts train in one pass. "all" is the paper's last column: one readout over every level together.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .backbones import Backbone, create_backbone
+from .backbones.padding import check_padding_mode
+from .backbones.pos_embed import check_pos_embed_mode
+from .backbones.registry import parse_layers
+from .data import FolderImages, bundled_test_set, bundled_train_set
+from .errors import PosprobeError
+from .features import EncodedSet, encode
+from .metrics import is_constant, mae, spearman
+from .plots import layer_curve_plot
+from .probe import Scores
+from .readout import Readout, check_readout_config
+from .rundir import atomic_run_dir, environment, write_csv, write_json
+from .targets import make_target, resolve_patterns
+from .train import PROFILES, ReadoutJob, TrainConfig, predict, train_readouts
+
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class LayerCurveConfig:
+    """Everything that determines a layer curve's numbers; saved as config.json.
+
+    ``backbones`` entries are NAME or NAME@LAYER,LAYER (that backbone's taps; ``layers`` applies to the
+    entries without '@'). Every backbone is probed under every ``paddings`` x ``pos_embeds`` setting
+    (None: the model's own padding), so "zeros vs valid" or "keep vs zero" share one figure.
+    """
+
+    backbones: tuple[str, ...] = ("vgg16",)
+    layers: tuple[str, ...] | None = None
+    weights: str | None = None
+    input_norm: str = "none"
+    paddings: tuple[str | None, ...] = (None,)
+    pos_embeds: tuple[str, ...] = ("keep",)
+    patterns: tuple[str, ...] = ("H", "G")  # the patterns Table 3 reports
+    kernel_size: int = 3
+    depth: int = 1
+    readout_padding: int = 0
+    feat_size: int = 28
+    image_size: int = 224
+    profile: str = "official"
+    train: TrainConfig = field(default_factory=lambda: PROFILES["official"])
+    seed: int = 0
+    device: str = "cpu"
+    train_dir: str | None = None
+    test_dir: str | None = None
+    crops_per_photo: int = 8
+    include_all: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One line of the figure: a backbone (with its taps) under one padding and position-embedding setting."""
+
+    label: str
+    backbone: str
+    layers: tuple[str, ...] | None
+    padding: str | None
+    pos_embed: str
+
+
+def parse_entry(entry: str, default_layers: tuple[str, ...] | None) -> tuple[str, tuple[str, ...] | None]:
+    """'tv:resnet18@layer1,layer3' -> ('tv:resnet18', ('layer1', 'layer3')); no '@': the default layers."""
+    name, sep, layers = entry.partition("@")
+    if not name.strip():
+        raise PosprobeError(f"--backbone '{entry}' names no backbone; expected NAME or NAME@LAYER,LAYER")
+    return name.strip(), (parse_layers(layers) if sep else default_layers)
+
+
+def curves_of(config: LayerCurveConfig) -> list[Curve]:
+    """The backbones x paddings x position-embedding settings to draw, with unique labels."""
+    if not config.backbones:
+        raise PosprobeError("layer-curve needs at least one --backbone")
+    for p in config.paddings:
+        if p is not None:
+            check_padding_mode(p)
+    for m in config.pos_embeds:
+        check_pos_embed_mode(m)
+    curves = []
+    for entry in config.backbones:
+        name, layers = parse_entry(entry, config.layers)
+        for padding in config.paddings:
+            for pos in config.pos_embeds:
+                notes = ([f"padding {padding}"] if padding is not None and len(config.paddings) > 1 else []) + (
+                    [f"pos-embed {pos}"] if len(config.pos_embeds) > 1 else [])  # fmt: skip
+                label = entry + (f" ({', '.join(notes)})" if notes else "")
+                curves.append(Curve(label, name, layers, padding, pos))
+    labels = [c.label for c in curves]
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        raise PosprobeError(f"layer-curve would draw '{repeated[0]}' twice; give each --backbone once")
+    return curves
+
+
+@dataclass
+class LayerCurve:
+    """Scores of every (curve, level, pattern) on the natural test set, and what each curve ran as."""
+
+    config: LayerCurveConfig
+    rows: list[dict]
+    resolved: dict[str, dict]  # curve label -> weights, levels, shapes, surgery
+    losses: dict[str, list[float]]  # "curve | level | pattern" -> per-epoch training loss
+    data: dict[str, dict]
+    seconds: dict[str, float]
+
+
+def _level_slices(backbone: Backbone) -> list[tuple[str, torch.Tensor]]:
+    """(level name, its channel indices in the concatenated aligned features), in network order."""
+    out, start = [], 0
+    for level in backbone.levels:
+        out.append((level.name, torch.arange(start, start + level.channels)))
+        start += level.channels
+    return out
+
+
+def _score(readout: Readout, features: EncodedSet, channels: torch.Tensor | None, target: torch.Tensor,
+           device: str) -> Scores:  # fmt: skip
+    pred = predict(readout, features.features, device=device, channels=channels)  # (N, S, S)
+    return Scores(features.ids, spearman(pred, target), mae(pred, target), is_constant(pred))
+
+
+def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCurve:
+    """Probe every tapped level of every curve on its own (and all levels together)."""
+    check_readout_config(config.feat_size, config.kernel_size, config.depth, config.readout_padding)
+    patterns = resolve_patterns(list(config.patterns))
+    curves = curves_of(config)
+    backbones = {}
+    for c in curves:  # build and dry-run every backbone before any heavy work: bad settings fail first
+        backbones[c.label] = create_backbone(
+            c.backbone, config.weights, config.seed, config.input_norm, layers=c.layers, padding=c.padding,
+            pos_embed=c.pos_embed, image_size=config.image_size,
+        )  # fmt: skip
+        backbones[c.label].level_shapes(config.image_size)
+    started = time.perf_counter()
+    if config.train_dir:
+        train_set = FolderImages(config.train_dir, config.image_size)
+    else:
+        train_set = bundled_train_set(config.image_size, config.crops_per_photo, config.seed)
+    if config.test_dir:
+        test_set = FolderImages(config.test_dir, config.image_size)
+    else:
+        test_set = bundled_test_set(config.image_size)
+    targets = {p: make_target(p, config.image_size, config.image_size) for p in patterns}
+    rows, resolved, losses, data = [], {}, {}, {}
+    for c in curves:
+        backbone = backbones[c.label]
+        train = encode(backbone, train_set, config.feat_size, device=config.device, progress=progress)
+        test = encode(backbone, test_set, config.feat_size, device=config.device, progress=progress)
+        data = {"train": {"description": train.description, "n": len(train), "skipped": train.skipped},
+                "test": {"description": test.description, "n": len(test), "skipped": test.skipped}}  # fmt: skip
+        slices = _level_slices(backbone)
+        if config.include_all and len(slices) > 1:
+            slices.append((ALL, None))
+        jobs = []
+        for level, channels in slices:
+            in_channels = backbone.channels if channels is None else len(channels)
+            for p in patterns:
+                with torch.random.fork_rng(devices=[]):  # every readout starts from the same seeded draw
+                    torch.manual_seed(config.seed)
+                    readout = Readout(in_channels, config.kernel_size, config.depth, config.readout_padding,
+                                      config.feat_size, config.image_size)  # fmt: skip
+                jobs.append(ReadoutJob((level, p), readout, targets[p], channels))
+        train_readouts(train.features, jobs, config.train, config.device, progress)
+        shapes = backbone.level_shapes(config.image_size)
+        n_levels = len(backbone.levels)
+        for job in jobs:
+            level, p = job.key
+            i = next((k for k, lv in enumerate(backbone.levels) if lv.name == level), None)
+            lv = backbone.levels[i] if i is not None else None
+            summary = _score(job.readout, test, job.channels, targets[p], config.device).summary()
+            rows.append({
+                "curve": c.label, "backbone": c.backbone, "padding": c.padding or "model", "pos_embed": c.pos_embed,
+                "level": level, "index": i if i is not None else "",
+                "depth": (i / (n_levels - 1) if n_levels > 1 else 0.0) if i is not None else "",
+                "channels": lv.channels if lv else backbone.channels, "stride": lv.stride if lv else "",
+                "size": f"{shapes[i][1]}x{shapes[i][2]}" if i is not None else "",
+                "pattern": p, "test_set": test.name, **summary,
+            })  # fmt: skip
+            losses[f"{c.label} | {level} | {p}"] = job.losses
+        resolved[c.label] = {
+            "backbone": c.backbone, "weights": backbone.weights_label, "input_norm": backbone.input_norm,
+            "interpolation": backbone.interpolation, "levels": [asdict(lv) for lv in backbone.levels],
+            "level_shapes": shapes, "exact_strides": backbone.spec.exact_strides,
+            "backbone_padding": backbone.padding_report.to_dict() if backbone.padding_report else None,
+            "pos_embed": backbone.pos_embed_note,
+        }  # fmt: skip
+    return LayerCurve(config, rows, resolved, losses, data, {"total": time.perf_counter() - started})
+
+
+def format_curve_table(rows: list[dict]) -> str:
+    """One line per (curve, level): stride, size and each pattern's mean SPC."""
+    patterns = list(dict.fromkeys(r["pattern"] for r in rows))
+    lines = [f"{'curve':<44}{'level':<22}{'stride':>7}{'size':>9}" + "".join(f"{'SPC ' + p:>10}" for p in patterns)]
+    seen: dict[tuple[str, str], dict[str, float]] = {}
+    meta: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        seen.setdefault((r["curve"], r["level"]), {})[r["pattern"]] = r["spc_mean"]
+        meta[(r["curve"], r["level"])] = r
+    for key, spc in seen.items():
+        r = meta[key]
+        lines.append(f"{key[0][:43]:<44}{key[1][:21]:<22}{r['stride']!s:>7}{r['size']:>9}"
+                     + "".join(f"{spc.get(p, float('nan')):>10.3f}" for p in patterns))  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_layer_curve(curve: LayerCurve, out: Path, overwrite: bool = False) -> Path:
+    """The run directory: config.json, layer_curve.csv, metrics.json, layer_curve.png, environment.json."""
+    with atomic_run_dir(out, overwrite) as tmp:
+        write_json(tmp / "config.json", {**curve.config.to_dict(), "resolved": curve.resolved, "data": curve.data})
+        write_csv(tmp / "layer_curve.csv", curve.rows)
+        write_json(tmp / "metrics.json", {"rows": curve.rows, "train_loss_per_epoch": curve.losses,
+                                          "seconds": curve.seconds})  # fmt: skip
+        write_json(tmp / "environment.json", environment(curve.config.device))
+        points: dict[str, dict[str, list[tuple[float, str, float]]]] = {}
+        together: dict[str, dict[str, float]] = {}
+        for r in curve.rows:
+            if r["level"] == ALL:
+                together.setdefault(r["curve"], {})[r["pattern"]] = r["spc_mean"]
+            else:
+                points.setdefault(r["curve"], {}).setdefault(r["pattern"], []).append(
+                    (float(r["depth"]), r["level"], r["spc_mean"]))  # fmt: skip
+        cfg = curve.config
+        layer_curve_plot(tmp / "layer_curve.png", points, together,
+                         title=f"SPC of one level at a time on {curve.rows[0]['test_set']} "
+                               f"({cfg.image_size} px, readout k={cfg.kernel_size})")  # fmt: skip
+    return out

@@ -1,0 +1,432 @@
+"""The exact linear probe: the best linear k x k readout of the frozen features, in closed form.
+
+"How much position is linearly decodable?" has an exact answer with no training noise. The readout is one
+k x k convolution C -> 1 with a bias (no BatchNorm, no Sigmoid) whose (s, s) map is upsampled bilinearly
+to the target's size, as the PEM's is. Unfolding the features of image i into patches X_i (s^2, D),
+D = C k^2 + 1 (the 1 is the bias), and writing U for the fixed upsampling (H W, s^2), the training MSE is
+
+    sum_i |U X_i v - y|^2 = v^T A v - 2 v^T b + n |y|^2,   A = sum_i X_i^T M X_i,  b = (sum_i X_i)^T U^T y,
+
+with M = U^T U. This is the objective an SGD-trained readout of the same form minimises, at full resolution:
+no approximation by downsampling the target. A is shared by every pattern, only b differs, and both come
+from one streaming pass. Ridge: inputs are standardised by their channel's root mean square over the
+training images (the bias by 1), and ``alpha * n * tr(M) * |v_standardised|^2`` is added, so alpha is
+relative to the data term; alpha is chosen per pattern on a held-out split of the training images, then the
+probe is refitted on all of them.
+
+Solvers: ``direct`` accumulates A (D x D, float64) and solves by Cholesky for every alpha; ``cg`` never forms
+A: multi-shift conjugate gradients (one Krylov sequence serves every alpha) whose products ``A v`` are one
+pass over the features each (the fused convolution of ``joint``). ``auto`` takes direct up to
+``max_direct_inputs`` inputs (A is then at most ~130 MB) and CG above (ResNet-152 at k=3 has D = 34,561).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .errors import PosprobeError, unknown_choice
+from .joint import MapLoss, conv_parts, predict_source
+from .metrics import is_constant, mae, spearman
+from .readout import align, check_readout_config, readout_map_size
+from .sources import FeatureBatch, as_source
+from .targets import PATTERNS, make_target
+
+DEFAULT_ALPHAS: tuple[float, ...] = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+SOLVERS = ("auto", "direct", "cg")
+
+
+class LinearReadout(nn.Module):
+    """One k x k convolution C -> 1 with bias, upsampled bilinearly (align_corners=False) to ``out_size``."""
+
+    def __init__(self, in_channels: int, kernel_size: int = 3, padding: int = 0, feat_size: int = 28,
+                 out_size: int = 224):  # fmt: skip
+        super().__init__()
+        check_readout_config(feat_size, kernel_size, 1, padding)
+        self.in_channels, self.kernel_size, self.depth, self.padding = in_channels, kernel_size, 1, padding
+        self.feat_size, self.out_size = feat_size, out_size
+        self.head = nn.Sequential(nn.Conv2d(in_channels, 1, kernel_size, padding=padding))
+        nn.init.xavier_uniform_(self.head[0].weight)
+        nn.init.zeros_(self.head[0].bias)
+
+    def forward_aligned(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, fs, fs) -> (B, 1, out_size, out_size)."""
+        return F.interpolate(self.head(x), size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+
+    def forward(self, levels) -> torch.Tensor:
+        if isinstance(levels, torch.Tensor):
+            levels = [levels]
+        return self.forward_aligned(align(levels, self.feat_size))
+
+    def set_vector(self, v: torch.Tensor) -> "LinearReadout":
+        """Load the solution vector (D,) = (weights in (c, dy, dx) order, bias)."""
+        conv = self.head[0]
+        with torch.no_grad():
+            conv.weight.copy_(v[:-1].view_as(conv.weight).to(conv.weight.dtype))
+            conv.bias.copy_(v[-1:].to(conv.bias.dtype))
+        return self
+
+
+def _vectors_to_conv(v: torch.Tensor, channels: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D, Q) solution columns -> conv weight (Q, C, k, k) and bias (Q,), float32."""
+    q = v.shape[1]
+    return v[:-1].T.reshape(q, channels, k, k).float().contiguous(), v[-1].float().contiguous()
+
+
+class _Problem:
+    """The quadratic objective on a feature source, and the statistics of one streaming pass over it."""
+
+    def __init__(self, source, channels: int, kernel_size: int, padding: int, targets: dict[str, torch.Tensor],
+                 batch_size: int, device: torch.device, progress: bool):  # fmt: skip
+        self.source, self.c, self.k, self.p = source, channels, kernel_size, padding
+        self.fs = source.feat_size
+        self.s = readout_map_size(self.fs, kernel_size, 1, padding)
+        self.dim = channels * kernel_size**2 + 1
+        self.batch_size, self.device, self.progress = batch_size, device, progress
+        self.names = list(targets)
+        self.losses = [MapLoss(t.to(device), (self.s, self.s)) for t in targets.values()]
+        self.bh, self.bw = self.losses[0].bh, self.losses[0].bw  # (s, s) each: M = B_h (x) B_w
+        self.trace_m = float(torch.diagonal(self.bh).sum() * torch.diagonal(self.bw).sum())
+        self.pixels = self.losses[0].pixels
+        self.z = torch.stack([loss.z.flatten() for loss in self.losses], 1)  # (s^2, P): U^T y per pattern
+        self.yy = torch.tensor([loss.yy for loss in self.losses], dtype=torch.float64, device=device)
+
+    def batches(self, idx: torch.Tensor):
+        return self.source.batches(idx, self.batch_size, self.device)
+
+    # -- one pass: channel scales and b (and A for the direct solver) -----------------------------------
+    def first_pass(self, splits: Sequence[torch.Tensor], gram: bool) -> list[dict]:
+        """Per split: n, sum of squares per channel, b (D, P) and, with ``gram``, A (D, D) in float64."""
+        out = []
+        chunk = max(1, int((256 << 20) // (8 * self.dim * self.s * self.s * 2)))  # images per float64 unfold
+        for idx in splits:
+            st = {"n": len(idx), "sq": torch.zeros(self.c, dtype=torch.float64, device=self.device),
+                  "b": torch.zeros(self.dim, len(self.names), dtype=torch.float64, device=self.device)}  # fmt: skip
+            if gram:
+                st["A"] = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+            for _, batch in self.batches(idx):
+                x = batch.aligned()  # (b, C, fs, fs)
+                st["sq"] += x.double().square().sum((0, 2, 3))
+                if gram:
+                    for i in range(0, x.shape[0], chunk):
+                        cols = self._unfold(x[i : i + chunk].double())  # (b, D, s^2)
+                        st["b"] += cols.sum(0) @ self.z
+                        mcols = (self.bh @ cols.view(-1, self.dim, self.s, self.s) @ self.bw).flatten(2)
+                        st["A"] += torch.einsum("bdp,bep->de", cols, mcols)
+                else:
+                    st["b"] += self._rhs(batch)
+            if gram:
+                st["A"] = (st["A"] + st["A"].T) / 2
+            out.append(st)
+        return out
+
+    def _unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, C, fs, fs) -> patch columns (b, D, s^2), rows in (c, dy, dx) order, then the bias row of ones."""
+        cols = F.unfold(F.pad(x, (self.p,) * 4) if self.p else x, self.k)  # (b, C k k, s^2)
+        ones = torch.ones(cols.shape[0], 1, cols.shape[2], dtype=cols.dtype, device=cols.device)
+        return torch.cat([cols, ones], 1)
+
+    def _rhs(self, batch: FeatureBatch) -> torch.Tensor:
+        """sum over the batch of X_i^T U^T y for every pattern: (D, P), by differentiating <conv(x), z>."""
+        w = torch.zeros(len(self.names), self.c, self.k, self.k, device=self.device, requires_grad=True)
+        bias = torch.zeros(len(self.names), device=self.device, requires_grad=True)
+        with torch.enable_grad():
+            y = conv_parts(batch, w, bias, self.p)  # (b, P, s, s)
+            z = self.z.T.reshape(1, -1, self.s, self.s).float()
+            (y * z).sum().backward()
+        return torch.cat([w.grad.flatten(1).T, bias.grad[None]], 0).double()
+
+    # -- matrix-free products ---------------------------------------------------------------------------
+    def matvec(self, idx: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A v for columns v (D, Q), A over the images ``idx``: one pass, differentiating v^T A v / 2."""
+        w0, b0 = _vectors_to_conv(v, self.c, self.k)
+        out = torch.zeros_like(v)
+        for _, batch in self.batches(idx):
+            w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+            with torch.enable_grad():
+                y = conv_parts(batch, w, b, self.p)  # (b, Q, s, s)
+                (0.5 * (y * (self.bh.float() @ y @ self.bw.float())).sum()).backward()
+            out += torch.cat([w.grad.flatten(1).T, b.grad[None]], 0).double()
+        return out
+
+    @torch.no_grad()
+    def mse(self, idx: torch.Tensor, v: torch.Tensor, pattern_of_column: Sequence[int]) -> torch.Tensor:
+        """Full-resolution training MSE of each column (Q,) on the images ``idx`` (one pass)."""
+        w, b = _vectors_to_conv(v, self.c, self.k)
+        total = torch.zeros(v.shape[1], dtype=torch.float64, device=self.device)
+        for _, batch in self.batches(idx):
+            y = conv_parts(batch, w, b, self.p)
+            for q, p in enumerate(pattern_of_column):
+                total[q] += self.losses[p].per_image(y[:, q]).sum()
+        return total / len(idx)
+
+    def quad_mse(self, st: dict, v: torch.Tensor, cols: Sequence[int]) -> torch.Tensor:
+        """MSE from the statistics (direct solver): (v^T A v - 2 v^T b + n |y|^2) / (n H W), per column."""
+        av = st["A"] @ v
+        b = st["b"][:, list(cols)]
+        return ((v * av).sum(0) - 2 * (v * b).sum(0) + st["n"] * self.yy[list(cols)]) / (st["n"] * self.pixels)
+
+
+def _scales(stats: list[dict], channels: int, k: int, fs: int) -> torch.Tensor:
+    """Standardisation d (D,): each input's channel mean square over all training images; 1 for the bias."""
+    sq = sum(st["sq"] for st in stats)
+    n = sum(st["n"] for st in stats)
+    ms = sq / (n * fs * fs)
+    floor = 1e-12 * float(ms.mean()) if float(ms.mean()) > 0 else 1e-12
+    ms = ms.clamp(min=floor)  # a dead channel gets a tiny scale: its weight is then penalised to 0
+    return torch.cat([ms.repeat_interleave(k * k), ms.new_ones(1)])
+
+
+def _solve_direct(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, shifts: Sequence[float]) -> list[torch.Tensor | None]:
+    """v for (S A S + shift I) S^-1 v = S b with S = diag(d^-1/2), for every shift: (D, P) or None if singular."""
+    s = d.rsqrt()
+    a_hat = s[:, None] * a * s[None, :]
+    b_hat = s[:, None] * b
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    out = []
+    for shift in shifts:
+        chol, info = torch.linalg.cholesky_ex(a_hat + shift * eye)
+        out.append(None if int(info) else s[:, None] * torch.cholesky_solve(b_hat, chol))
+    return out
+
+
+def multishift_cg(matvec, b: torch.Tensor, shifts: Sequence[float], tol: float = 1e-5, max_iter: int = 500,
+                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+    """Solve (A + shift I) x = b for every shift and every column of b (D, P) with one Krylov sequence.
+
+    A is symmetric positive semi-definite and given only through ``matvec`` ((D, Q) -> (D, Q)); the seed
+    system is the smallest shift (the slowest to converge), the others follow from the CG-M recurrences
+    (Jegerlehner 1996): r_shift = zeta * r_seed. Returns x (L, D, P), relative residuals (L, P), iterations.
+    """
+    shifts_t = torch.tensor(list(shifts), dtype=torch.float64, device=b.device)
+    seed = float(shifts_t.min())
+    delta = (shifts_t - seed)[:, None]  # (L, 1)
+    n_shifts, (dim, cols) = len(shifts), b.shape
+    bnorm = b.norm(dim=0).clamp(min=1e-300)  # (P,)
+    r = b.clone()
+    p = b.clone()
+    rr = (r * r).sum(0)
+    x = torch.zeros(n_shifts, dim, cols, dtype=b.dtype, device=b.device)
+    ps = b.expand(n_shifts, dim, cols).clone()
+    zeta, zeta_prev = torch.ones(n_shifts, cols, dtype=b.dtype, device=b.device), torch.ones(n_shifts, cols, dtype=b.dtype, device=b.device)
+    alpha_prev = torch.ones(cols, dtype=b.dtype, device=b.device)
+    beta_prev = torch.zeros(cols, dtype=b.dtype, device=b.device)
+    active = torch.ones(cols, dtype=torch.bool, device=b.device)
+    it = 0
+    bar = tqdm(total=max_iter, desc="linear probe (CG)", unit="it", disable=None if progress else True, leave=False)
+    for it in range(1, max_iter + 1):
+        ap = matvec(p) + seed * p
+        pap = (p * ap).sum(0)
+        alpha = torch.where(active & (pap > 0), rr / pap.clamp(min=1e-300), torch.zeros_like(rr))
+        r = r - alpha * ap
+        rr_new = (r * r).sum(0)
+        beta = torch.where(active, rr_new / rr.clamp(min=1e-300), torch.zeros_like(rr))
+        # shifted systems
+        denom = alpha * beta_prev * (zeta_prev - zeta) + zeta_prev * alpha_prev * (1 + delta * alpha)
+        zeta_next = torch.where(active, zeta * zeta_prev * alpha_prev / denom, zeta)
+        ratio = torch.where(zeta.abs() > 0, zeta_next / zeta, torch.zeros_like(zeta))
+        alpha_s = alpha * ratio  # (L, P)
+        x = x + alpha_s[:, None, :] * ps
+        beta_s = beta * ratio**2
+        ps = zeta_next[:, None, :] * r + beta_s[:, None, :] * ps
+        p = r + beta * p
+        keep = active
+        zeta_prev, zeta = torch.where(keep, zeta, zeta_prev), zeta_next
+        alpha_prev = torch.where(keep, alpha, alpha_prev)
+        beta_prev = torch.where(keep, beta, beta_prev)
+        rr = torch.where(keep, rr_new, rr)
+        residual = zeta.abs() * rr.sqrt() / bnorm  # (L, P)
+        active = active & (residual.amax(0) > tol)
+        bar.update(1)
+        if not bool(active.any()):
+            break
+    bar.close()
+    return x, zeta.abs() * rr.sqrt() / bnorm, it
+
+
+class LinearProbe:
+    """The best linear k x k readout per target map, in closed form (ridge, alpha chosen on held-out images).
+
+    The same shape as ``PositionProbe``: settings in ``__init__``, ``fit`` returns self, then ``predict``
+    and ``score``; ``fit`` and ``score`` accept raw images, an ``EncodedSet`` or any feature source.
+    Learned: ``readouts_`` (a ``LinearReadout`` per target), ``alpha_``, ``val_mse_`` ({target: {alpha:
+    MSE}}), ``train_mse_``, ``solver_``, ``iterations_`` and ``residual_`` (CG), ``seconds_``.
+    """
+
+    def __init__(
+        self,
+        backbone=None,
+        patterns: Sequence[str] = PATTERNS,
+        kernel_size: int = 3,
+        padding: int = 0,
+        feat_size: int = 28,
+        image_size: int = 224,
+        alphas: Sequence[float] = DEFAULT_ALPHAS,
+        holdout: float = 0.2,
+        solver: str = "auto",
+        max_direct_inputs: int = 4096,
+        cg_tol: float = 1e-5,
+        cg_max_iter: int = 500,
+        batch_size: int = 32,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        extra_targets: Mapping[str, torch.Tensor] | None = None,
+        encode_batch_size: int = 16,
+        strict: bool = False,
+        progress: bool = True,
+        cache=None,
+    ):
+        check_readout_config(feat_size, kernel_size, 1, padding)
+        if solver not in SOLVERS:
+            raise unknown_choice("linear solver", solver, SOLVERS)
+        alphas = sorted({float(a) for a in alphas}, reverse=True)
+        if not alphas or any(a < 0 for a in alphas):
+            raise PosprobeError(f"alphas must be non-negative and at least one; given {alphas}")
+        if not 0 <= holdout < 1:
+            raise PosprobeError(f"holdout must be in [0, 1); given {holdout}")
+        self.backbone, self.patterns = backbone, list(patterns)
+        self.kernel_size, self.padding, self.feat_size, self.image_size = kernel_size, padding, feat_size, image_size
+        self.alphas, self.holdout, self.solver = alphas, holdout, solver
+        self.max_direct_inputs, self.cg_tol, self.cg_max_iter = max_direct_inputs, cg_tol, cg_max_iter
+        self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
+        self.encode_batch_size, self.strict, self.progress, self.cache = encode_batch_size, strict, progress, cache
+        self.targets = {p: make_target(p, image_size, image_size) for p in self.patterns}
+        for name, t in dict(extra_targets or {}).items():
+            if tuple(t.shape) != (image_size, image_size):
+                raise PosprobeError(f"target '{name}' is {tuple(t.shape)}; expected ({image_size}, {image_size})")
+            self.targets[name] = t.float()
+        if not self.targets:
+            raise PosprobeError("no target to probe: give at least one pattern or target image")
+
+    def encode(self, images):
+        """Raw images -> features (via the cache when one is set); features pass through."""
+        from .cache import encode_images
+
+        return encode_images(self.backbone, images, self.feat_size, self.encode_batch_size, self.device,
+                             strict=self.strict, progress=self.progress, cache=self.cache)  # fmt: skip
+
+    def _split(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if len(self.alphas) == 1 or self.holdout == 0 or n < 4:
+            return torch.arange(n), None
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        n_val = max(1, round(self.holdout * n))
+        return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+    def fit(self, images: Dataset) -> "LinearProbe":
+        started = time.perf_counter()
+        source = as_source(self.encode(images))
+        channels = source.channels
+        if self.backbone is not None and channels != self.backbone.channels:
+            raise PosprobeError(f"features have {channels} channels; {self.backbone.name} declares {self.backbone.channels}")
+        prob = _Problem(source, channels, self.kernel_size, self.padding, self.targets, self.batch_size, self.device,
+                        self.progress)  # fmt: skip
+        solver = self.solver
+        if solver == "auto":
+            solver = "direct" if prob.dim <= self.max_direct_inputs else "cg"
+        fit_idx, val_idx = self._split(len(source))
+        splits = [fit_idx] if val_idx is None else [fit_idx, val_idx]
+        stats = prob.first_pass(splits, gram=solver == "direct")
+        d = _scales(stats, channels, self.kernel_size, source.feat_size)
+        n_all = len(source)
+        whole = {"n": n_all, "b": sum(st["b"] for st in stats)}
+        if solver == "direct":
+            whole["A"] = sum(st["A"] for st in stats)
+        cols = list(range(len(prob.names)))
+        self.val_mse_: dict[str, dict[float, float]] = {name: {} for name in prob.names}
+        chosen = {name: self.alphas[-1] for name in prob.names}
+        self.iterations_, self.residual_ = 0, {}
+        if val_idx is not None:
+            fit_st, val_st = stats
+            shifts = [a * fit_st["n"] * prob.trace_m for a in self.alphas]
+            if solver == "direct":
+                sols = _solve_direct(fit_st["A"], fit_st["b"], d, shifts)
+                for a, v in zip(self.alphas, sols):
+                    if v is not None:
+                        for name, m in zip(prob.names, prob.quad_mse(val_st, v, cols)):
+                            self.val_mse_[name][a] = float(m)
+            else:
+                xs, _, its = self._cg(prob, fit_idx, fit_st["b"], d, shifts)
+                self.iterations_ += its
+                v_all = torch.cat(list(xs), 1)  # (D, L*P) columns (alpha, pattern)
+                mses = prob.mse(val_idx, v_all, cols * len(self.alphas)).view(len(self.alphas), len(cols))
+                for li, a in enumerate(self.alphas):
+                    for pi, name in enumerate(prob.names):
+                        self.val_mse_[name][a] = float(mses[li, pi])
+            for name in prob.names:
+                vals = self.val_mse_[name]
+                if vals:  # the strongest ridge within rounding of the best held-out MSE (stable across solvers)
+                    best = min(vals.values())
+                    chosen[name] = max(a for a, m in vals.items() if m <= best + 1e-6 * abs(best))
+        # refit on every training image with each pattern's alpha
+        final_alphas = sorted(set(chosen.values()), reverse=True)
+        shifts = [a * n_all * prob.trace_m for a in final_alphas]
+        if solver == "direct":
+            sols = _solve_direct(whole["A"], whole["b"], d, shifts)
+            if any(v is None for v in sols):
+                raise PosprobeError("the linear probe's system is singular; use a larger alpha")
+            sol = {a: v for a, v in zip(final_alphas, sols)}
+            res = {}
+        else:
+            xs, res_t, its = self._cg(prob, torch.arange(n_all), whole["b"], d, shifts)
+            self.iterations_ += its
+            sol = {a: xs[i] for i, a in enumerate(final_alphas)}
+            res = {a: res_t[i] for i, a in enumerate(final_alphas)}
+        v = torch.stack([sol[chosen[name]][:, pi] for pi, name in enumerate(prob.names)], 1)  # (D, P)
+        if solver == "direct":
+            train_mse = prob.quad_mse(whole, v, cols)
+        else:
+            train_mse = prob.mse(torch.arange(n_all), v, cols)
+            self.residual_ = {name: float(res[chosen[name]][pi]) for pi, name in enumerate(prob.names)}
+        self.readouts_ = {
+            name: LinearReadout(channels, self.kernel_size, self.padding, self.feat_size, self.image_size).set_vector(v[:, pi].cpu())
+            for pi, name in enumerate(prob.names)
+        }  # fmt: skip
+        self.alpha_ = chosen
+        self.train_mse_ = {name: float(m) for name, m in zip(prob.names, train_mse)}
+        self.solver_, self.inputs_ = solver, prob.dim
+        self.seconds_ = time.perf_counter() - started
+        return self
+
+    def _cg(self, prob: _Problem, idx: torch.Tensor, b: torch.Tensor, d: torch.Tensor, shifts: Sequence[float]):
+        """Multi-shift CG in standardised coordinates; returns solutions in original coordinates (L, D, P)."""
+        s = d.rsqrt()
+
+        def matvec(v_hat: torch.Tensor) -> torch.Tensor:
+            return s[:, None] * prob.matvec(idx, s[:, None] * v_hat)
+
+        x_hat, res, its = multishift_cg(matvec, s[:, None] * b, shifts, self.cg_tol, self.cg_max_iter, self.progress)
+        return s[None, :, None] * x_hat, res, its
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "readouts_"):
+            raise PosprobeError("this linear probe is not fitted yet: call fit() first")
+
+    def predict(self, images) -> dict[str, torch.Tensor]:
+        """Predicted maps (N, S, S) per target (unclipped: the linear readout has no Sigmoid)."""
+        self._check_fitted()
+        return predict_source(self.readouts_, self.encode(images), device=self.device)
+
+    def score(self, images):
+        """Per-image SPC and MAE at full resolution for every target (``probe.Scores``)."""
+        from .probe import Scores
+
+        encoded = self.encode(images)
+        ids = list(getattr(encoded, "ids", [str(i) for i in range(len(as_source(encoded)))]))
+        out = {}
+        for name, pred in self.predict(encoded).items():
+            target = self.targets[name]
+            out[name] = Scores(ids, spearman(pred, target), mae(pred, target), is_constant(pred))
+        return out
+
+    def summary(self) -> dict:
+        """What was fitted, for reports: solver, inputs, alpha, train MSE (and CG iterations/residuals)."""
+        self._check_fitted()
+        return {"solver": self.solver_, "inputs": self.inputs_, "alpha": self.alpha_, "train_mse": self.train_mse_,
+                "val_mse": self.val_mse_, "cg_iterations": self.iterations_, "cg_residual": self.residual_,
+                "seconds": self.seconds_}  # fmt: skip
+

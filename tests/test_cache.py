@@ -1,0 +1,203 @@
+"""The feature cache: content keys, atomic entries, resume after an interruption, streaming fallback, CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import save_image
+from posprobe import cache as cache_mod
+from posprobe.backbones import create_backbone
+from posprobe.cache import FeatureCache, feature_key
+from posprobe.cli import app
+from posprobe.data import FolderImages, TensorImages
+from posprobe.errors import PosprobeError
+from posprobe.features import EncodedSet, encode
+from posprobe.sources import StreamedSet
+
+SIZE, FEAT = 32, 12
+
+
+def noise_images(n: int = 6, seed: int = 0, name: str = "noise") -> TensorImages:
+    g = torch.Generator().manual_seed(seed)
+    return TensorImages(torch.rand(n, 3, SIZE, SIZE, generator=g), [f"im{i}" for i in range(n)], name)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return create_backbone("resnet18", "random", seed=0)
+
+
+def quiet_cache(root, **kw) -> tuple[FeatureCache, list[str]]:
+    messages: list[str] = []
+    return FeatureCache(root, log=messages.append, **kw), messages
+
+
+# ---- keys --------------------------------------------------------------------------------------------
+
+
+def test_key_changes_with_every_setting_and_with_the_images(resnet):
+    images = noise_images()
+    base = feature_key(resnet, images, FEAT)[0]
+    assert feature_key(resnet, images, FEAT)[0] == base  # deterministic
+    changed = images.images.clone()
+    changed[2, 1, 5, 7] += 1e-3  # one value of one image
+    variants = {
+        "feat size": feature_key(resnet, images, FEAT + 2),
+        "image bytes": feature_key(resnet, TensorImages(changed, images.ids, "noise"), FEAT),
+        "image size": feature_key(resnet, TensorImages(images.images[..., :30, :30].contiguous(), images.ids, "n"), FEAT),
+        "ids": feature_key(resnet, TensorImages(images.images, [f"x{i}" for i in range(6)], "noise"), FEAT),
+        "weights seed": feature_key(create_backbone("resnet18", "random", seed=1), images, FEAT),
+        "input norm": feature_key(create_backbone("resnet18", "random", seed=0, input_norm="imagenet"), images, FEAT),
+        "backbone": feature_key(create_backbone("resnet34", "random", seed=0), images, FEAT),
+    }
+    for what, keyed in variants.items():
+        assert keyed[0] != base, what
+    # the set's name is not content: renaming it keeps the key
+    assert feature_key(resnet, TensorImages(images.images, images.ids, "other name"), FEAT)[0] == base
+
+
+def test_key_follows_the_bytes_of_image_files(tmp_path, rng):
+    for i in range(3):
+        save_image(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 256, (20, 20, 3)))
+    backbone = create_backbone("posenet")
+    before = feature_key(backbone, FolderImages(tmp_path / "imgs", SIZE), FEAT)[0]
+    path = tmp_path / "imgs" / "1.png"
+    arr = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(path)).copy()
+    arr[0, 0, 0] ^= 1  # one bit of one pixel
+    save_image(path, arr)
+    assert feature_key(backbone, FolderImages(tmp_path / "imgs", SIZE), FEAT)[0] != before
+
+
+def test_a_checkpoint_is_keyed_by_its_content(tmp_path, resnet):
+    ckpt = tmp_path / "w.pt"
+    torch.save(resnet.extractor.state_dict(), ckpt)
+    images = noise_images()
+    from posprobe.cache import weights_digest
+
+    # same weights loaded another way (a random backbone vs the same tensors from a file) hash alike
+    state = {k: v.clone() for k, v in resnet.extractor.state_dict().items()}
+    other = create_backbone("resnet18", "random", seed=5)
+    assert weights_digest(other) != weights_digest(resnet)
+    other.extractor.load_state_dict(state)
+    other.__dict__.pop("_posprobe_weights_digest", None)  # digest is memoised per object
+    assert weights_digest(other) == weights_digest(resnet)
+    assert feature_key(other, images, FEAT)[0] == feature_key(resnet, images, FEAT)[0]
+
+
+# ---- entries -----------------------------------------------------------------------------------------
+
+
+def test_cached_features_are_the_encoders_in_float16_and_hit_the_second_time(tmp_path, resnet):
+    images = noise_images()
+    cache, log = quiet_cache(tmp_path)
+    first = cache.encode(resnet, images, FEAT, batch_size=4, progress=False)
+    assert isinstance(first, EncodedSet) and first.features.dtype == torch.float16
+    assert any("GB" in m for m in log)  # the expected size is announced before extracting
+    ref = encode(resnet, images, FEAT, batch_size=4, progress=False)
+    assert first.features.shape == ref.features.shape and first.ids == ref.ids
+    torch.testing.assert_close(first.features.float(), ref.features.half().float(), atol=1e-3, rtol=1e-3)
+    assert first.levels == ref.levels
+    log.clear()
+    again = cache.encode(resnet, images, FEAT, progress=False)
+    assert any("hit" in m for m in log)
+    assert torch.equal(again.features, first.features)
+
+
+def test_an_entry_without_manifest_is_never_used(tmp_path, resnet):
+    images = noise_images()
+    cache, _ = quiet_cache(tmp_path)
+    cache.encode(resnet, images, FEAT, progress=False)
+    key = feature_key(resnet, images, FEAT)[0]
+    (tmp_path / key / "manifest.json").unlink()  # as if killed between the data and the manifest
+    assert cache.load(key) is None
+    assert [e.complete for e in cache.entries()] == [False]
+    again = cache.encode(resnet, images, FEAT, progress=False)  # re-extracted, not trusted
+    assert again.features.shape[0] == 6 and cache.entries()[0].complete
+
+
+def test_an_interrupted_extraction_resumes_where_it_stopped(tmp_path, resnet, monkeypatch):
+    images = noise_images(10)
+    cache, log = quiet_cache(tmp_path)
+    real = cache_mod.encode_batches
+    starts = []
+
+    def interrupted(*args, **kw):
+        starts.append(args[6] if len(args) > 6 else kw.get("start", 0))
+        for i, item in enumerate(real(*args, **kw)):
+            if i == 2:
+                raise KeyboardInterrupt  # killed mid-run, after two batches were written
+            yield item
+
+    monkeypatch.setattr(cache_mod, "encode_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.encode(resnet, images, FEAT, batch_size=3, progress=False)
+    key = feature_key(resnet, images, FEAT)[0]
+    assert cache.load(key) is None
+    progress = json.loads((tmp_path / key / "progress.json").read_text())
+    assert progress["done"] == 6
+    monkeypatch.setattr(cache_mod, "encode_batches", real)
+    resumed = cache.encode(resnet, images, FEAT, batch_size=3, progress=False)
+    assert any("resuming" in m and "image 6" in m for m in log)
+    fresh = FeatureCache(tmp_path / "fresh", log=None).encode(resnet, images, FEAT, batch_size=3, progress=False)
+    assert torch.equal(resumed.features, fresh.features)
+    assert not (tmp_path / key / "progress.json").exists()
+
+
+def test_unreadable_images_are_skipped_and_remembered(tmp_path, rng):
+    for i in range(4):
+        save_image(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 256, (20, 20, 3)))
+    (tmp_path / "imgs" / "2.png").write_bytes(b"not a png")
+    cache, _ = quiet_cache(tmp_path / "c")
+    backbone = create_backbone("posenet")
+    with pytest.warns(UserWarning, match="skipped 1"):
+        enc = cache.encode(backbone, FolderImages(tmp_path / "imgs", SIZE), FEAT, batch_size=2, num_workers=0,
+                           progress=False)  # fmt: skip
+    assert enc.ids == ["0.png", "1.png", "3.png"] and enc.skipped == ["2.png"] and len(enc) == 3
+    with pytest.raises(PosprobeError, match="strict"):
+        cache.encode(backbone, FolderImages(tmp_path / "imgs", SIZE), FEAT, strict=True, progress=False)
+
+
+def test_values_beyond_float16_are_stored_as_float32_not_as_inf(tmp_path):
+    """A randomly initialised ResNet-152 reaches 1e8; float16 would make that inf."""
+    huge = TensorImages(torch.linspace(0, 1, 2 * 3 * SIZE * SIZE).view(2, 3, SIZE, SIZE) * 1e5, ["a", "b"], "huge")
+    cache, log = quiet_cache(tmp_path)
+    backbone = create_backbone("posenet")
+    got = cache.encode(backbone, huge, FEAT, progress=False)
+    assert got.features.dtype == torch.float32 and bool(torch.isfinite(got.features).all())
+    assert torch.equal(got.features, encode(backbone, huge, FEAT, progress=False).features)
+    assert any("float32" in m for m in log)
+    assert cache.entries()[0].manifest["dtype"] == "float32"
+
+
+def test_a_set_over_the_size_limit_is_streamed(tmp_path, resnet):
+    cache, log = quiet_cache(tmp_path, max_gb=1e-6)
+    got = cache.encode(resnet, noise_images(), FEAT, progress=False)
+    assert isinstance(got, StreamedSet) and len(got) == 6
+    assert any("streaming" in m for m in log) and cache.entries() == []
+
+
+# ---- the cache command -------------------------------------------------------------------------------
+
+
+def test_cache_ls_du_clear(tmp_path, resnet):
+    cache, _ = quiet_cache(tmp_path)
+    cache.encode(resnet, noise_images(4, name="setA"), FEAT, progress=False)
+    cache.encode(resnet, noise_images(4, seed=1, name="setB"), FEAT, progress=False)
+    keys = sorted(e.key for e in cache.entries())
+    runner = CliRunner()
+    out = runner.invoke(app, ["cache", "ls", "--cache-dir", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert "2 entries" in out.output and "setA" in out.output and "resnet18" in out.output
+    out = runner.invoke(app, ["cache", "du", "--cache-dir", str(tmp_path)])
+    assert out.exit_code == 0 and "2 complete entries" in out.output
+    out = runner.invoke(app, ["cache", "clear", keys[0][:10], "--cache-dir", str(tmp_path)])
+    assert out.exit_code == 0 and "removed 1 entry" in out.output
+    assert [e.key for e in cache.entries()] == keys[1:]
+    out = runner.invoke(app, ["cache", "clear", "--cache-dir", str(tmp_path)])
+    assert "removed 1 entry" in out.output and cache.entries() == []
+    out = runner.invoke(app, ["cache", "clear", "ffff", "--cache-dir", str(tmp_path)])
+    assert out.exit_code != 0

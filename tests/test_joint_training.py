@@ -1,0 +1,144 @@
+"""The joint training engine: fused readouts, native-size levels and the small-map loss are exact rewrites.
+
+test_training.py covers joint == alone for readouts of different shapes; here every readout of a Table 1
+column shares one fused convolution, and the features carry upsampled levels kept at native size.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from posprobe.features import EncodedSet
+from posprobe.joint import MapLoss, conv_parts
+from posprobe.readout import Readout, align
+from posprobe.sources import as_source
+from posprobe.targets import PATTERNS, make_target
+from posprobe.train import ReadoutJob, TrainConfig, train_readouts
+
+FEAT, OUT = 10, 20
+LEVELS = ((4, 16, 16), (3, 10, 10), (5, 4, 4), (6, 2, 2))  # down-, same-, up- and far-upsampled
+
+
+def leveled_features(n: int = 24, seed: int = 0) -> EncodedSet:
+    """Aligned features made the way encode() makes them, with a position signal, plus their level shapes."""
+    g = torch.Generator().manual_seed(seed)
+    levels = [torch.randn(n, c, h, w, generator=g) for c, h, w in LEVELS]
+    ramp = torch.linspace(-1, 1, 16)
+    levels[0][:, 0] += 2 * ramp[None, None, :]
+    levels[0][:, 1] += 2 * ramp[None, :, None]
+    feats = align(levels, FEAT).contiguous(memory_format=torch.channels_last)
+    return EncodedSet("x", feats, [str(i) for i in range(n)], [], levels=LEVELS)
+
+
+CHANNELS = sum(c for c, _, _ in LEVELS)
+
+
+def config(**kw) -> TrainConfig:
+    return TrainConfig(**{"epochs": 3, "batch_size": 8, "lr_milestones": (2,), **kw})
+
+
+def seeded(seed: int, kernel: int = 3, padding: int = 0, in_channels: int = CHANNELS) -> Readout:
+    torch.manual_seed(seed)
+    return Readout(in_channels, kernel, 1, padding, FEAT, OUT)
+
+
+def reference_train(features: torch.Tensor, readout: Readout, target: torch.Tensor, cfg: TrainConfig,
+                    channels=None) -> list[float]:  # fmt: skip
+    """The authors' loop, written out: full-resolution upsampling and F.mse_loss, one readout at a time."""
+    opt = torch.optim.SGD(readout.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.lr_milestones), cfg.lr_gamma)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    readout.train()
+    losses = []
+    for _ in range(cfg.epochs):
+        order, total = torch.randperm(len(features), generator=gen), 0.0
+        for start in range(0, len(features), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            x = features[idx].float()
+            pred = readout.forward_aligned(x if channels is None else x[:, channels])[:, 0]
+            loss = F.mse_loss(pred, target.expand_as(pred))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        losses.append(total / len(features))
+    return losses
+
+
+def test_small_map_loss_is_the_full_resolution_mse():
+    g = torch.Generator().manual_seed(0)
+    for s, big in ((8, 20), (26, 224), (5, 5)):
+        m = torch.rand(3, s, s, generator=g, dtype=torch.float64)
+        target = torch.rand(big, big, generator=g, dtype=torch.float64)
+        up = F.interpolate(m[:, None], size=(big, big), mode="bilinear", align_corners=False)[:, 0]
+        expected = ((up - target) ** 2).mean((1, 2))
+        torch.testing.assert_close(MapLoss(target, (s, s)).per_image(m), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel,padding", [(3, 0), (1, 0), (3, 1), (5, 2)])
+def test_native_size_convolution_equals_the_convolution_of_aligned_features(kernel, padding):
+    enc = leveled_features(6)
+    _, batch = next(as_source(enc).batches(torch.arange(6), 6))
+    assert [p.native for p in batch.parts] == [False, True, True]  # levels 1-2 merged, 3 and 4 native
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(4, CHANNELS, kernel, kernel, generator=g), torch.randn(4, generator=g)
+    expected = F.conv2d(enc.features.float(), w, b, padding=padding)
+    torch.testing.assert_close(conv_parts(batch, w, b, padding), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_fused_table1_column_equals_each_readout_trained_alone_bit_for_bit():
+    enc = leveled_features()
+    initial = {p: seeded(i) for i, p in enumerate(PATTERNS)}
+    joint = [ReadoutJob(p, copy.deepcopy(r), make_target(p, OUT, OUT)) for p, r in initial.items()]
+    train_readouts(enc, joint, config(), progress=False)
+    for job in joint:
+        alone = ReadoutJob(job.key, copy.deepcopy(initial[job.key]), make_target(job.key, OUT, OUT))
+        train_readouts(enc, [alone], config(), progress=False)
+        for k, v in job.readout.state_dict().items():
+            assert torch.equal(v, alone.readout.state_dict()[k]), (job.key, k)
+        assert job.losses == alone.losses
+
+
+@pytest.mark.parametrize("kernel,padding", [(3, 0), (3, 2)])
+def test_the_engine_matches_the_authors_loop(kernel, padding):
+    """Fusion, native-size levels and the small-map loss change rounding only."""
+    enc = leveled_features()
+    r = seeded(3, kernel, padding)
+    ref = copy.deepcopy(r)
+    job = ReadoutJob("G", r, make_target("G", OUT, OUT))
+    train_readouts(enc, [job, ReadoutJob("H", seeded(4, kernel, padding), make_target("H", OUT, OUT))], config(),
+                   progress=False)  # fmt: skip
+    losses = reference_train(enc.features, ref, make_target("G", OUT, OUT), config())
+    assert job.losses == pytest.approx(losses, rel=1e-4)
+    for a, b in zip(job.readout.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_a_level_subset_on_native_levels_matches_the_authors_loop():
+    """Table 3's one-level readouts: the job reads channels of an upsampled level only."""
+    enc = leveled_features()
+    channels = torch.arange(7, 12)  # the third level (5 channels, native 4x4)
+    r = seeded(5, in_channels=5)
+    ref = copy.deepcopy(r)
+    job = ReadoutJob("V", r, make_target("V", OUT, OUT), channels=channels)
+    train_readouts(enc, [job, ReadoutJob("V", seeded(6), make_target("V", OUT, OUT))], config(), progress=False)
+    losses = reference_train(enc.features, ref, make_target("V", OUT, OUT), config(), channels=channels)
+    assert job.losses == pytest.approx(losses, rel=1e-4)
+    for a, b in zip(job.readout.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_float16_features_train_like_their_float32_values():
+    enc = leveled_features()
+    half = EncodedSet("h", enc.features.half(), enc.ids, [], levels=enc.levels)
+    a, b = seeded(7), seeded(7)
+    job_a, job_b = ReadoutJob("H", a, make_target("H", OUT, OUT)), ReadoutJob("H", b, make_target("H", OUT, OUT))
+    train_readouts(half, [job_a], config(), progress=False)
+    rounded = EncodedSet("r", enc.features.half().float().contiguous(memory_format=torch.channels_last), enc.ids, [],
+                         levels=enc.levels)  # fmt: skip
+    train_readouts(rounded, [job_b], config(), progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))

@@ -1,0 +1,137 @@
+"""The exact linear probe: the closed form is least squares at full resolution, and it beats SGD."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from posprobe.errors import PosprobeError
+from posprobe.features import EncodedSet
+from posprobe.linear import LinearProbe, LinearReadout, multishift_cg
+from posprobe.readout import align
+from posprobe.sources import interp_matrix
+from posprobe.targets import make_target
+from posprobe.train import ReadoutJob, TrainConfig, train_readouts
+
+FEAT, OUT, C = 6, 10, 3
+
+
+def position_features(n: int = 20, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, C, FEAT, FEAT, generator=g)
+    feats[:, 0] += 2 * torch.linspace(-1, 1, FEAT)[None, None, :]
+    feats[:, 1] += 2 * torch.linspace(-1, 1, FEAT)[None, :, None]
+    return feats
+
+
+def numpy_ridge(feats: torch.Tensor, pattern: str, k: int, padding: int, alpha: float) -> np.ndarray:
+    """The documented objective built explicitly: stacked U X_i against the full-resolution target, plus
+    sqrt(alpha n tr(M) d_j) e_j rows for the standardised ridge; solved by numpy's lstsq."""
+    n = feats.shape[0]
+    x = F.pad(feats.double(), (padding,) * 4)
+    cols = F.unfold(x, k).transpose(1, 2).numpy()  # (n, s^2, C k k)
+    cols = np.concatenate([cols, np.ones(cols.shape[:2] + (1,))], 2)
+    s = FEAT + 2 * padding - k + 1
+    u1 = interp_matrix(OUT, s, False).numpy()
+    u = np.kron(u1, u1)  # (OUT^2, s^2): bilinear upsampling of a flattened map
+    y = make_target(pattern, OUT, OUT).double().numpy().ravel()
+    ms = (feats.double() ** 2).mean((0, 2, 3)).numpy()
+    d = np.concatenate([np.repeat(ms, k * k), [1.0]])
+    lam = alpha * n * np.trace(u.T @ u)
+    a = np.concatenate([u @ cols[i] for i in range(n)] + [np.diag(np.sqrt(lam * d))], 0)
+    b = np.concatenate([y] * n + [np.zeros(len(d))])
+    return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def vector(readout: LinearReadout) -> np.ndarray:
+    conv = readout.head[0]
+    return np.concatenate([conv.weight.detach().double().numpy().ravel(), conv.bias.detach().double().numpy()])
+
+
+@pytest.mark.parametrize("k,padding,alpha", [(3, 0, 1e-3), (3, 1, 0.0), (1, 0, 0.1)])
+def test_the_closed_form_is_numpys_least_squares(k, padding, alpha):
+    feats = position_features(6)
+    probe = LinearProbe(None, ["H", "G"], kernel_size=k, padding=padding, feat_size=FEAT, image_size=OUT,
+                        alphas=(alpha,), solver="direct", progress=False).fit(feats)  # fmt: skip
+    for pattern in ("H", "G"):
+        np.testing.assert_allclose(vector(probe.readouts_[pattern]), numpy_ridge(feats, pattern, k, padding, alpha),
+                                   atol=1e-5, rtol=1e-4)  # fmt: skip
+
+
+def full_resolution_mse(readout, feats: torch.Tensor, pattern: str) -> float:
+    with torch.no_grad():
+        pred = readout.eval().forward_aligned(feats.float())[:, 0].double()
+    return float(((pred - make_target(pattern, OUT, OUT).double()) ** 2).mean())
+
+
+def test_the_exact_probe_is_no_worse_than_sgd_on_the_same_linear_readout():
+    """The closed form is the optimum of the MSE an SGD-trained readout of the same form minimises."""
+    feats = position_features(32)
+    exact = LinearProbe(None, ["H", "V", "G", "HS", "VS"], feat_size=FEAT, image_size=OUT, alphas=(1e-9,),
+                        progress=False).fit(feats)  # fmt: skip
+    assert exact.solver_ == "direct"
+    for pattern in ("H", "V", "G", "HS", "VS"):
+        torch.manual_seed(0)
+        job = ReadoutJob(pattern, LinearReadout(C, 3, 0, FEAT, OUT), make_target(pattern, OUT, OUT))
+        train_readouts(feats, [job], TrainConfig(epochs=30, lr=0.01, batch_size=8, lr_milestones=(20,)),
+                       progress=False)  # fmt: skip
+        sgd = full_resolution_mse(job.readout, feats, pattern)
+        best = full_resolution_mse(exact.readouts_[pattern], feats, pattern)
+        assert best == pytest.approx(exact.train_mse_[pattern], rel=1e-4)  # the reported MSE is the real one
+        assert best <= sgd * (1 + 1e-6), (pattern, best, sgd)
+
+
+def test_multishift_cg_solves_every_shift():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    a = q @ q.T / 30
+    b = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    shifts = [1.0, 0.1, 1e-3]
+    x, res, _ = multishift_cg(lambda v: a @ v, b, shifts, tol=1e-11, max_iter=300)
+    for i, shift in enumerate(shifts):
+        torch.testing.assert_close(x[i], torch.linalg.solve(a + shift * torch.eye(30, dtype=a.dtype), b),
+                                   rtol=1e-7, atol=1e-8)  # fmt: skip
+    assert float(res.max()) < 1e-10
+
+
+def test_cg_on_native_size_levels_agrees_with_the_direct_solve():
+    """The matrix-free solver (one fused pass per product, upsampled levels at native size) = the Gram solve."""
+    g = torch.Generator().manual_seed(1)
+    levels = [torch.randn(24, 2, 12, 12, generator=g), torch.randn(24, 3, 3, 3, generator=g)]
+    levels[0][:, 0] += 2 * torch.linspace(-1, 1, 12)[None, None, :]
+    feats = align(levels, FEAT).contiguous(memory_format=torch.channels_last)
+    enc = EncodedSet("x", feats, [str(i) for i in range(24)], [], levels=((2, 12, 12), (3, 3, 3)))
+    kw = dict(patterns=["H", "HS"], kernel_size=3, padding=1, feat_size=FEAT, image_size=OUT, progress=False)
+    direct = LinearProbe(None, solver="direct", **kw).fit(feats)
+    cg = LinearProbe(None, solver="cg", cg_tol=1e-7, **kw).fit(enc)
+    assert cg.solver_ == "cg" and cg.iterations_ > 0
+    assert cg.alpha_ == direct.alpha_
+    for pattern in ("H", "HS"):
+        assert cg.train_mse_[pattern] == pytest.approx(direct.train_mse_[pattern], rel=1e-4)
+        np.testing.assert_allclose(vector(cg.readouts_[pattern]), vector(direct.readouts_[pattern]), atol=1e-4)
+        for alpha, m in direct.val_mse_[pattern].items():
+            assert cg.val_mse_[pattern][alpha] == pytest.approx(m, rel=1e-4)
+
+
+def test_auto_picks_direct_for_small_inputs_and_cg_above_the_limit():
+    feats = position_features(8)
+    kw = dict(patterns=["H"], feat_size=FEAT, image_size=OUT, alphas=(1e-3,), progress=False)
+    assert LinearProbe(None, **kw).fit(feats).solver_ == "direct"
+    assert LinearProbe(None, max_direct_inputs=10, **kw).fit(feats).solver_ == "cg"
+
+
+def test_scores_predictions_and_settings():
+    feats = position_features(12)
+    probe = LinearProbe(None, ["H"], feat_size=FEAT, image_size=OUT, progress=False)
+    with pytest.raises(PosprobeError, match="not fitted"):
+        probe.predict(feats)
+    probe.fit(feats)
+    pred = probe.predict(feats)["H"]
+    assert pred.shape == (12, OUT, OUT)
+    score = probe.score(EncodedSet("t", feats, [f"i{i}" for i in range(12)], []))["H"]
+    assert score.ids[0] == "i0" and float(score.spc.mean()) > 0.9  # the features carry x: H is linear in it
+    assert set(probe.summary()) >= {"solver", "alpha", "train_mse", "val_mse"}
+    for bad in (dict(solver="qr"), dict(alphas=()), dict(alphas=(-1.0,)), dict(holdout=1.0)):
+        with pytest.raises(PosprobeError):
+            LinearProbe(None, ["H"], feat_size=FEAT, image_size=OUT, **bad)
