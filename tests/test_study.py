@@ -82,6 +82,9 @@ def test_backbone_map_parsing_and_errors():
     r = resolve_backbone("vgg16", None, {}, auto=True)  # ImageNet VGG16 is not in the (empty) hub cache
     assert (r.name, r.substituted) == ("vgg16_hed", True)
     assert not resolve_backbone("posenet", None, {}, auto=True).substituted
+    # a row that names its own weights (the demo's random VGG16) is not remapped
+    r = resolve_backbone("vgg16", "random", parse_backbone_map(["vgg16=vgg16_hed"]))
+    assert (r.name, r.weights, r.substituted) == ("vgg16", "random", False)
 
 
 def test_unknown_preset_suggests():
@@ -95,7 +98,8 @@ def test_direction_check_says_plainly_when_not_reproduced():
     ok, detail = check_direction(Direction("rises", ("a", "b"), ("H",)), rows, "s")
     assert ok and "0.100 < 0.500" in detail
     ok, detail = check_direction(Direction("rises", ("a", "b", "c"), ("H",)), rows, "s")
-    assert not ok and "not rising" in detail
+    assert ok is False and "not rising" in detail
+    assert check_direction(Direction("rises", ("x", "y"), ("H",)), rows, "s")[0] is None  # nothing ran: no verdict
 
 
 def _tiny_sets(n_train: int = 4, size: int = 64):

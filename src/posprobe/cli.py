@@ -79,7 +79,7 @@ def probe_cmd(
     from .rundir import check_out_dir, resolve_device
     from .run import ProbeRunConfig, execute, format_table, write
     from .targets import resolve_patterns
-    from .train import get_profile
+    from .train import get_profile, is_official
 
     check_out_dir(out, overwrite)
     patterns = resolve_patterns(pattern) if pattern.strip() or not target_image else []
@@ -97,7 +97,9 @@ def probe_cmd(
     run = execute(config, progress=not quiet)
     write(run, out, overwrite)
     print(f"{backbone} ({run.backbone.weights_label}), readout k={kernel_size} depth={depth} "
-          f"padding={readout_padding}, {len(run.train)} training images, profile {profile}")  # fmt: skip
+          f"padding={readout_padding}, {len(run.train)} training images, profile {profile}"
+          + ("" if is_official(config.train) else f" ({config.train.epochs} epochs, lr {config.train.lr}, "
+             f"batch {config.train.batch_size})"))  # fmt: skip
     for line in _surgery_lines(run.backbone, image_size):
         print(line)
     print(format_table(run.metric_rows()))
@@ -154,8 +156,9 @@ def reproduce_cmd(
     if seeds < 1:
         raise PosprobeError(f"--seeds must be at least 1; given {seeds}")
     presets = resolve_presets([t.strip() for t in table.split(",") if t.strip()])
-    auto = any(m.strip() == "auto" for m in backbone_map)
-    mapping = parse_backbone_map([m for m in backbone_map if m.strip() != "auto"])
+    entries = [e.strip() for m in backbone_map for e in m.split(",") if e.strip()]
+    auto = "auto" in entries
+    mapping = parse_backbone_map([e for e in entries if e != "auto"])
     config = get_profile(profile, epochs=epochs)
     train_set, test_sets = build_image_sets(str(train) if train else None, str(test) if test else None, presets,
                                             crops_per_photo=crops_per_photo)  # fmt: skip

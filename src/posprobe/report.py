@@ -63,8 +63,8 @@ def table_markdown(rows: list[dict], preset: StudyPreset, result: StudyResult) -
     return "\n".join(lines)
 
 
-def check_direction(direction: Direction, rows: list[dict], study: str) -> tuple[bool, str]:
-    """Does SPC rise along the chain for every pattern? Returns (reproduced, the numbers in words)."""
+def check_direction(direction: Direction, rows: list[dict], study: str) -> tuple[bool | None, str]:
+    """Does SPC rise along the chain for every pattern? (reproduced, the numbers in words); None: no cell ran."""
     index = {(r["row"], r["pattern"], r["test_set"]): r["spc"] for r in rows if r["study"] == study}
     ok, parts = True, []
     for pattern in direction.patterns:
@@ -74,6 +74,8 @@ def check_direction(direction: Direction, rows: list[dict], study: str) -> tuple
         rising = all(a < b for a, b in zip(values, values[1:]))
         ok &= rising
         parts.append(f"{pattern}: " + " < ".join(f"{v:.3f}" for v in values) + ("" if rising else " (not rising)"))
+    if not parts:
+        return None, "none of its cells ran"
     return ok, "; ".join(parts)
 
 
@@ -113,6 +115,6 @@ def render(result: StudyResult, presets: Sequence[StudyPreset], header: dict, fi
             lines.append(f"![{preset.name}]({path})")
         for d in preset.directions:
             ok, detail = check_direction(d, rows, preset.name)
-            verdict = "reproduced" if ok else "**not reproduced**"
+            verdict = {True: "reproduced", False: "**not reproduced**", None: "not checked"}[ok]
             lines += ["", f"- Paper: {d.claim}. Here: {verdict} ({detail})."]
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ from .presets import PRESETS, get_preset
 from .report import render, result_rows
 from .rundir import atomic_run_dir, environment, write_csv, write_json
 from .study import StudyPreset, StudyResult, run_study
-from .train import TrainConfig
+from .train import TrainConfig, is_official
 
 
 def resolve_presets(names: Sequence[str]) -> list[StudyPreset]:
@@ -46,7 +46,7 @@ def run_reproduce(presets: Sequence[StudyPreset], out: Path, train_config: Train
         "Profile": f"`{profile}`: {train_config.epochs} epochs, SGD lr {train_config.lr} (x{train_config.lr_gamma} "
         f"at {list(train_config.lr_milestones)}), momentum {train_config.momentum}, weight decay "
         f"{train_config.weight_decay}, batch {train_config.batch_size}"
-        + (" (the authors' settings)" if profile == "official" else " (shorter than the authors' 15 epochs)"),
+        + (" (the authors' settings)" if is_official(train_config) else " (not the authors' settings)"),
         "Seeds": f"{seeds} (readout init and batch order)",
         "Readout input": f"{image_size}x{image_size} RGB in [0,1], no normalisation; levels resized to "
         f"{feat_size}x{feat_size}",

@@ -123,20 +123,24 @@ def prepare(config: ProbeRunConfig, progress: bool = True) -> tuple[Backbone, Po
 def execute(config: ProbeRunConfig, progress: bool = True) -> ProbeRun:
     backbone, probe, train_set, test_sets = prepare(config, progress)
     t0 = time.perf_counter()
-    train = probe.encode(train_set)
-    t1 = time.perf_counter()
-    probe.fit(train)
-    t2 = time.perf_counter()
-    tests, scores, previews = {}, {}, {}
+    # Test sets first: they are small, and an unreadable one then fails before the costly training pass.
+    tests = {}
     for name, images in test_sets.items():
         encoded = probe.encode(images)
-        if not isinstance(encoded, EncodedSet):  # a test set too large to cache is held in memory, as before
-            encoded = encoded.encoded()
-        tests[name], scores[name] = encoded, probe.score(encoded)
+        tests[name] = encoded if isinstance(encoded, EncodedSet) else encoded.encoded()  # too large to cache
+    t1 = time.perf_counter()
+    train = probe.encode(train_set)
+    t2 = time.perf_counter()
+    probe.fit(train)
+    t3 = time.perf_counter()
+    scores, previews = {}, {}
+    for name, encoded in tests.items():
+        images = test_sets[name]
+        scores[name] = probe.score(encoded)
         shown = encoded.ids[: config.n_preview]  # the first decodable images, features rows 0..n-1
         previews[name] = (shown, torch.stack([images[images.ids.index(i)] for i in shown]))
-    t3 = time.perf_counter()
-    seconds = {"encode_train": t1 - t0, "train_readouts": t2 - t1, "encode_and_score_tests": t3 - t2}
+    t4 = time.perf_counter()
+    seconds = {"encode_tests": t1 - t0, "encode_train": t2 - t1, "train_readouts": t3 - t2, "score_tests": t4 - t3}
     run = ProbeRun(config, backbone, probe, train, tests, scores, previews, seconds)
     if config.readout == "linear":
         from .linear import LinearProbe
@@ -146,7 +150,7 @@ def execute(config: ProbeRunConfig, progress: bool = True) -> ProbeRun:
                              extra_targets={k: v for k, v in probe.targets.items() if k not in config.patterns},
                              progress=progress).fit(train)  # fmt: skip
         run.linear, run.linear_scores = linear, {name: linear.score(enc) for name, enc in tests.items()}
-        seconds["linear_probe"] = time.perf_counter() - t3
+        seconds["linear_probe"] = time.perf_counter() - t4
     return run
 
 

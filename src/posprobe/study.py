@@ -101,7 +101,7 @@ STAND_INS: dict[str, tuple[str, str | None]] = {
 def resolve_backbone(paper_name: str, weights: str | None, mapping: Mapping[str, tuple[str, str | None]],
                      auto: bool = False) -> ResolvedBackbone:  # fmt: skip
     """Apply the map; with ``auto``, substitute a bundled stand-in only where the weights are missing here."""
-    if paper_name in mapping:
+    if paper_name in mapping and weights is None:  # a row that names its weights (vgg16:random) keeps them
         name, w = mapping[paper_name]
         return ResolvedBackbone(paper_name, name, w, substituted=True)
     spec = get_backbone_spec(paper_name)
@@ -179,19 +179,23 @@ def run_study(
                 "(or e.g. --backbone-map vgg16=vgg16_hed)"
             ) from None
         backbones[(name, weights)].level_shapes(image_size)
+        for _, v, _ in groups[(name, weights)]:
+            _level_channels(backbones[(name, weights)], v.levels)  # an unknown level fails before encoding
 
     records, previews, per_image, ran, data = [], {}, {}, {}, {}
-    preview_images = {}
-    for name, images in test_images.items():
-        ids = list(getattr(images, "ids", range(len(images))))[:n_preview]
-        preview_images[name] = (ids, torch.stack([images[i] for i in range(len(ids))]))
+    preview_images: dict[str, tuple[list[str], torch.Tensor]] = {}
     for (name, weights), cells in groups.items():
         backbone = backbones[(name, weights)]
         for _, v, r in cells:
             ran[v.backbone_key] = {"ran_as": name, "weights": backbone.weights_label, "substituted": r.substituted}
         needed = list(dict.fromkeys(t for p, _, _ in cells for t in p.test_sets))
-        train = encode(backbone, train_images, feat_size, device=device, progress=progress)
+        # Test sets first: they are small, and an unreadable one then fails before the costly training pass.
         tests = {t: encode(backbone, test_images[t], feat_size, device=device, progress=progress) for t in needed}
+        train = encode(backbone, train_images, feat_size, device=device, progress=progress)
+        for t, enc in tests.items():  # the first decodable images of each set, for the figures
+            if t not in preview_images:
+                images, shown = test_images[t], enc.ids[:n_preview]
+                preview_images[t] = (shown, torch.stack([images[images.ids.index(i)] for i in shown]))
         data["train"] = {"description": train.description, "n": len(train), "skipped": train.skipped}
         for t, e in tests.items():
             data[t] = {"description": e.description, "n": len(e), "skipped": e.skipped}

@@ -46,6 +46,11 @@ PROFILES: dict[str, TrainConfig] = {
 }
 
 
+def is_official(config: TrainConfig) -> bool:
+    """Whether a schedule is the authors' own (any seed), so reports never claim it when an option changed it."""
+    return replace(config, seed=0) == replace(PROFILES["official"], seed=0)
+
+
 def get_profile(name: str, **overrides) -> TrainConfig:
     """A named profile with any non-None overrides applied (e.g. epochs=3)."""
     if name not in PROFILES:

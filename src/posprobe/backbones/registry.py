@@ -360,7 +360,8 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise PosprobeError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+        first = (str(err).strip().splitlines() or [""])[0]  # torch's unpickling errors run to many lines
+        raise PosprobeError(f"cannot read checkpoint {path}: {type(err).__name__}: {first}") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
