@@ -17,6 +17,7 @@ import contextlib
 import functools
 import inspect
 import io
+import logging
 import sys
 from pathlib import Path
 
@@ -169,11 +170,16 @@ def _pretrained(name: str, weights: str, side: int | None) -> nn.Module:
         except PosprobeError as err:
             raise PosprobeError(f"cannot load the cached weights {path} into timm:{name}: {err}") from None
     if not offline():
+        hub_logger = logging.getLogger("huggingface_hub")
+        level = hub_logger.level
+        hub_logger.setLevel(logging.ERROR)  # its retry warnings would precede our one-line error
         try:
             with contextlib.redirect_stderr(io.StringIO()):
                 return _create(full, side, pretrained=True)
         except Exception:  # noqa: BLE001 - no network, proxy, hub down...: all mean "not available here"
             pass
+        finally:
+            hub_logger.setLevel(level)
     raise PosprobeError(
         f"pretrained weights for timm:{name} ({source}) are not available offline: download them where there is "
         f"a network (huggingface-cli download {source}) into {_expected_location(cfg).parent}, or pass "
