@@ -2,9 +2,11 @@
 
     python benchmarks/encoder_settings.py [--backbone vgg16] [--images 32]
 
-Every setting runs in its own process (OpenMP reads OMP_WAIT_POLICY once, at start-up) and reports the
-median seconds per image of ``features.encode`` over the same images; the DataLoader-worker rows decode
-JPEG files from a temporary folder, the others encode images already in memory.
+Every setting runs in its own process (OpenMP reads OMP_WAIT_POLICY once, at start-up): one warm-up pass
+of ``features.encode`` over the same images, then one timed pass. The settings run in interleaved rounds and
+each reports its fastest and its median round, so that load from other work on a shared machine falls on
+every setting alike. The DataLoader-worker rows decode JPEG files from a temporary folder; the others
+encode images already in memory.
 """
 from __future__ import annotations
 
@@ -46,13 +48,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="vgg16")
     ap.add_argument("--images", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         c = json.loads(args.child)
         print(json.dumps(_one(args.backbone, args.images, c["batch"], c["threads"], c["channels_last"], c["workers"],
-                              c.get("folder"), args.repeats)))  # fmt: skip
+                              c.get("folder"), 1)))  # fmt: skip
         return
     from posprobe.bench import bench_images
 
@@ -68,23 +70,24 @@ def main() -> None:
             arr = (train[i].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
             Image.fromarray(arr).save(Path(tmp) / f"{i:03d}.jpg", quality=90)
         grid += [dict(base, folder=tmp, workers=0), dict(base, folder=tmp, workers=1)]
-        print(f"{args.backbone}, {args.images} images, median of {args.repeats}; base: {base}")
-        for setting in grid:
-            env = dict(os.environ)
-            env.pop("OMP_WAIT_POLICY", None)
-            if setting["omp_wait"] != "default":
-                env["OMP_WAIT_POLICY"] = setting["omp_wait"]
-            else:
-                env["OMP_WAIT_POLICY"] = "ACTIVE"  # what libgomp does by default: spin, then sleep
-            out = subprocess.run([sys.executable, __file__, "--backbone", args.backbone, "--images", str(args.images),
-                                  "--repeats", str(args.repeats), "--child", json.dumps(setting)],
-                                 env=env, capture_output=True, text=True, check=True)  # fmt: skip
+        print(f"{args.backbone}, {args.images} images, {args.rounds} interleaved rounds; base: {base}")
+        times: list[list[float]] = [[] for _ in grid]
+        for _ in range(args.rounds):
+            for k, setting in enumerate(grid):
+                env = dict(os.environ)
+                # libgomp's default is to spin before sleeping; ACTIVE is the closest explicit setting
+                env["OMP_WAIT_POLICY"] = "ACTIVE" if setting["omp_wait"] == "default" else setting["omp_wait"]
+                out = subprocess.run([sys.executable, __file__, "--backbone", args.backbone, "--images",
+                                      str(args.images), "--child", json.dumps(setting)],
+                                     env=env, capture_output=True, text=True, check=True)  # fmt: skip
+                times[k].append(float(out.stdout.strip().splitlines()[-1]))
+        for setting, ts in zip(grid, times):
             changed = {k: v for k, v in setting.items() if base.get(k) != v and k != "folder"}
             label = ", ".join(f"{k}={v}" for k, v in changed.items()) or "base"
             if "folder" in setting:
                 label = f"JPEG folder, workers={setting['workers']}"
-            print(f"{label:<40}{float(out.stdout.strip().splitlines()[-1]) * 1000:8.0f} ms/image")
-
+            ts = sorted(ts)
+            print(f"{label:<40}fastest {ts[0] * 1000:6.0f}   median {ts[len(ts) // 2] * 1000:6.0f} ms/image")
 
 if __name__ == "__main__":
     main()

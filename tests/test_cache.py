@@ -201,3 +201,38 @@ def test_cache_ls_du_clear(tmp_path, resnet):
     assert "removed 1 entry" in out.output and cache.entries() == []
     out = runner.invoke(app, ["cache", "clear", "ffff", "--cache-dir", str(tmp_path)])
     assert out.exit_code != 0
+
+
+def test_a_later_overflow_restarts_the_entry_as_float32(tmp_path):
+    images = torch.rand(3, 3, SIZE, SIZE)
+    images[2] *= 1e6  # only the last batch overflows float16
+    huge = TensorImages(images, ["a", "b", "c"], "late")
+    cache, log = quiet_cache(tmp_path)
+    backbone = create_backbone("posenet")
+    got = cache.encode(backbone, huge, FEAT, batch_size=1, num_workers=0, progress=False)
+    assert got.features.dtype == torch.float32
+    assert torch.equal(got.features, encode(backbone, huge, FEAT, progress=False).features)
+    assert any("float32" in m for m in log)
+
+
+def test_the_probe_command_caches_features_and_reports_the_linear_probe(tmp_path, rng):
+    for split, n in (("train", 8), ("test", 3)):
+        for i in range(n):
+            save_image(tmp_path / split / f"{i}.png", rng.integers(0, 256, (24, 24, 3)))
+    args = ["probe", "--backbone", "posenet", "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
+            "--synthetic", "none", "--image-size", "32", "--feat-size", "12", "--readout-padding", "1",
+            "--epochs", "1", "--pattern", "H,G", "--quiet", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    runner = CliRunner()
+    first = runner.invoke(app, [*args, "--out", str(tmp_path / "run1"), "--readout", "linear"])
+    assert first.exit_code == 0, first.output
+    assert "H lin" in first.output and "linear probe: exact ridge (direct solver" in first.output
+    rows = (tmp_path / "run1" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("readout,pattern,test_set") and sum(r.startswith("linear,") for r in rows) == 2
+    assert "linear_probe" in json.loads((tmp_path / "run1" / "metrics.json").read_text())
+    assert len(FeatureCache(tmp_path / "cache", log=None).entries()) == 2  # train and test, once each
+    second = runner.invoke(app, [*args, "--out", str(tmp_path / "run2")])
+    assert second.exit_code == 0, second.output
+    assert "hit" in second.output  # the size notes and hits go to stderr, which the runner mixes in
+    assert (tmp_path / "run2" / "metrics.csv").read_text().startswith("pattern,test_set")  # no readout column
+    third = runner.invoke(app, [*args, "--out", str(tmp_path / "run3"), "--no-cache"])
+    assert third.exit_code == 0 and "hit" not in third.output

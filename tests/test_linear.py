@@ -135,3 +135,17 @@ def test_scores_predictions_and_settings():
     for bad in (dict(solver="qr"), dict(alphas=()), dict(alphas=(-1.0,)), dict(holdout=1.0)):
         with pytest.raises(PosprobeError):
             LinearProbe(None, ["H"], feat_size=FEAT, image_size=OUT, **bad)
+
+
+def test_large_direct_solves_use_float32_products_without_losing_the_optimum():
+    """Above 4096 inputs the Gram's per-image products are float32; the solution still matches CG's."""
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(8, 460, FEAT, FEAT, generator=g)  # D = 460 * 9 + 1 = 4141
+    kw = dict(patterns=["H", "G"], feat_size=FEAT, image_size=OUT, alphas=(1e-2,), progress=False)
+    direct = LinearProbe(None, solver="direct", **kw).fit(feats)
+    cg = LinearProbe(None, solver="cg", cg_tol=1e-9, **kw).fit(feats)
+    assert direct.inputs_ == 4141
+    for pattern in ("H", "G"):
+        assert direct.train_mse_[pattern] == pytest.approx(cg.train_mse_[pattern], rel=1e-5)
+        # 128 equations, 4141 unknowns: weights along near-flat directions may differ at float32 rounding
+        np.testing.assert_allclose(vector(direct.readouts_[pattern]), vector(cg.readouts_[pattern]), atol=1e-4)

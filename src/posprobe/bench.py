@@ -161,7 +161,7 @@ def bench_images(n_train: int, n_test: int, image_size: int, seed: int = 0, phot
 def _forward_only(backbone, images: Dataset, batch_size: int, device: str) -> None:
     backbone, channels_last = prepare_encoder(backbone, device)
     loader = DataLoader(_Indexed(images), batch_size=batch_size, collate_fn=_collate,
-                        num_workers=default_workers() if len(images) > batch_size else 0)  # fmt: skip
+                        num_workers=default_workers(images) if len(images) > batch_size else 0)  # fmt: skip
     for _, x, _ in loader:
         x = x.to(device)
         if channels_last:

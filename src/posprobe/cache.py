@@ -304,6 +304,8 @@ class FeatureCache:
             row, np_dtype = fs * fs * c, np.dtype(dtype)
             data, prog_path = d / "features.bin", d / "progress.json"
             prog = _read_json(prog_path)
+            if prog and prog.get("key") == key and prog.get("dtype") == "float32" and dtype == "float16":
+                dtype, np_dtype = "float32", np.dtype("float32")  # an interrupted float32 entry: keep its dtype
             if (prog and prog.get("key") == key and prog.get("row") == row and prog.get("dtype") == dtype
                     and data.exists() and data.stat().st_size == n * row * np_dtype.itemsize):  # fmt: skip
                 start, kept, bad, shapes = prog["done"], prog["kept"], prog["skipped"], prog["levels"]

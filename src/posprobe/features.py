@@ -53,8 +53,14 @@ class _Indexed(Dataset):
         return i, self.images[i]
 
 
-def default_workers() -> int:
-    """Decode images in the background while the encoder computes (one worker per spare core)."""
+def default_workers(images: Dataset | None = None) -> int:
+    """Decode images in the background while the encoder computes (one worker per spare core).
+
+    Images already in memory (a tensor) need no decoding: there a worker only adds the cost of passing
+    tensors between processes (measured 4% slower for VGG16 on 2 cores; benchmarks/RESULTS.md).
+    """
+    if images is not None and isinstance(getattr(images, "images", None), torch.Tensor):
+        return 0
     return max(0, min(4, (torch.get_num_threads() or 1) - 1))
 
 
@@ -81,7 +87,7 @@ def encode_batches(
     unreadable, native level shapes). Decoding runs in worker processes, overlapped with the encoder.
     """
     backbone, channels_last = prepare_encoder(backbone, device)
-    workers = default_workers() if num_workers is None else num_workers
+    workers = default_workers(images) if num_workers is None else num_workers
     subset = _Indexed(images) if start == 0 else Subset(_Indexed(images), range(start, len(images)))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=_collate,
                         num_workers=workers if len(subset) > batch_size else 0)  # fmt: skip

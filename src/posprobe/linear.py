@@ -14,10 +14,14 @@ training images (the bias by 1), and ``alpha * n * tr(M) * |v_standardised|^2`` 
 relative to the data term; alpha is chosen per pattern on a held-out split of the training images, then the
 probe is refitted on all of them.
 
-Solvers: ``direct`` accumulates A (D x D, float64) and solves by Cholesky for every alpha; ``cg`` never forms
+Solvers: ``direct`` accumulates A (D x D, float64; the per-image products in float32 above 4096 inputs) and solves
+by Cholesky for every alpha; ``cg`` never forms
 A: multi-shift conjugate gradients (one Krylov sequence serves every alpha) whose products ``A v`` are one
-pass over the features each (the fused convolution of ``joint``). ``auto`` takes direct up to
-``max_direct_inputs`` inputs (A is then at most ~130 MB) and CG above (ResNet-152 at k=3 has D = 34,561).
+pass over the features each (the fused convolution of ``joint``). ``auto`` takes direct whenever the three
+D x D float64 matrices it holds fit 40% of the available memory (on a 24 GB machine up to D of about 18,000:
+VGG16 at k=3 has D = 13,249) and CG above (ResNet-152 at k=3: D = 34,561, 29 GB). Accumulating A costs
+n s^2 D^2 multiply-adds, minutes for VGG16 at k=3; CG is unpreconditioned beyond the standardisation, needs
+hundreds of passes on deep features, and reports in ``residual_`` how far it got.
 """
 from __future__ import annotations
 
@@ -34,10 +38,12 @@ from .errors import PosprobeError, unknown_choice
 from .joint import MapLoss, conv_parts, predict_source
 from .metrics import is_constant, mae, spearman
 from .readout import align, check_readout_config, readout_map_size
-from .sources import FeatureBatch, as_source
+from .sources import FeatureBatch, as_source, memory_budget_bytes
 from .targets import PATTERNS, make_target
 
-DEFAULT_ALPHAS: tuple[float, ...] = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+# Relative ridge strengths tried on the held-out split. Below 1e-4 the held-out MSE of real features is flat
+# to 3 digits while CG needs ~sqrt(1/alpha) iterations; pass smaller ones explicitly for the bare optimum.
+DEFAULT_ALPHAS: tuple[float, ...] = (1.0, 1e-1, 1e-2, 1e-3, 1e-4)
 SOLVERS = ("auto", "direct", "cg")
 
 
@@ -95,6 +101,9 @@ class _Problem:
         self.pixels = self.losses[0].pixels
         self.z = torch.stack([loss.z.flatten() for loss in self.losses], 1)  # (s^2, P): U^T y per pattern
         self.yy = torch.tensor([loss.yy for loss in self.losses], dtype=torch.float64, device=device)
+        # products for the Gram: float64 while cheap; above 4096 inputs float32 (twice as fast, relative error
+        # ~1e-6 per image), still accumulated over images in float64
+        self.gram_dtype = torch.float64 if self.dim <= 4096 else torch.float32
 
     def batches(self, idx: torch.Tensor):
         return self.source.batches(idx, self.batch_size, self.device)
@@ -103,7 +112,7 @@ class _Problem:
     def first_pass(self, splits: Sequence[torch.Tensor], gram: bool) -> list[dict]:
         """Per split: n, sum of squares per channel, b (D, P) and, with ``gram``, A (D, D) in float64."""
         out = []
-        chunk = max(1, int((256 << 20) // (8 * self.dim * self.s * self.s * 2)))  # images per float64 unfold
+        chunk = max(1, int((256 << 20) // (8 * self.dim * self.s * self.s * 2)))  # images per unfold (<= 256 MB)
         for idx in splits:
             st = {"n": len(idx), "sq": torch.zeros(self.c, dtype=torch.float64, device=self.device),
                   "b": torch.zeros(self.dim, len(self.names), dtype=torch.float64, device=self.device)}  # fmt: skip
@@ -114,10 +123,11 @@ class _Problem:
                 st["sq"] += x.double().square().sum((0, 2, 3))
                 if gram:
                     for i in range(0, x.shape[0], chunk):
-                        cols = self._unfold(x[i : i + chunk].double())  # (b, D, s^2)
-                        st["b"] += cols.sum(0) @ self.z
-                        mcols = (self.bh @ cols.view(-1, self.dim, self.s, self.s) @ self.bw).flatten(2)
-                        st["A"] += torch.einsum("bdp,bep->de", cols, mcols)
+                        cols = self._unfold(x[i : i + chunk].to(self.gram_dtype))  # (b, D, s^2)
+                        st["b"] += cols.sum(0).double() @ self.z
+                        bh, bw = self.bh.to(cols.dtype), self.bw.to(cols.dtype)
+                        mcols = (bh @ cols.view(-1, self.dim, self.s, self.s) @ bw).flatten(2)
+                        st["A"] += torch.einsum("bdp,bep->de", cols, mcols).double()  # summed over images in float64
                 else:
                     st["b"] += self._rhs(batch)
             if gram:
@@ -165,12 +175,6 @@ class _Problem:
                 total[q] += self.losses[p].per_image(y[:, q]).sum()
         return total / len(idx)
 
-    def quad_mse(self, st: dict, v: torch.Tensor, cols: Sequence[int]) -> torch.Tensor:
-        """MSE from the statistics (direct solver): (v^T A v - 2 v^T b + n |y|^2) / (n H W), per column."""
-        av = st["A"] @ v
-        b = st["b"][:, list(cols)]
-        return ((v * av).sum(0) - 2 * (v * b).sum(0) + st["n"] * self.yy[list(cols)]) / (st["n"] * self.pixels)
-
 
 def _scales(stats: list[dict], channels: int, k: int, fs: int) -> torch.Tensor:
     """Standardisation d (D,): each input's channel mean square over all training images; 1 for the bias."""
@@ -195,7 +199,7 @@ def _solve_direct(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, shifts: Seq
     return out
 
 
-def multishift_cg(matvec, b: torch.Tensor, shifts: Sequence[float], tol: float = 1e-5, max_iter: int = 500,
+def multishift_cg(matvec, b: torch.Tensor, shifts: Sequence[float], tol: float = 1e-6, max_iter: int = 1000,
                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
     """Solve (A + shift I) x = b for every shift and every column of b (D, P) with one Krylov sequence.
 
@@ -269,9 +273,9 @@ class LinearProbe:
         alphas: Sequence[float] = DEFAULT_ALPHAS,
         holdout: float = 0.2,
         solver: str = "auto",
-        max_direct_inputs: int = 4096,
-        cg_tol: float = 1e-5,
-        cg_max_iter: int = 500,
+        max_direct_inputs: int | None = None,
+        cg_tol: float = 1e-6,
+        cg_max_iter: int = 1000,
         batch_size: int = 32,
         seed: int = 0,
         device: str | torch.device = "cpu",
@@ -327,7 +331,10 @@ class LinearProbe:
                         self.progress)  # fmt: skip
         solver = self.solver
         if solver == "auto":
-            solver = "direct" if prob.dim <= self.max_direct_inputs else "cg"
+            limit = self.max_direct_inputs
+            if limit is None:  # three D x D float64 matrices (A_fit, A_val, a factor) in 40% of free memory
+                limit = int((memory_budget_bytes() / 24) ** 0.5)
+            solver = "direct" if prob.dim <= limit else "cg"
         fit_idx, val_idx = self._split(len(source))
         splits = [fit_idx] if val_idx is None else [fit_idx, val_idx]
         stats = prob.first_pass(splits, gram=solver == "direct")
@@ -341,20 +348,19 @@ class LinearProbe:
         chosen = {name: self.alphas[-1] for name in prob.names}
         self.iterations_, self.residual_ = 0, {}
         if val_idx is not None:
-            fit_st, val_st = stats
+            fit_st = stats[0]
             shifts = [a * fit_st["n"] * prob.trace_m for a in self.alphas]
             if solver == "direct":
-                sols = _solve_direct(fit_st["A"], fit_st["b"], d, shifts)
-                for a, v in zip(self.alphas, sols):
-                    if v is not None:
-                        for name, m in zip(prob.names, prob.quad_mse(val_st, v, cols)):
-                            self.val_mse_[name][a] = float(m)
+                solved = [(a, v) for a, v in zip(self.alphas, _solve_direct(fit_st["A"], fit_st["b"], d, shifts))
+                          if v is not None]  # fmt: skip
             else:
                 xs, _, its = self._cg(prob, fit_idx, fit_st["b"], d, shifts)
                 self.iterations_ += its
-                v_all = torch.cat(list(xs), 1)  # (D, L*P) columns (alpha, pattern)
-                mses = prob.mse(val_idx, v_all, cols * len(self.alphas)).view(len(self.alphas), len(cols))
-                for li, a in enumerate(self.alphas):
+                solved = list(zip(self.alphas, xs))
+            if solved:  # held-out MSE by a forward pass: no cancellation, whatever precision A was built in
+                v_all = torch.cat([v for _, v in solved], 1)  # (D, L*P) columns (alpha, pattern)
+                mses = prob.mse(val_idx, v_all, cols * len(solved)).view(len(solved), len(cols))
+                for li, (a, _) in enumerate(solved):
                     for pi, name in enumerate(prob.names):
                         self.val_mse_[name][a] = float(mses[li, pi])
             for name in prob.names:
@@ -377,10 +383,8 @@ class LinearProbe:
             sol = {a: xs[i] for i, a in enumerate(final_alphas)}
             res = {a: res_t[i] for i, a in enumerate(final_alphas)}
         v = torch.stack([sol[chosen[name]][:, pi] for pi, name in enumerate(prob.names)], 1)  # (D, P)
-        if solver == "direct":
-            train_mse = prob.quad_mse(whole, v, cols)
-        else:
-            train_mse = prob.mse(torch.arange(n_all), v, cols)
+        train_mse = prob.mse(torch.arange(n_all), v, cols)
+        if solver == "cg":
             self.residual_ = {name: float(res[chosen[name]][pi]) for pi, name in enumerate(prob.names)}
         self.readouts_ = {
             name: LinearReadout(channels, self.kernel_size, self.padding, self.feat_size, self.image_size).set_vector(v[:, pi].cpu())
@@ -426,7 +430,8 @@ class LinearProbe:
     def summary(self) -> dict:
         """What was fitted, for reports: solver, inputs, alpha, train MSE (and CG iterations/residuals)."""
         self._check_fitted()
+        converged = all(r <= self.cg_tol for r in self.residual_.values())
         return {"solver": self.solver_, "inputs": self.inputs_, "alpha": self.alpha_, "train_mse": self.train_mse_,
                 "val_mse": self.val_mse_, "cg_iterations": self.iterations_, "cg_residual": self.residual_,
-                "seconds": self.seconds_}  # fmt: skip
+                "cg_converged": converged, "seconds": self.seconds_}  # fmt: skip
 

@@ -298,7 +298,7 @@ class StreamedSet:
         self.name = getattr(images, "name", "images")
         self.description = getattr(images, "description", "")
         all_ids = list(getattr(images, "ids", [str(i) for i in range(len(images))]))
-        self.num_workers = default_workers() if num_workers is None else num_workers
+        self.num_workers = default_workers(images) if num_workers is None else num_workers
         self.encode_batch_size = encode_batch_size
         if hasattr(images, "paths"):  # files may be unreadable: find them once
             loader = DataLoader(_Readable(images), batch_size=64, num_workers=self.num_workers,
