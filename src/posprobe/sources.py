@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import PosprobeError
+from .features import _Indexed
 
 Shape = tuple[int, int, int]  # (channels, height, width) of one tapped level at its native size
 
@@ -255,17 +256,6 @@ def _as_list(batch: list) -> list:
 def _keep(batch: list[tuple[int, torch.Tensor | None]]) -> tuple[list[int], torch.Tensor | None]:
     good = [(i, x) for i, x in batch if x is not None]
     return [i for i, _ in good], (torch.stack([x for _, x in good]) if good else None)
-
-
-class _Indexed(Dataset):
-    def __init__(self, images: Dataset):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None]:
-        return i, self.images[i]
 
 
 class _Readable(Dataset):
