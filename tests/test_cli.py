@@ -80,6 +80,34 @@ def test_probe_writes_a_complete_run_directory(small_sets, tmp_path, capsys, mon
     assert {"torch", "python", "device", "git_commit"} <= set(env)
 
 
+def test_readout_width_reaches_the_deep_readout_and_zero_lifts_the_profile_cap(small_sets, tmp_path, capsys,
+                                                                              monkeypatch):  # fmt: skip
+    train, test = small_sets
+    out = tmp_path / "run"
+    code, _, err = run_cli(["probe", *FAST, "--pattern", "H", "--depth", "2", "--readout-width", "2",
+                            "--synthetic", "none", "--train", str(train), "--test", str(test), "--out", str(out)],
+                           capsys, monkeypatch)  # fmt: skip
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["train"]["max_readout_width"] == 2
+    import torch
+
+    state = torch.load(out / "readouts.pt", weights_only=False)
+    first = next(v for k, v in _flatten(state) if k.endswith("head.0.weight"))
+    assert first.shape[:2] == (2, 3)  # Conv(3 -> 2): PosENet's 3 input channels, 2 wide
+    assert cli._train_config("quick").max_readout_width == 128
+    assert cli._train_config("quick", readout_width=0).max_readout_width is None
+    assert cli._train_config("official", readout_width=64).max_readout_width == 64
+
+
+def _flatten(obj, prefix=""):
+    """(dotted key, tensor) pairs of a nested dict of state dicts."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    elif hasattr(obj, "shape"):
+        yield prefix.rstrip("."), obj
+
+
 def test_existing_run_directory_is_refused_unless_overwrite(small_sets, tmp_path, capsys, monkeypatch):
     train, test = small_sets
     out = tmp_path / "run"
@@ -106,6 +134,7 @@ def test_existing_run_directory_is_refused_unless_overwrite(small_sets, tmp_path
         (["--weights", "nope.pth", "--backbone", "resnet18"], ["unknown weights 'nope.pth'"]),
         (["--device", "cuda:7"], ["cuda"]),
         (["--epochs", "0"], ["epochs"]),
+        (["--depth", "2", "--readout-width", "-3"], ["--readout-width must be >= 1", "-3"]),
     ],
 )
 def test_bad_settings_are_one_line_errors_and_write_nothing(extra, fragments, small_sets, tmp_path, capsys,

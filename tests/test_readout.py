@@ -22,14 +22,17 @@ def make_levels(batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(batch, c, h, w, generator=g) for c, h, w in LEVEL_SHAPES]
 
 
-def random_params(in_channels: int, kernel: int, depth: int, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+def random_params(in_channels: int, kernel: int, depth: int, seed: int = 1,
+                  width: int | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
     """Weights for each layer (conv weight/bias, BN affine and running stats), all non-trivial."""
     g = torch.Generator().manual_seed(seed)
+    width = width or in_channels
     params = []
     for i in range(depth):
-        out = 1 if i == depth - 1 else in_channels
+        out = 1 if i == depth - 1 else width
+        inputs = in_channels if i == 0 else width
         params.append({
-            "w": 0.3 * torch.randn(out, in_channels, kernel, kernel, generator=g),
+            "w": 0.3 * torch.randn(out, inputs, kernel, kernel, generator=g),
             "b": 0.1 * torch.randn(out, generator=g),
             "gamma": 1 + 0.2 * torch.randn(out, generator=g),
             "beta": 0.1 * torch.randn(out, generator=g),
@@ -79,6 +82,24 @@ def test_eval_forward_matches_reference(depth, kernel, padding):
     expected = reference_readout(levels, params, padding, FEAT, OUT)
     assert got.shape == (2, 1, OUT, OUT)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth,width", [(2, 2), (3, 4), (3, 1)])
+def test_narrow_intermediate_layers_match_reference(depth, width):
+    """``width``: Conv(C->w), [Conv(w->w)], Conv(w->1), the quick profile's cheaper deep readout."""
+    readout = Readout(IN_CHANNELS, 3, depth, 1, FEAT, OUT, width=width).eval()
+    params = random_params(IN_CHANNELS, 3, depth, width=width)
+    copy_into(readout, params)
+    levels = make_levels()
+    with torch.no_grad():
+        got = readout(levels)
+    torch.testing.assert_close(got, reference_readout(levels, params, 1, FEAT, OUT), rtol=1e-5, atol=1e-6)
+    assert f"width={width}" in repr(readout)
+
+
+def test_width_is_refused_below_one():
+    with pytest.raises(PosprobeError, match="width must be >= 1"):
+        Readout(IN_CHANNELS, 3, 2, 0, FEAT, OUT, width=0)
 
 
 @pytest.mark.parametrize("depth,kernel,padding", [(1, 3, 0), (2, 3, 1), (3, 1, 2)])

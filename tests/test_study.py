@@ -149,3 +149,23 @@ def test_seeds_report_spread_and_a_missing_weight_says_how_to_substitute(tmp_pat
     vgg = StudyPreset("v", "v", (Variant("vgg16", "VGG16", "vgg16"),), ("H",))
     with pytest.raises(PosprobeError, match="--backbone-map auto"):
         run_study([vgg], train, tests, TrainConfig(epochs=1), image_size=64, progress=False)
+
+
+def test_a_study_through_the_feature_cache_encodes_once_and_repeats_exactly(tmp_path):
+    """The second study on the same backbone and images reads every set from the cache, with equal numbers."""
+    from posprobe.cache import FeatureCache
+
+    train, tests = _tiny_sets()
+    preset = StudyPreset("mini", "mini", (Variant("posenet/pad1", "PosENet pad 1", "posenet", padding=1),
+                                          Variant("posenet/depth2", "PosENet 2 layers", "posenet", depth=2)),
+                         ("H", "G"), ("natural", "black"))  # fmt: skip
+    logs: list[str] = []
+    cache = FeatureCache(tmp_path / "cache", log=logs.append)
+    first = run_study([preset], train, tests, TrainConfig(epochs=1, batch_size=2), image_size=64, progress=False,
+                      cache=cache)  # fmt: skip
+    assert not any("cache hit" in m for m in logs) and len(cache.entries()) == 3  # train, natural, black
+    logs.clear()
+    second = run_study([preset], train, tests, TrainConfig(epochs=1, batch_size=2), image_size=64, progress=False,
+                       cache=cache)  # fmt: skip
+    assert sum("cache hit" in m for m in logs) == 3
+    assert [r["spc_mean"] for r in second.records] == [r["spc_mean"] for r in first.records]

@@ -12,7 +12,7 @@ from posprobe.errors import PosprobeError
 from posprobe.probe import PositionProbe
 from posprobe.readout import Readout
 from posprobe.targets import make_target
-from posprobe.train import PROFILES, ReadoutJob, TrainConfig, get_profile, predict, train_readouts
+from posprobe.train import PROFILES, ReadoutJob, TrainConfig, get_profile, is_official, predict, train_readouts
 
 FEAT, OUT, CHANNELS = 10, 16, 4
 
@@ -184,6 +184,18 @@ def test_none_overrides_are_ignored():
 def test_quick_profile_decays_at_the_same_fraction():
     cfg = get_profile("quick")
     assert cfg.lr_milestones[0] / cfg.epochs == pytest.approx(10 / 15, abs=0.1)
+
+
+def test_official_profile_keeps_c_to_c_and_quick_caps_deep_readouts_at_128():
+    official, quick = get_profile("official"), get_profile("quick")
+    assert official.max_readout_width is None and official.readout_width(1472) is None
+    assert quick.readout_width(1472) == 128
+    assert quick.readout_width(3) is None  # a cap never widens: PosENet's 3 -> 3 layers stay
+    assert quick.readout_width(128) is None
+    assert not is_official(TrainConfig(max_readout_width=256))
+    assert "C -> C" in official.describe() and "at most 128 channels" in quick.describe()
+    with pytest.raises(PosprobeError, match="--readout-width must be >= 1"):
+        TrainConfig(max_readout_width=0)
 
 
 def test_unknown_profile_is_refused():

@@ -7,11 +7,54 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from .errors import PosprobeError
+
+# Options that several commands share, declared once.
+OutDir = Annotated[Path, typer.Option("--out", help="Directory to create for the results (refused if it exists).")]
+TrainDir = Annotated[Optional[Path], typer.Option("--train", help="Training image folder, e.g. DUT-S train "
+                                                  "(default: bundled photos).")]
+TestDir = Annotated[Optional[Path], typer.Option("--test", help="Natural test image folder, e.g. PASCAL-S "
+                                                 "(default: bundled photos).")]
+KernelSize = Annotated[int, typer.Option(help="Readout kernel size.")]
+Depth = Annotated[int, typer.Option(help="Readout conv layers.")]
+ReadoutPadding = Annotated[int, typer.Option(help="Readout zero padding.")]
+FeatSize = Annotated[int, typer.Option(help="Side every level is resized to before the readout.")]
+ImageSize = Annotated[int, typer.Option(help="Input and target side in pixels.")]
+InputNorm = Annotated[str, typer.Option(help="none (the authors' code), imagenet, or weights (the backbone's own).")]
+Profile = Annotated[str, typer.Option(help="Training profile: official (the authors') or quick (8 epochs, deep "
+                                      "readouts at most 128 wide).")]
+Epochs = Annotated[Optional[int], typer.Option(help="Override the profile's epochs (lr decay rescaled).")]
+Lr = Annotated[Optional[float], typer.Option(help="Override the profile's learning rate.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Override the profile's batch size.")]
+ReadoutWidth = Annotated[Optional[int], typer.Option(help="Channels of a deep readout's intermediate layers, at "
+                                                     "most C; 0: C -> C as the authors (default: the profile's).")]
+Seed = Annotated[int, typer.Option(help="Seed for readout init, batch order, random weights and crops.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+CropsPerPhoto = Annotated[int, typer.Option(help="Random crops per bundled training photo.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing output directory.")]
+Quiet = Annotated[bool, typer.Option(help="No progress bars.")]
+UseCache = Annotated[bool, typer.Option("--cache/--no-cache", help="Keep each image set's features in the feature "
+                                        "cache (float16, reused by later runs); --no-cache encodes in memory.")]
+CacheDir = Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: $POSPROBE_CACHE or "
+                                                  "~/.cache/posprobe).")]
+CacheMaxGb = Annotated[float, typer.Option(help="A set whose features would exceed this many GB is streamed "
+                                           "(encoder re-run every epoch) instead of cached.")]
+
+
+def _train_config(profile: str, epochs=None, lr=None, batch_size=None, seed: int = 0, readout_width=None):
+    """The profile with the command line's overrides; --readout-width 0 lifts the profile's cap."""
+    from dataclasses import replace
+
+    from .train import get_profile
+
+    config = get_profile(profile, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    if readout_width is not None:
+        config = replace(config, max_readout_width=readout_width or None)
+    return config
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -36,30 +79,31 @@ def backbones_cmd() -> None:
 
 @app.command("probe")
 def probe_cmd(
-    out: Path = typer.Option(..., "--out", help="Run directory to create (refused if it exists)."),
+    out: OutDir,
     backbone: str = typer.Option("vgg16", help="Backbone name (see 'posprobe backbones')."),
     weights: Optional[str] = typer.Option(None, help="Backbone weights: its default, 'random' or a checkpoint path."),
     pattern: str = typer.Option("all", help="H, V, G, HS, VS, a comma list, or 'all'."),
     target_image: list[Path] = typer.Option([], help="Extra target map from an image file (repeatable)."),
-    train: Optional[Path] = typer.Option(None, "--train", help="Training image folder (default: bundled photos)."),
-    test: Optional[Path] = typer.Option(None, "--test", help="Natural test image folder (default: bundled photos)."),
+    train: TrainDir = None,
+    test: TestDir = None,
     synthetic: str = typer.Option("black,white,noise", help="Synthetic test inputs, comma list, or 'none'."),
-    kernel_size: int = typer.Option(3, help="Readout kernel size."),
-    depth: int = typer.Option(1, help="Readout conv layers."),
-    readout_padding: int = typer.Option(0, help="Readout zero padding."),
-    feat_size: int = typer.Option(28, help="Side every level is resized to before the readout."),
-    image_size: int = typer.Option(224, help="Input and target side in pixels."),
-    input_norm: str = typer.Option("none", help="none (the authors' code), imagenet, or weights (the backbone's own)."),
-    profile: str = typer.Option("official", help="Training profile: official (the authors') or quick."),
-    epochs: Optional[int] = typer.Option(None, help="Override the profile's epochs (lr decay rescaled)."),
-    lr: Optional[float] = typer.Option(None, help="Override the profile's learning rate."),
-    batch_size: Optional[int] = typer.Option(None, help="Override the profile's batch size."),
-    seed: int = typer.Option(0, help="Seed for readout init, batch order, random weights and crops."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
-    crops_per_photo: int = typer.Option(8, help="Random crops per bundled training photo."),
+    kernel_size: KernelSize = 3,
+    depth: Depth = 1,
+    readout_padding: ReadoutPadding = 0,
+    readout_width: ReadoutWidth = None,
+    feat_size: FeatSize = 28,
+    image_size: ImageSize = 224,
+    input_norm: InputNorm = "none",
+    profile: Profile = "official",
+    epochs: Epochs = None,
+    lr: Lr = None,
+    batch_size: BatchSize = None,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    crops_per_photo: CropsPerPhoto = 8,
     strict: bool = typer.Option(False, help="Fail on an unreadable image instead of skipping it."),
-    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
     layers: Optional[str] = typer.Option(None, help="Layers to tap, comma list or 'all' (see 'posprobe layers "
                                          "MODEL'); default: the backbone's own taps."),
     backbone_padding: Optional[str] = typer.Option(None, help="Re-pad every conv and pool of the backbone: zeros, "
@@ -67,19 +111,16 @@ def probe_cmd(
     pos_embed: str = typer.Option("keep", help="A ViT's learned position embedding: keep, zero or shuffle."),
     readout: str = typer.Option("pem", help="pem (the paper's readout), or linear: also the exact best linear "
                                 "k x k readout (closed-form ridge), reported beside it."),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep each image set's features in the feature "
-                               "cache (float16, reused by later runs); --no-cache encodes in memory (float32)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default: $POSPROBE_CACHE or "
-                                             "~/.cache/posprobe)."),
-    cache_max_gb: float = typer.Option(32.0, help="A set whose features would exceed this many GB is streamed "
-                                       "(encoder re-run every epoch) instead of cached."),
+    cache: UseCache = True,
+    cache_dir: CacheDir = None,
+    cache_max_gb: CacheMaxGb = 32.0,
 ) -> None:
     """Train a readout per position pattern on a frozen backbone's features and score it on every test set."""
     from .data import parse_synthetic
     from .rundir import check_out_dir, resolve_device
     from .run import ProbeRunConfig, execute, format_table, write
     from .targets import resolve_patterns
-    from .train import get_profile, is_official
+    from .train import is_official
 
     check_out_dir(out, overwrite)
     patterns = resolve_patterns(pattern) if pattern.strip() or not target_image else []
@@ -87,7 +128,7 @@ def probe_cmd(
         backbone=backbone, weights=weights, input_norm=input_norm, patterns=tuple(patterns),
         target_images=tuple(str(p) for p in target_image), kernel_size=kernel_size, depth=depth,
         readout_padding=readout_padding, feat_size=feat_size, image_size=image_size, profile=profile,
-        train=get_profile(profile, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed), seed=seed,
+        train=_train_config(profile, epochs, lr, batch_size, seed, readout_width), seed=seed,
         device=resolve_device(device), train_dir=str(train) if train else None,
         test_dir=str(test) if test else None, synthetic=tuple(parse_synthetic(synthetic)),
         crops_per_photo=crops_per_photo, strict=strict,
@@ -98,8 +139,7 @@ def probe_cmd(
     write(run, out, overwrite)
     print(f"{backbone} ({run.backbone.weights_label}), readout k={kernel_size} depth={depth} "
           f"padding={readout_padding}, {len(run.train)} training images, profile {profile}"
-          + ("" if is_official(config.train) else f" ({config.train.epochs} epochs, lr {config.train.lr}, "
-             f"batch {config.train.batch_size})"))  # fmt: skip
+          + ("" if is_official(config.train) else f" ({config.train.describe()})"))  # fmt: skip
     for line in _surgery_lines(run.backbone, image_size):
         print(line)
     print(format_table(run.metric_rows()))
@@ -114,11 +154,14 @@ def probe_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    out: Path = typer.Option(Path("posprobe-demo"), "--out", help="Report directory to create."),
-    profile: str = typer.Option("quick", help="Training profile: quick (the demo's) or official."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
-    overwrite: bool = typer.Option(False, help="Replace an existing report directory."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    out: Annotated[Path, typer.Option("--out", help="Report directory to create.")] = Path("posprobe-demo"),
+    profile: Annotated[str, typer.Option(help="Training profile: quick (the demo's) or official.")] = "quick",
+    device: Device = "cpu",
+    cache: UseCache = True,
+    cache_dir: CacheDir = None,
+    cache_max_gb: CacheMaxGb = 32.0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ) -> None:
     """Tables 1, 2(b), 4 and Figs. 4-7 on the bundled photos, with bundled stand-ins for the paper's CNNs."""
     from .demo import run_demo
@@ -126,7 +169,7 @@ def demo_cmd(
 
     check_out_dir(out, overwrite)
     report = run_demo(out, profile=profile, device=resolve_device(device), overwrite=overwrite,
-                      progress=not quiet)  # fmt: skip
+                      progress=not quiet, cache=_feature_cache(cache, cache_dir, cache_max_gb))  # fmt: skip
     print(report)
     print(f"wrote {out}")
 
@@ -135,24 +178,27 @@ def demo_cmd(
 def reproduce_cmd(
     table: str = typer.Argument(..., help="table1, table2a, table2b, table3, table4, fig-qualitative, fig-padding, "
                                 "fig-content-loss, a comma list, or all."),
-    out: Path = typer.Option(..., "--out", help="Report directory to create (refused if it exists)."),
-    train: Optional[Path] = typer.Option(None, "--train", help="Training folder, e.g. DUT-S train (default: bundled photos)."),
-    test: Optional[Path] = typer.Option(None, "--test", help="Natural test folder, e.g. PASCAL-S (default: bundled photos)."),
-    profile: str = typer.Option("official", help="Training profile: official (the authors') or quick."),
+    out: OutDir = ...,
+    train: TrainDir = None,
+    test: TestDir = None,
+    profile: Profile = "official",
     seeds: int = typer.Option(1, help="Repeat every readout with seeds 0..N-1 and report the spread."),
     backbone_map: list[str] = typer.Option([], help="PAPER=BACKBONE[:WEIGHTS], e.g. vgg16=vgg16_hed (repeatable), "
                                            "or 'auto': bundled stand-ins where the paper's weights are missing."),
-    epochs: Optional[int] = typer.Option(None, help="Override the profile's epochs."),
-    crops_per_photo: int = typer.Option(8, help="Random crops per bundled training photo."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
-    overwrite: bool = typer.Option(False, help="Replace an existing report directory."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    epochs: Epochs = None,
+    readout_width: ReadoutWidth = None,
+    crops_per_photo: CropsPerPhoto = 8,
+    device: Device = "cpu",
+    cache: UseCache = True,
+    cache_dir: CacheDir = None,
+    cache_max_gb: CacheMaxGb = 32.0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ) -> None:
     """Reproduce the paper's tables and figures, our numbers beside the paper's, in one report."""
     from .reproduce import build_image_sets, describe_data, resolve_presets, run_reproduce
     from .rundir import check_out_dir, resolve_device
     from .study import parse_backbone_map
-    from .train import get_profile
 
     check_out_dir(out, overwrite)
     if seeds < 1:
@@ -161,14 +207,21 @@ def reproduce_cmd(
     entries = [e.strip() for m in backbone_map for e in m.split(",") if e.strip()]
     auto = "auto" in entries
     mapping = parse_backbone_map([e for e in entries if e != "auto"])
-    config = get_profile(profile, epochs=epochs)
+    config = _train_config(profile, epochs=epochs, readout_width=readout_width)
     train_set, test_sets = build_image_sets(str(train) if train else None, str(test) if test else None, presets,
                                             crops_per_photo=crops_per_photo)  # fmt: skip
     report, _ = run_reproduce(presets, out, config, profile, train_set, test_sets, seeds, mapping, auto,
-                              resolve_device(device), overwrite, not quiet,
-                              describe_data(train, test))  # fmt: skip
+                              resolve_device(device), overwrite, not quiet, describe_data(train, test),
+                              cache=_feature_cache(cache, cache_dir, cache_max_gb))  # fmt: skip
     print(report)
     print(f"wrote {out}")
+
+
+def _feature_cache(use: bool, cache_dir: Optional[Path], max_gb: float):
+    """The FeatureCache the options ask for, or None (--no-cache: features in memory)."""
+    from .cache import FeatureCache
+
+    return FeatureCache(cache_dir, max_gb) if use else None
 
 
 def _layer_list(layers: Optional[str]) -> Optional[tuple[str, ...]]:
@@ -216,7 +269,7 @@ def layers_cmd(
 
 @app.command("layer-curve")
 def layer_curve_cmd(
-    out: Path = typer.Option(..., "--out", help="Run directory to create (refused if it exists)."),
+    out: OutDir,
     backbone: list[str] = typer.Option(..., help="NAME or NAME@LAYER,LAYER (repeatable: one line each)."),
     layers: Optional[str] = typer.Option(None, help="Layers for every --backbone without '@' (default: its taps)."),
     weights: Optional[str] = typer.Option(None, help="Weights for every backbone: default, 'random' or a path."),
@@ -224,30 +277,33 @@ def layer_curve_cmd(
                                                    "valid: one line per backbone and padding."),
     pos_embed: str = typer.Option("keep", help="Comma list of keep, zero, shuffle: one line per setting."),
     pattern: str = typer.Option("H,G", help="H, V, G, HS, VS, a comma list, or 'all'."),
-    train: Optional[Path] = typer.Option(None, "--train", help="Training image folder (default: bundled photos)."),
-    test: Optional[Path] = typer.Option(None, "--test", help="Natural test image folder (default: bundled photos)."),
-    kernel_size: int = typer.Option(3, help="Readout kernel size."),
-    depth: int = typer.Option(1, help="Readout conv layers."),
-    readout_padding: int = typer.Option(0, help="Readout zero padding."),
-    feat_size: int = typer.Option(28, help="Side every level is resized to before the readout."),
-    image_size: int = typer.Option(224, help="Input and target side in pixels."),
-    input_norm: str = typer.Option("none", help="none, imagenet, or weights (the backbone's own)."),
+    train: TrainDir = None,
+    test: TestDir = None,
+    kernel_size: KernelSize = 3,
+    depth: Depth = 1,
+    readout_padding: ReadoutPadding = 0,
+    readout_width: ReadoutWidth = None,
+    feat_size: FeatSize = 28,
+    image_size: ImageSize = 224,
+    input_norm: InputNorm = "none",
     no_all: bool = typer.Option(False, help="Skip the readout over all levels together."),
-    profile: str = typer.Option("official", help="Training profile: official (the authors') or quick."),
-    epochs: Optional[int] = typer.Option(None, help="Override the profile's epochs (lr decay rescaled)."),
-    lr: Optional[float] = typer.Option(None, help="Override the profile's learning rate."),
-    batch_size: Optional[int] = typer.Option(None, help="Override the profile's batch size."),
-    seed: int = typer.Option(0, help="Seed for readout init, batch order, random weights and crops."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
-    crops_per_photo: int = typer.Option(8, help="Random crops per bundled training photo."),
-    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    profile: Profile = "official",
+    epochs: Epochs = None,
+    lr: Lr = None,
+    batch_size: BatchSize = None,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    crops_per_photo: CropsPerPhoto = 8,
+    cache: UseCache = True,
+    cache_dir: CacheDir = None,
+    cache_max_gb: CacheMaxGb = 32.0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ) -> None:
     """Where position lives: probe every tapped level on its own and plot SPC against depth (Table 3, any network)."""
     from .layer_curve import LayerCurveConfig, format_curve_table, run_layer_curve, write_layer_curve
     from .rundir import check_out_dir, resolve_device
     from .targets import resolve_patterns
-    from .train import get_profile
 
     check_out_dir(out, overwrite)
     paddings = tuple(p.strip() for p in backbone_padding.split(",") if p.strip()) if backbone_padding else (None,)
@@ -256,9 +312,10 @@ def layer_curve_cmd(
         paddings=paddings, pos_embeds=tuple(p.strip() for p in pos_embed.split(",") if p.strip()) or ("keep",),
         patterns=tuple(resolve_patterns(pattern)), kernel_size=kernel_size, depth=depth,
         readout_padding=readout_padding, feat_size=feat_size, image_size=image_size, profile=profile,
-        train=get_profile(profile, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed), seed=seed,
+        train=_train_config(profile, epochs, lr, batch_size, seed, readout_width), seed=seed,
         device=resolve_device(device), train_dir=str(train) if train else None,
         test_dir=str(test) if test else None, crops_per_photo=crops_per_photo, include_all=not no_all,
+        cache=cache, cache_dir=str(cache_dir) if cache_dir else None, cache_max_gb=cache_max_gb,
     )  # fmt: skip
     curve = run_layer_curve(config, progress=not quiet)
     write_layer_curve(curve, out, overwrite)
@@ -272,11 +329,10 @@ def layer_curve_cmd(
 
 cache_app = typer.Typer(no_args_is_help=True, help="The feature cache: list entries, total size, clear.")
 app.add_typer(cache_app, name="cache")
-_CACHE_DIR_HELP = "Feature cache folder (default: $POSPROBE_CACHE or ~/.cache/posprobe)."
 
 
 @cache_app.command("ls")
-def cache_ls_cmd(cache_dir: Optional[Path] = typer.Option(None, help=_CACHE_DIR_HELP)) -> None:
+def cache_ls_cmd(cache_dir: CacheDir = None) -> None:
     """One line per entry: key, state, backbone, weights, image set, images x channels x size, GB."""
     from .cache import GB, FeatureCache
 
@@ -294,7 +350,7 @@ def cache_ls_cmd(cache_dir: Optional[Path] = typer.Option(None, help=_CACHE_DIR_
 
 
 @cache_app.command("du")
-def cache_du_cmd(cache_dir: Optional[Path] = typer.Option(None, help=_CACHE_DIR_HELP)) -> None:
+def cache_du_cmd(cache_dir: CacheDir = None) -> None:
     """Total size on disk of the cache, complete and partial entries apart, and the free space left."""
     import shutil
 
@@ -316,7 +372,7 @@ def cache_clear_cmd(
     keys: Optional[list[str]] = typer.Argument(None, help="Key prefixes to remove (as 'cache ls' shows them); "
                                                "default: every entry."),
     partial: bool = typer.Option(False, "--partial", help="Only entries whose extraction did not finish."),
-    cache_dir: Optional[Path] = typer.Option(None, help=_CACHE_DIR_HELP),
+    cache_dir: CacheDir = None,
 ) -> None:
     """Remove cache entries (entries another process is writing are left alone)."""
     from .cache import GB, FeatureCache

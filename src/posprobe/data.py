@@ -205,3 +205,11 @@ def bundled_test_set(image_size: int = 224) -> TensorImages:
         torch.stack(images), [p.stem for p in paths], "photos",
         f"{len(paths)} classic photos from scikit-image, scikit-learn and matplotlib",
     )
+
+
+def train_and_test_images(train_dir: str | None, test_dir: str | None, image_size: int = 224,
+                          crops_per_photo: int = 8, seed: int = 0) -> tuple[Dataset, Dataset]:  # fmt: skip
+    """The training set and the natural test set: the user's folders, else the bundled photos."""
+    train = FolderImages(train_dir, image_size) if train_dir else bundled_train_set(image_size, crops_per_photo, seed)
+    natural = FolderImages(test_dir, image_size) if test_dir else bundled_test_set(image_size)
+    return train, natural

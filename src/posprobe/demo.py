@@ -23,10 +23,10 @@ DEMO_PRESETS = (DEMO_TABLE1, PRESETS["table2b"], PRESETS["table4"], PRESETS["fig
 
 
 def run_demo(out: Path, profile: str = "quick", device: str = "cpu", overwrite: bool = False,
-             progress: bool = True, crops_per_photo: int = 8) -> str:  # fmt: skip
+             progress: bool = True, crops_per_photo: int = 8, cache=None) -> str:  # fmt: skip
     """Run the demo presets on the bundled photos and write the report directory; returns report.md's text."""
     train, tests = build_image_sets(None, None, DEMO_PRESETS, crops_per_photo=crops_per_photo)
     report, _ = run_reproduce(DEMO_PRESETS, out, get_profile(profile), profile, train, tests, seeds=1,
                               auto_substitute=True, device=device, overwrite=overwrite, progress=progress,
-                              data_label=describe_data(None, None))  # fmt: skip
+                              data_label=describe_data(None, None), cache=cache)  # fmt: skip
     return report

@@ -9,7 +9,7 @@ readouts train in one pass. "all" is the paper's last column: one readout over e
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,22 +18,23 @@ from .backbones import Backbone, create_backbone
 from .backbones.padding import check_padding_mode
 from .backbones.pos_embed import check_pos_embed_mode
 from .backbones.registry import parse_layers
-from .data import FolderImages, bundled_test_set, bundled_train_set
+from .cache import encode_images
 from .errors import PosprobeError
-from .features import EncodedSet, encode
+from .features import EncodedSet
 from .metrics import is_constant, mae, spearman
 from .plots import layer_curve_plot
 from .probe import Scores
 from .readout import Readout, check_readout_config
 from .rundir import atomic_run_dir, environment, write_csv, write_json
+from .run import ReadoutSettings
 from .targets import make_target, resolve_patterns
-from .train import PROFILES, ReadoutJob, TrainConfig, predict, train_readouts
+from .train import ReadoutJob, predict, train_readouts
 
 ALL = "all"
 
 
 @dataclass(frozen=True)
-class LayerCurveConfig:
+class LayerCurveConfig(ReadoutSettings):
     """Everything that determines a layer curve's numbers; saved as config.json.
 
     ``backbones`` entries are NAME or NAME@LAYER,LAYER (that backbone's taps; ``layers`` applies to the
@@ -42,28 +43,10 @@ class LayerCurveConfig:
     """
 
     backbones: tuple[str, ...] = ("vgg16",)
-    layers: tuple[str, ...] | None = None
-    weights: str | None = None
-    input_norm: str = "none"
     paddings: tuple[str | None, ...] = (None,)
     pos_embeds: tuple[str, ...] = ("keep",)
     patterns: tuple[str, ...] = ("H", "G")  # the patterns Table 3 reports
-    kernel_size: int = 3
-    depth: int = 1
-    readout_padding: int = 0
-    feat_size: int = 28
-    image_size: int = 224
-    profile: str = "official"
-    train: TrainConfig = field(default_factory=lambda: PROFILES["official"])
-    seed: int = 0
-    device: str = "cpu"
-    train_dir: str | None = None
-    test_dir: str | None = None
-    crops_per_photo: int = 8
     include_all: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -150,20 +133,18 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
         )  # fmt: skip
         backbones[c.label].level_shapes(config.image_size)
     started = time.perf_counter()
-    if config.train_dir:
-        train_set = FolderImages(config.train_dir, config.image_size)
-    else:
-        train_set = bundled_train_set(config.image_size, config.crops_per_photo, config.seed)
-    if config.test_dir:
-        test_set = FolderImages(config.test_dir, config.image_size)
-    else:
-        test_set = bundled_test_set(config.image_size)
+    train_set, test_set = config.image_sets()
+    cache = config.feature_cache()
     targets = {p: make_target(p, config.image_size, config.image_size) for p in patterns}
     rows, resolved, losses, data = [], {}, {}, {}
     for c in curves:
         backbone = backbones[c.label]
-        train = encode(backbone, train_set, config.feat_size, device=config.device, progress=progress)
-        test = encode(backbone, test_set, config.feat_size, device=config.device, progress=progress)
+        # the test set first: it is small, and an unreadable one then fails before the costly training pass
+        test = encode_images(backbone, test_set, config.feat_size, device=config.device, progress=progress,
+                             cache=cache)  # fmt: skip
+        test = test if isinstance(test, EncodedSet) else test.encoded()  # too large to cache: keep in memory
+        train = encode_images(backbone, train_set, config.feat_size, device=config.device, progress=progress,
+                              cache=cache)  # fmt: skip
         data = {"train": {"description": train.description, "n": len(train), "skipped": train.skipped},
                 "test": {"description": test.description, "n": len(test), "skipped": test.skipped}}  # fmt: skip
         slices = _level_slices(backbone)
@@ -176,9 +157,10 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
                 with torch.random.fork_rng(devices=[]):  # every readout starts from the same seeded draw
                     torch.manual_seed(config.seed)
                     readout = Readout(in_channels, config.kernel_size, config.depth, config.readout_padding,
-                                      config.feat_size, config.image_size)  # fmt: skip
+                                      config.feat_size, config.image_size,
+                                      config.train.readout_width(in_channels))  # fmt: skip
                 jobs.append(ReadoutJob((level, p), readout, targets[p], channels))
-        train_readouts(train.features, jobs, config.train, config.device, progress)
+        train_readouts(train, jobs, config.train, config.device, progress)
         shapes = backbone.level_shapes(config.image_size)
         n_levels = len(backbone.levels)
         for job in jobs:

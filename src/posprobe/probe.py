@@ -88,8 +88,9 @@ class PositionProbe:
         """A freshly initialised readout; every target's readout starts from the same seeded weights."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            return Readout(self.backbone.channels, self.kernel_size, self.depth, self.padding,
-                           self.feat_size, self.image_size)  # fmt: skip
+            channels = self.backbone.channels
+            return Readout(channels, self.kernel_size, self.depth, self.padding, self.feat_size, self.image_size,
+                           self.train_config.readout_width(channels))  # fmt: skip
 
     def fit(self, images: Dataset | EncodedSet) -> "PositionProbe":
         encoded = self.encode(images)

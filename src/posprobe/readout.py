@@ -2,7 +2,8 @@
 
 Every tapped level is resized bilinearly (align_corners=True) to ``feat_size`` and concatenated on
 channels; then ``depth`` convolutions of kernel ``k`` and padding ``p``: intermediate layers are
-Conv(C->C) + BatchNorm + ReLU, the last is Conv(C->1) + BatchNorm(1) + Sigmoid. Weights are
+Conv(C->C) + BatchNorm + ReLU (``width`` channels instead of C when given), the last is Conv(->1) +
+BatchNorm(1) + Sigmoid. Weights are
 Xavier-uniform, biases zero. The map is upsampled bilinearly (align_corners=False) to ``out_size``.
 
 ``align`` is split from the trainable ``head`` so a frozen encoder's aligned features can be computed
@@ -60,19 +61,25 @@ class Readout(nn.Module):
         padding: int = 0,
         feat_size: int = 28,
         out_size: int = 224,
+        width: int | None = None,
     ) -> None:
         super().__init__()
         check_readout_config(feat_size, kernel_size, depth, padding)
+        if width is not None and width < 1:
+            raise PosprobeError(f"readout width must be >= 1 (or unset for C->C layers); given {width}")
         self.in_channels, self.kernel_size, self.depth, self.padding = in_channels, kernel_size, depth, padding
         self.feat_size, self.out_size = feat_size, out_size
+        self.width = in_channels if width is None else width  # only depth > 1 readouts have intermediate layers
         layers: list[nn.Module] = []
+        channels = in_channels
         for _ in range(depth - 1):
             layers += [
-                nn.Conv2d(in_channels, in_channels, kernel_size, padding=padding),
-                nn.BatchNorm2d(in_channels),
+                nn.Conv2d(channels, self.width, kernel_size, padding=padding),
+                nn.BatchNorm2d(self.width),
                 nn.ReLU(),
             ]
-        layers += [nn.Conv2d(in_channels, 1, kernel_size, padding=padding), nn.BatchNorm2d(1), nn.Sigmoid()]
+            channels = self.width
+        layers += [nn.Conv2d(channels, 1, kernel_size, padding=padding), nn.BatchNorm2d(1), nn.Sigmoid()]
         self.head = nn.Sequential(*layers)
         for m in self.head:
             if isinstance(m, nn.Conv2d):
@@ -93,4 +100,5 @@ class Readout(nn.Module):
         return (
             f"in_channels={self.in_channels}, kernel_size={self.kernel_size}, depth={self.depth}, "
             f"padding={self.padding}, feat_size={self.feat_size}, out_size={self.out_size}"
+            + (f", width={self.width}" if self.depth > 1 else "")
         )

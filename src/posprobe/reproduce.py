@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-from .data import FolderImages, bundled_test_set, bundled_train_set, synthetic_images
+from .data import synthetic_images, train_and_test_images
 from .figures import draw
 from .presets import PRESETS, get_preset
 from .report import render, result_rows
@@ -24,9 +24,8 @@ def resolve_presets(names: Sequence[str]) -> list[StudyPreset]:
 def build_image_sets(train_dir: str | None, test_dir: str | None, presets: Sequence[StudyPreset],
                      image_size: int = 224, crops_per_photo: int = 8, seed: int = 0):  # fmt: skip
     """The training set and every test set the presets need ('natural' is the user's folder or the photos)."""
-    train = FolderImages(train_dir, image_size) if train_dir else bundled_train_set(image_size, crops_per_photo, seed)
-    tests: dict[str, object] = {}
-    tests["natural"] = FolderImages(test_dir, image_size) if test_dir else bundled_test_set(image_size)
+    train, natural = train_and_test_images(train_dir, test_dir, image_size, crops_per_photo, seed)
+    tests: dict[str, object] = {"natural": natural}
     for kind in ("black", "white", "noise"):
         if any(kind in p.test_sets for p in presets):
             tests[kind] = synthetic_images(kind, image_size, seed)
@@ -36,18 +35,23 @@ def build_image_sets(train_dir: str | None, test_dir: str | None, presets: Seque
 def run_reproduce(presets: Sequence[StudyPreset], out: Path, train_config: TrainConfig, profile: str,
                   train_images, test_images, seeds: int = 1, backbone_map=None, auto_substitute: bool = False,
                   device: str = "cpu", overwrite: bool = False, progress: bool = True,
-                  data_label: str = "", image_size: int = 224, feat_size: int = 28) -> tuple[str, StudyResult]:  # fmt: skip
-    """Run the presets together (one encoding per backbone) and write report.md, results.csv/json, figures."""
+                  data_label: str = "", image_size: int = 224, feat_size: int = 28,
+                  cache=None) -> tuple[str, StudyResult]:  # fmt: skip
+    """Run the presets together (one encoding per backbone) and write report.md, results.csv/json, figures.
+
+    ``cache``: a ``cache.FeatureCache`` (features encoded once, reused by later runs) or None (in memory).
+    """
     result = run_study(presets, train_images, test_images, train_config, seeds, backbone_map, auto_substitute,
-                       image_size=image_size, feat_size=feat_size, device=device, progress=progress)  # fmt: skip
+                       image_size=image_size, feat_size=feat_size, device=device, progress=progress,
+                       cache=cache)  # fmt: skip
     env = environment(device)
     header = {
         "Data": data_label,
-        "Profile": f"`{profile}`: {train_config.epochs} epochs, SGD lr {train_config.lr} (x{train_config.lr_gamma} "
-        f"at {list(train_config.lr_milestones)}), momentum {train_config.momentum}, weight decay "
-        f"{train_config.weight_decay}, batch {train_config.batch_size}"
+        "Profile": f"`{profile}`: {train_config.describe()}"
         + (" (the authors' settings)" if is_official(train_config) else " (not the authors' settings)"),
         "Seeds": f"{seeds} (readout init and batch order)",
+        "Features": f"feature cache {cache.root} (float16 where the values fit, else float32)" if cache is not None
+        else "encoded in memory (float32)",
         "Readout input": f"{image_size}x{image_size} RGB in [0,1], no normalisation; levels resized to "
         f"{feat_size}x{feat_size}",
         "Versions": f"posprobe {env['posprobe']} (commit {env['git_commit'] or 'unknown'}), torch {env['torch']}, "

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from .backbones import Backbone, create_backbone
-from .data import SYNTHETIC, FolderImages, bundled_test_set, bundled_train_set, synthetic_images
+from .data import SYNTHETIC, synthetic_images, train_and_test_images
 from .errors import PosprobeError
 from .features import EncodedSet
 from .plots import prediction_grid
@@ -24,14 +25,13 @@ METRIC_FIELDS = ("spc_mean", "spc_std", "mae_mean", "mae_std", "n", "n_constant"
 
 
 @dataclass(frozen=True)
-class ProbeRunConfig:
-    """Everything that determines a run's numbers; saved as config.json."""
+class ReadoutSettings:
+    """What every probing command shares: weights, data, readout, training, device and feature cache."""
 
-    backbone: str = "vgg16"
     weights: str | None = None  # None: the backbone's default weights
     input_norm: str = "none"  # the authors' code applies no normalisation
+    layers: tuple[str, ...] | None = None  # None: the backbone's default taps
     patterns: tuple[str, ...] = PATTERNS
-    target_images: tuple[str, ...] = ()
     kernel_size: int = 3
     depth: int = 1
     readout_padding: int = 0
@@ -43,20 +43,37 @@ class ProbeRunConfig:
     device: str = "cpu"
     train_dir: str | None = None  # None: the bundled training photos
     test_dir: str | None = None  # None: the bundled test photos
-    synthetic: tuple[str, ...] = SYNTHETIC
     crops_per_photo: int = 8
-    strict: bool = False
-    n_preview: int = 4
-    layers: tuple[str, ...] | None = None  # None: the backbone's default taps
-    backbone_padding: str | None = None  # None: the model's own padding (see backbones.padding)
-    pos_embed: str = "keep"  # keep, zero or shuffle a ViT's position embedding
-    readout: str = "pem"  # pem, or linear: the exact linear probe reported beside the PEM readout
-    cache: bool = False  # encode through the feature cache (the probe command turns it on)
+    cache: bool = False  # encode through the feature cache (the commands turn it on)
     cache_dir: str | None = None  # None: $POSPROBE_CACHE or ~/.cache/posprobe
     cache_max_gb: float = 32.0  # a set whose features exceed this is streamed, not cached
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def feature_cache(self):
+        """The ``cache.FeatureCache`` these settings ask for, or None (features in memory)."""
+        from .cache import FeatureCache
+
+        return FeatureCache(self.cache_dir, self.cache_max_gb) if self.cache else None
+
+    def image_sets(self) -> tuple[Dataset, Dataset]:
+        """The training set and the natural test set (the user's folders, else the bundled photos)."""
+        return train_and_test_images(self.train_dir, self.test_dir, self.image_size, self.crops_per_photo, self.seed)
+
+
+@dataclass(frozen=True)
+class ProbeRunConfig(ReadoutSettings):
+    """Everything that determines a probe run's numbers; saved as config.json."""
+
+    backbone: str = "vgg16"
+    target_images: tuple[str, ...] = ()
+    synthetic: tuple[str, ...] = SYNTHETIC
+    strict: bool = False
+    n_preview: int = 4
+    backbone_padding: str | None = None  # None: the model's own padding (see backbones.padding)
+    pos_embed: str = "keep"  # keep, zero or shuffle a ViT's position embedding
+    readout: str = "pem"  # pem, or linear: the exact linear probe reported beside the PEM readout
 
 
 @dataclass
@@ -104,17 +121,9 @@ def prepare(config: ProbeRunConfig, progress: bool = True) -> tuple[Backbone, Po
         backbone, config.patterns, config.kernel_size, config.depth, config.readout_padding, config.feat_size,
         config.image_size, config.train, config.seed, config.device, extra_targets=extra, strict=config.strict, progress=progress,
     )  # fmt: skip
-    if config.cache:
-        from .cache import FeatureCache
-
-        probe.cache = FeatureCache(config.cache_dir, config.cache_max_gb)
-    if config.train_dir:
-        train_set = FolderImages(config.train_dir, config.image_size)
-    else:
-        train_set = bundled_train_set(config.image_size, config.crops_per_photo, config.seed)
-    tests: dict[str, object] = {}
-    natural = FolderImages(config.test_dir, config.image_size) if config.test_dir else bundled_test_set(config.image_size)
-    tests[natural.name] = natural
+    probe.cache = config.feature_cache()
+    train_set, natural = config.image_sets()
+    tests: dict[str, object] = {natural.name: natural}
     for kind in config.synthetic:
         tests[kind] = synthetic_images(kind, config.image_size, config.seed)
     return backbone, probe, train_set, tests

@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 
 from .backbones import Backbone, create_backbone, get_backbone_spec
 from .errors import PosprobeError
-from .features import EncodedSet, encode
+from .cache import encode_images
+from .features import EncodedSet
 from .metrics import is_constant, mae, spearman
 from .readout import Readout, check_readout_config
 from .targets import make_target
@@ -154,8 +155,13 @@ def run_study(
     device: str = "cpu",
     n_preview: int = 3,
     progress: bool = True,
+    cache=None,
 ) -> StudyResult:
-    """Run every preset's cells; each image set is encoded once per backbone for all presets together."""
+    """Run every preset's cells; each image set is encoded once per backbone for all presets together.
+
+    ``cache``: a ``cache.FeatureCache`` to keep the features on disk (a later study on the same backbone and
+    images skips the encoder; a set too large for it is streamed); None encodes in memory.
+    """
     started = time.perf_counter()
     mapping = dict(backbone_map or {})
     for preset in presets:  # validate every cell before any heavy work
@@ -190,8 +196,11 @@ def run_study(
             ran[v.backbone_key] = {"ran_as": name, "weights": backbone.weights_label, "substituted": r.substituted}
         needed = list(dict.fromkeys(t for p, _, _ in cells for t in p.test_sets))
         # Test sets first: they are small, and an unreadable one then fails before the costly training pass.
-        tests = {t: encode(backbone, test_images[t], feat_size, device=device, progress=progress) for t in needed}
-        train = encode(backbone, train_images, feat_size, device=device, progress=progress)
+        tests = {}
+        for t in needed:
+            enc = encode_images(backbone, test_images[t], feat_size, device=device, progress=progress, cache=cache)
+            tests[t] = enc if isinstance(enc, EncodedSet) else enc.encoded()  # too large to cache: keep in memory
+        train = encode_images(backbone, train_images, feat_size, device=device, progress=progress, cache=cache)
         for t, enc in tests.items():  # the first decodable images of each set, for the figures
             if t not in preview_images:
                 images, shown = test_images[t], enc.ids[:n_preview]
@@ -214,9 +223,9 @@ def run_study(
                 in_ch = backbone.channels if channels is None else len(channels)
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
-                    readout = Readout(in_ch, k, depth, pad, feat_size, image_size)
+                    readout = Readout(in_ch, k, depth, pad, feat_size, image_size, train_config.readout_width(in_ch))
                 jobs.append(ReadoutJob(setting, readout, targets[p], channels))
-            train_readouts(train.features, jobs, replace(train_config, seed=seed), device, progress)
+            train_readouts(train, jobs, replace(train_config, seed=seed), device, progress)
             for job in jobs:
                 p = job.key[-1]
                 for t, enc in tests.items():

@@ -4,7 +4,6 @@ This is the paper's control: with no padding anywhere, no absolute position can 
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
