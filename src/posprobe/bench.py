@@ -68,19 +68,31 @@ class Phase:
     wall_s: float = 0.0
     cpu_s: float = 0.0
     peak_rss_mb: float = 0.0
+    peak_gpu_mb: float = 0.0  # CUDA only
     note: str = ""
     parts: dict[str, float] = field(default_factory=dict)
 
 
+def _now() -> float:
+    """Wall clock after the GPU's queued work has finished (CUDA kernels run asynchronously)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 @contextlib.contextmanager
 def measure(phase: Phase) -> Iterator[Phase]:
-    """Time a block (wall and process CPU) and record its peak RSS."""
+    """Time a block (wall and process CPU) and record its peak RSS (and peak GPU memory on CUDA)."""
     reset_peak_rss()
-    w, c = time.perf_counter(), time.process_time()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    w, c = _now(), time.process_time()
     yield phase
-    phase.wall_s += time.perf_counter() - w
+    phase.wall_s += _now() - w
     phase.cpu_s += time.process_time() - c
     phase.peak_rss_mb = max(phase.peak_rss_mb, peak_rss_mb())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        phase.peak_gpu_mb = max(phase.peak_gpu_mb, torch.cuda.max_memory_allocated() / 2**20)
 
 
 @dataclass
@@ -99,6 +111,7 @@ class BenchResult:
     posprobe_warm: Phase
     authors: Phase
     authors_measured: str
+    device: str = "cpu"
 
     @property
     def b_over_a(self) -> float:
@@ -121,7 +134,7 @@ class BenchResult:
         lines = [
             f"posprobe bench: {self.backbone} ({self.weights}), {self.n_train} train + {self.n_test} test + "
             f"{len(SYNTHETIC)} synthetic images at {self.image_size} px, feat {self.feat_size}, "
-            f"{self.patterns} patterns x {self.epochs} epochs, cpu threads {self.threads}",
+            f"{self.patterns} patterns x {self.epochs} epochs, device {self.device}, cpu threads {self.threads}",
             f"{'phase':<62}{'wall s':>9}{'cpu s':>9}{'peak RSS MB':>13}",
             f"{'(a) floor: one encoder forward pass over all ' + str(n_all) + ' images':<62}"
             f"{a.wall_s:>9.1f}{a.cpu_s:>9.1f}{a.peak_rss_mb:>13.0f}",
@@ -135,6 +148,9 @@ class BenchResult:
             f"(cpu {c.cpu_s / b.cpu_s:.1f})",
             f"runs: (a) {a.note}; (b) {b.note}; (b2) {bw.note}",
         ]
+        if b.peak_gpu_mb:
+            lines.append(f"peak GPU memory MB: (a) {a.peak_gpu_mb:.0f}, (b) {b.peak_gpu_mb:.0f}, "
+                         f"(b2) {bw.peak_gpu_mb:.0f}, (c) {c.peak_gpu_mb:.0f}")  # fmt: skip
         return "\n".join(lines)
 
 
@@ -227,17 +243,17 @@ def run_bench(backbone_name: str = "vgg16", weights: str | None = "random", n_tr
 
     def table1_column(cache: FeatureCache, phase: Phase) -> None:
         with measure(phase):
-            t0 = time.perf_counter()
+            t0 = _now()
             probe = PositionProbe(backbone, PATTERNS, feat_size=feat_size, image_size=image_size, train_config=config,
                                   seed=seed, device=device, encode_batch_size=encode_batch_size, progress=progress,
                                   cache=cache)  # fmt: skip
             encoded = probe.encode(train)
-            t1 = time.perf_counter()
+            t1 = _now()
             probe.fit(encoded)
-            t2 = time.perf_counter()
+            t2 = _now()
             for images in tests.values():
                 probe.score(images)
-            t3 = time.perf_counter()
+            t3 = _now()
         phase.parts = {"encode+cache": t1 - t0, "train 5 readouts": t2 - t1, "encode+score tests": t3 - t2}
 
     runs: dict[str, list[Phase]] = {"a": [], "b": [], "b2": []}
@@ -269,13 +285,13 @@ def run_bench(backbone_name: str = "vgg16", weights: str | None = "random", n_tr
             opt = torch.optim.SGD(readout.parameters(), lr=config.lr, momentum=config.momentum,
                                   weight_decay=config.weight_decay)  # fmt: skip
             target = make_target(pattern, image_size, image_size).to(device)
-            t0 = time.perf_counter()
+            t0 = _now()
             for _ in range(authors_epochs):
                 _authors_epoch(backbone, train, readout, opt, target, config.batch_size, feat_size, device, gen)
-            t1 = time.perf_counter()
+            t1 = _now()
             for images in tests.values():
                 _authors_test(backbone, images, readout, encode_batch_size, feat_size, device)
-            train_s, test_s = train_s + t1 - t0, test_s + time.perf_counter() - t1
+            train_s, test_s = train_s + t1 - t0, test_s + _now() - t1
     measured_wall, measured_cpu = authors.wall_s, authors.cpu_s
     runs = authors_epochs * authors_patterns
     full = epochs * len(PATTERNS)
@@ -288,4 +304,11 @@ def run_bench(backbone_name: str = "vgg16", weights: str | None = "random", n_tr
              else "measured in full")  # fmt: skip
     log(f"(c) authors {total:.1f} s ({label})")
     return BenchResult(backbone_name, backbone.weights_label, len(train), len(test), image_size, feat_size, epochs,
-                       len(PATTERNS), torch.get_num_threads(), floor, cold, warm, authors, label)  # fmt: skip
+                       len(PATTERNS), torch.get_num_threads(), floor, cold, warm, authors, label,
+                       _device_name(device))  # fmt: skip
+
+
+def _device_name(device: str) -> str:
+    """'cpu', or 'cuda (NVIDIA H100 80GB HBM3)': what the timings were measured on."""
+    dev = torch.device(device)
+    return f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)

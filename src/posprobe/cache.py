@@ -323,8 +323,9 @@ class FeatureCache:
             def write(at: int, rows: np.ndarray | None, record: dict) -> None:
                 """In the writer thread: rows to the file, then the progress record that says so."""
                 if rows is not None:
+                    # the rows are in the file's pages before the progress record says so; a killed process
+                    # leaves its dirty pages to the kernel, so no msync per batch (which made writes synchronous)
                     mm[at : at + len(rows)] = rows
-                    mm.flush()  # rows reach the file before the progress record says they did
                 _write_json_atomic(prog_path, record)
 
             writer = ThreadPoolExecutor(max_workers=1)  # file writes overlap the encoder's next batch
@@ -370,6 +371,7 @@ class FeatureCache:
             finally:
                 writer.shutdown(wait=True)  # an interrupted run still records every batch it wrote
                 bar.close()
+            mm.flush()  # on disk before the manifest declares the entry complete
             del mm
             if not kept:
                 shutil.rmtree(d, ignore_errors=True)

@@ -210,7 +210,7 @@ def train_jobs(features, jobs: list, config, device: str | torch.device = "cpu",
                disable=None if progress else True, leave=False)  # fmt: skip
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=gen) if config.shuffle else torch.arange(n)
-        sums = [0.0] * len(jobs)
+        sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in jobs]  # synced once per epoch
         for idx, batch in source.batches(order, config.batch_size, device):
             batch_losses: dict[int, torch.Tensor] = {}
             for group in groups:
@@ -223,10 +223,10 @@ def train_jobs(features, jobs: list, config, device: str | torch.device = "cpu",
             for opt in opts:
                 opt.step()
             for j in range(len(jobs)):
-                sums[j] += batch_losses[j].item() * len(idx)
+                sums[j] += batch_losses[j].detach().double() * len(idx)
         for j, (job, sched) in enumerate(zip(jobs, scheds)):
             sched.step()
-            job.losses.append(sums[j] / n)
+            job.losses.append(sums[j].item() / n)
         bar.update(1)
     bar.close()
     for job in jobs:

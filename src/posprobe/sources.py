@@ -209,7 +209,11 @@ class MemorySource:
         return 4 * per_image * len(self)
 
     def _whole_parts(self, device: torch.device) -> list[Part] | None:
-        if self._whole is None and self.working_bytes() <= self.budget_bytes:
+        budget = self.budget_bytes
+        if device.type == "cuda":  # the working copy lives on the GPU: it must fit there too
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = min(budget, int(0.5 * free))
+        if self._whole is None and self.working_bytes() <= budget:
             x = self.features
             if all(p.native is None for p in self.plans) and x.dtype == torch.float32 and x.device == device \
                     and x.is_contiguous(memory_format=torch.channels_last):  # fmt: skip
