@@ -94,7 +94,7 @@ def test_readout_width_reaches_the_deep_readout_and_zero_lifts_the_profile_cap(s
     state = torch.load(out / "readouts.pt", weights_only=False)
     first = next(v for k, v in _flatten(state) if k.endswith("head.0.weight"))
     assert first.shape[:2] == (2, 3)  # Conv(3 -> 2): PosENet's 3 input channels, 2 wide
-    assert cli._train_config("quick").max_readout_width == 128
+    assert cli._train_config("quick").max_readout_width == 32
     assert cli._train_config("quick", readout_width=0).max_readout_width is None
     assert cli._train_config("official", readout_width=64).max_readout_width == 64
 

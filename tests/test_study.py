@@ -169,3 +169,11 @@ def test_a_study_through_the_feature_cache_encodes_once_and_repeats_exactly(tmp_
                        cache=cache)  # fmt: skip
     assert sum("cache hit" in m for m in logs) == 3
     assert [r["spc_mean"] for r in second.records] == [r["spc_mean"] for r in first.records]
+
+
+def test_the_demo_covers_tables_1_2_and_4_and_every_figure():
+    from posprobe.demo import DEMO_PRESETS
+
+    names = {p.name for p in DEMO_PRESETS}
+    assert {"table1", "table2a", "table2b", "table4"} <= names
+    assert {"fig-qualitative", "fig-padding", "fig-content-loss"} <= names

@@ -186,14 +186,14 @@ def test_quick_profile_decays_at_the_same_fraction():
     assert cfg.lr_milestones[0] / cfg.epochs == pytest.approx(10 / 15, abs=0.1)
 
 
-def test_official_profile_keeps_c_to_c_and_quick_caps_deep_readouts_at_128():
+def test_official_profile_keeps_c_to_c_and_quick_caps_deep_readouts_at_32():
     official, quick = get_profile("official"), get_profile("quick")
     assert official.max_readout_width is None and official.readout_width(1472) is None
-    assert quick.readout_width(1472) == 128
+    assert quick.readout_width(1472) == 32
     assert quick.readout_width(3) is None  # a cap never widens: PosENet's 3 -> 3 layers stay
-    assert quick.readout_width(128) is None
+    assert quick.readout_width(32) is None
     assert not is_official(TrainConfig(max_readout_width=256))
-    assert "C -> C" in official.describe() and "at most 128 channels" in quick.describe()
+    assert "C -> C" in official.describe() and "at most 32 channels" in quick.describe()
     with pytest.raises(PosprobeError, match="--readout-width must be >= 1"):
         TrainConfig(max_readout_width=0)
 

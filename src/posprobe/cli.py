@@ -7,11 +7,14 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from .errors import PosprobeError
+
+if TYPE_CHECKING:
+    from .cache import FeatureCache
 
 # Options that several commands share, declared once.
 OutDir = Annotated[Path, typer.Option("--out", help="Directory to create for the results (refused if it exists).")]
@@ -26,7 +29,7 @@ FeatSize = Annotated[int, typer.Option(help="Side every level is resized to befo
 ImageSize = Annotated[int, typer.Option(help="Input and target side in pixels.")]
 InputNorm = Annotated[str, typer.Option(help="none (the authors' code), imagenet, or weights (the backbone's own).")]
 Profile = Annotated[str, typer.Option(help="Training profile: official (the authors') or quick (8 epochs, deep "
-                                      "readouts at most 128 wide).")]
+                                      "readouts at most 32 wide).")]
 Epochs = Annotated[Optional[int], typer.Option(help="Override the profile's epochs (lr decay rescaled).")]
 Lr = Annotated[Optional[float], typer.Option(help="Override the profile's learning rate.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Override the profile's batch size.")]
@@ -163,7 +166,7 @@ def demo_cmd(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Tables 1, 2(b), 4 and Figs. 4-7 on the bundled photos, with bundled stand-ins for the paper's CNNs."""
+    """Tables 1, 2, 4 and Figs. 4-7 on the bundled photos, with bundled stand-ins for the paper's CNNs."""
     from .demo import run_demo
     from .rundir import check_out_dir, resolve_device
 
@@ -217,7 +220,7 @@ def reproduce_cmd(
     print(f"wrote {out}")
 
 
-def _feature_cache(use: bool, cache_dir: Optional[Path], max_gb: float):
+def _feature_cache(use: bool, cache_dir: Optional[Path], max_gb: float) -> FeatureCache | None:
     """The FeatureCache the options ask for, or None (--no-cache: features in memory)."""
     from .cache import FeatureCache
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+from .cache import FeatureCache
 from .data import synthetic_images, train_and_test_images
 from .figures import draw
 from .presets import PRESETS, get_preset
@@ -36,7 +37,7 @@ def run_reproduce(presets: Sequence[StudyPreset], out: Path, train_config: Train
                   train_images, test_images, seeds: int = 1, backbone_map=None, auto_substitute: bool = False,
                   device: str = "cpu", overwrite: bool = False, progress: bool = True,
                   data_label: str = "", image_size: int = 224, feat_size: int = 28,
-                  cache=None) -> tuple[str, StudyResult]:  # fmt: skip
+                  cache: FeatureCache | None = None) -> tuple[str, StudyResult]:  # fmt: skip
     """Run the presets together (one encoding per backbone) and write report.md, results.csv/json, figures.
 
     ``cache``: a ``cache.FeatureCache`` (features encoded once, reused by later runs) or None (in memory).

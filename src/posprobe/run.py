@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .backbones import Backbone, create_backbone
+from .cache import FeatureCache
 from .data import SYNTHETIC, synthetic_images, train_and_test_images
 from .errors import PosprobeError
 from .features import EncodedSet
@@ -51,10 +52,8 @@ class ReadoutSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def feature_cache(self):
-        """The ``cache.FeatureCache`` these settings ask for, or None (features in memory)."""
-        from .cache import FeatureCache
-
+    def feature_cache(self) -> FeatureCache | None:
+        """The feature cache these settings ask for, or None (features in memory)."""
         return FeatureCache(self.cache_dir, self.cache_max_gb) if self.cache else None
 
     def image_sets(self) -> tuple[Dataset, Dataset]:

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from .backbones import Backbone, create_backbone, get_backbone_spec
 from .errors import PosprobeError
-from .cache import encode_images
+from .cache import FeatureCache, encode_images
 from .features import EncodedSet
 from .metrics import is_constant, mae, spearman
 from .readout import Readout, check_readout_config
@@ -155,7 +155,7 @@ def run_study(
     device: str = "cpu",
     n_preview: int = 3,
     progress: bool = True,
-    cache=None,
+    cache: FeatureCache | None = None,
 ) -> StudyResult:
     """Run every preset's cells; each image set is encoded once per backbone for all presets together.
 
