@@ -102,6 +102,13 @@ def test_direction_check_says_plainly_when_not_reproduced():
     assert check_direction(Direction("rises", ("x", "y"), ("H",)), rows, "s")[0] is None  # nothing ran: no verdict
 
 
+def test_direction_check_names_steps_within_the_seed_spread():
+    rows = [{"study": "s", "row": k, "pattern": "H", "test_set": "natural", "spc": v, "spc_seed_std": sd, "seeds": 3}
+            for k, v, sd in [("a", 0.60, 0.25), ("b", 0.90, 0.01), ("c", 0.905, 0.002)]]
+    ok, detail = check_direction(Direction("rises", ("a", "b", "c"), ("H",)), rows, "s")
+    assert ok and "within the seed spread: 0.900 vs 0.905" in detail and "0.600 vs" not in detail
+
+
 def _tiny_sets(n_train: int = 4, size: int = 64):
     g = torch.Generator().manual_seed(0)
     train = TensorImages(torch.rand(n_train, 3, size, size, generator=g), [f"t{i}" for i in range(n_train)], "tiny")

@@ -64,16 +64,25 @@ def table_markdown(rows: list[dict], preset: StudyPreset, result: StudyResult) -
 
 
 def check_direction(direction: Direction, rows: list[dict], study: str) -> tuple[bool | None, str]:
-    """Does SPC rise along the chain for every pattern? (reproduced, the numbers in words); None: no cell ran."""
-    index = {(r["row"], r["pattern"], r["test_set"]): r["spc"] for r in rows if r["study"] == study}
+    """Does SPC rise along the chain for every pattern? (reproduced, the numbers in words); None: no cell ran.
+
+    With several seeds, a step that is smaller than the seed spread of either end is named: the order of
+    those two means is not settled by this run.
+    """
+    index = {(r["row"], r["pattern"], r["test_set"]): r for r in rows if r["study"] == study}
     ok, parts = True, []
     for pattern in direction.patterns:
-        values = [index.get((key, pattern, direction.test_set)) for key in direction.chain]
-        if any(v is None for v in values):
+        cells = [index.get((key, pattern, direction.test_set)) for key in direction.chain]
+        if any(c is None for c in cells):
             continue
+        values = [c["spc"] for c in cells]
         rising = all(a < b for a, b in zip(values, values[1:]))
         ok &= rising
-        parts.append(f"{pattern}: " + " < ".join(f"{v:.3f}" for v in values) + ("" if rising else " (not rising)"))
+        spread = [c.get("spc_seed_std", 0.0) if c.get("seeds", 1) > 1 else 0.0 for c in cells]
+        unsettled = [f"{a:.3f} vs {b:.3f}" for a, b, sa, sb in zip(values, values[1:], spread, spread[1:])
+                     if abs(b - a) < max(sa, sb)]  # fmt: skip
+        parts.append(f"{pattern}: " + " < ".join(f"{v:.3f}" for v in values) + ("" if rising else " (not rising)")
+                     + (f" (within the seed spread: {', '.join(unsettled)})" if unsettled else ""))
     if not parts:
         return None, "none of its cells ran"
     return ok, "; ".join(parts)
