@@ -1,8 +1,10 @@
 """Shared fixtures. No test downloads anything: POSPROBE_OFFLINE is set before posprobe is imported."""
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import tempfile
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 os.environ["POSPROBE_OFFLINE"] = "1"
 # Tests never read or fill the user's feature cache.
 os.environ["POSPROBE_CACHE"] = tempfile.mkdtemp(prefix="posprobe-test-cache-")
+atexit.register(shutil.rmtree, os.environ["POSPROBE_CACHE"], ignore_errors=True)
 
 if importlib.util.find_spec("posprobe") is None:  # running from a checkout without `pip install -e`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))

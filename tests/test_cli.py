@@ -80,6 +80,18 @@ def test_probe_writes_a_complete_run_directory(small_sets, tmp_path, capsys, mon
     assert {"torch", "python", "device", "git_commit"} <= set(env)
 
 
+def test_zero_crops_and_an_output_under_a_file_are_refused_before_any_work(small_sets, tmp_path, capsys,
+                                                                          monkeypatch):  # fmt: skip
+    _, test = small_sets
+    code, _, err = run_cli(["probe", *FAST, "--crops-per-photo", "0", "--test", str(test), "--out",
+                            str(tmp_path / "run")], capsys, monkeypatch)  # fmt: skip
+    assert_one_line_error(code, err, "--crops-per-photo must be >= 1", "given 0")
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli(["reproduce", "table4", "--out", str(tmp_path / "afile" / "sub" / "run")], capsys,
+                           monkeypatch)  # fmt: skip
+    assert_one_line_error(code, err, "cannot create output directory", "is a file")
+
+
 def test_readout_width_reaches_the_deep_readout_and_zero_lifts_the_profile_cap(small_sets, tmp_path, capsys,
                                                                               monkeypatch):  # fmt: skip
     train, test = small_sets
@@ -134,7 +146,7 @@ def test_existing_run_directory_is_refused_unless_overwrite(small_sets, tmp_path
         (["--weights", "nope.pth", "--backbone", "resnet18"], ["unknown weights 'nope.pth'"]),
         (["--device", "cuda:7"], ["cuda"]),
         (["--epochs", "0"], ["epochs"]),
-        (["--depth", "2", "--readout-width", "-3"], ["--readout-width must be >= 1", "-3"]),
+        (["--depth", "2", "--readout-width", "-3"], ["--readout-width must be >= 0", "-3"]),
     ],
 )
 def test_bad_settings_are_one_line_errors_and_write_nothing(extra, fragments, small_sets, tmp_path, capsys,

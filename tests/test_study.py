@@ -96,7 +96,7 @@ def test_direction_check_says_plainly_when_not_reproduced():
     rows = [{"study": "s", "row": k, "pattern": "H", "test_set": "natural", "spc": v}
             for k, v in [("a", 0.1), ("b", 0.5), ("c", 0.3)]]
     ok, detail = check_direction(Direction("rises", ("a", "b"), ("H",)), rows, "s")
-    assert ok and "0.100 < 0.500" in detail
+    assert ok and "a 0.100 → b 0.500" in detail
     ok, detail = check_direction(Direction("rises", ("a", "b", "c"), ("H",)), rows, "s")
     assert ok is False and "not rising" in detail
     assert check_direction(Direction("rises", ("x", "y"), ("H",)), rows, "s")[0] is None  # nothing ran: no verdict

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import PosprobeError
-from .features import EncodedSet, encode, encode_batches
+from .features import EncodedSet, encode, encode_batches, unreadable_list
 
 CACHE_FORMAT = 1
 DEFAULT_MAX_GB = 32.0
@@ -278,9 +278,8 @@ class FeatureCache:
         if encoded.skipped:
             import warnings
 
-            shown = ", ".join(encoded.skipped[:10]) + (f" and {len(encoded.skipped) - 10} more"
-                                                         if len(encoded.skipped) > 10 else "")  # fmt: skip
-            warnings.warn(f"skipped {len(encoded.skipped)} unreadable image(s) in {encoded.name}: {shown}", stacklevel=3)
+            warnings.warn(f"skipped {len(encoded.skipped)} unreadable image(s) in {encoded.name}: "
+                          f"{unreadable_list(encoded.skipped)}", stacklevel=3)  # fmt: skip
 
     # -- writing --------------------------------------------------------------------------------------------
     def _extract(self, key: str, identity: dict, backbone, images: Dataset, feat_size: int, batch_size: int,
@@ -375,7 +374,8 @@ class FeatureCache:
             del mm
             if not kept:
                 shutil.rmtree(d, ignore_errors=True)
-                raise PosprobeError(f"none of the {n} image(s) in {getattr(images, 'name', 'images')} could be read")
+                raise PosprobeError(f"none of the {n} image(s) in {getattr(images, 'name', 'images')} could be read: "
+                                    + unreadable_list([ids[i] for i in bad], images))  # fmt: skip
             os.truncate(data, len(kept) * row * np_dtype.itemsize)  # drop the rows of unreadable images
             manifest = {
                 "key": key, "format": CACHE_FORMAT, "identity": identity, "rows": len(kept), "channels": c,

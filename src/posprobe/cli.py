@@ -54,6 +54,8 @@ def _train_config(profile: str, epochs=None, lr=None, batch_size=None, seed: int
 
     from .train import get_profile
 
+    if readout_width is not None and readout_width < 0:
+        raise PosprobeError(f"--readout-width must be >= 0 (0: C -> C, the authors'); given {readout_width}")
     config = get_profile(profile, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     if readout_width is not None:
         config = replace(config, max_readout_width=readout_width or None)
@@ -142,7 +144,7 @@ def probe_cmd(
     write(run, out, overwrite)
     print(f"{backbone} ({run.backbone.weights_label}), readout k={kernel_size} depth={depth} "
           f"padding={readout_padding}, {len(run.train)} training images, profile {profile}"
-          + ("" if is_official(config.train) else f" ({config.train.describe()})"))  # fmt: skip
+          + ("" if is_official(config.train) else f" ({config.train.describe(deep=depth > 1)})"))  # fmt: skip
     for line in _surgery_lines(run.backbone, image_size):
         print(line)
     print(format_table(run.metric_rows()))
@@ -289,7 +291,8 @@ def layer_curve_cmd(
     feat_size: FeatSize = 28,
     image_size: ImageSize = 224,
     input_norm: InputNorm = "none",
-    no_all: bool = typer.Option(False, help="Skip the readout over all levels together."),
+    include_all: bool = typer.Option(True, "--all/--no-all", help="Also train one readout over all levels "
+                                     "together (the paper's last column)."),
     profile: Profile = "official",
     epochs: Epochs = None,
     lr: Lr = None,
@@ -317,7 +320,7 @@ def layer_curve_cmd(
         readout_padding=readout_padding, feat_size=feat_size, image_size=image_size, profile=profile,
         train=_train_config(profile, epochs, lr, batch_size, seed, readout_width), seed=seed,
         device=resolve_device(device), train_dir=str(train) if train else None,
-        test_dir=str(test) if test else None, crops_per_photo=crops_per_photo, include_all=not no_all,
+        test_dir=str(test) if test else None, crops_per_photo=crops_per_photo, include_all=include_all,
         cache=cache, cache_dir=str(cache_dir) if cache_dir else None, cache_max_gb=cache_max_gb,
     )  # fmt: skip
     curve = run_layer_curve(config, progress=not quiet)

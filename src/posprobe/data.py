@@ -178,6 +178,8 @@ def random_square_crops(
 
 def bundled_train_set(image_size: int = 224, crops_per_photo: int = 8, seed: int = 0) -> TensorImages:
     """Training images from the bundled interior photos: seeded random square crops of each photo."""
+    if crops_per_photo < 1:
+        raise PosprobeError(f"--crops-per-photo must be >= 1; given {crops_per_photo}")
     rng = np.random.default_rng(seed)
     images, ids = [], []
     for path in bundled_train_photos():

@@ -73,6 +73,13 @@ def prepare_encoder(backbone: Backbone, device: str | torch.device) -> tuple[Bac
     return backbone, channels_last
 
 
+def unreadable_list(ids: list[str], images: Dataset | None = None, shown: int = 10) -> str:
+    """'x.jpg, y.png and 3 more (under /data/set)': unreadable images named for a warning or an error."""
+    text = ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+    root = getattr(images, "root", None)
+    return text + (f" (under {root})" if root is not None else "")
+
+
 @torch.inference_mode()
 def encode_batches(
     backbone: Backbone,
@@ -140,10 +147,11 @@ def encode(
     bar.close()
     skipped = [ids[i] for i in bad]
     if skipped:
-        shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) in {name}: {shown}", stacklevel=2)
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) in {name}: {unreadable_list(skipped, images)}",
+                      stacklevel=2)  # fmt: skip
     if not kept:
-        raise PosprobeError(f"none of the {len(images)} image(s) in {name} could be read")
+        raise PosprobeError(f"none of the {len(images)} image(s) in {name} could be read: "
+                            + unreadable_list(skipped, images))  # fmt: skip
     features = chunks[0] if len(chunks) == 1 else torch.cat(chunks).contiguous(memory_format=torch.channels_last)
     return EncodedSet(name, features, [ids[i] for i in kept], skipped,
                       getattr(images, "description", ""), levels=tuple(shapes))  # fmt: skip

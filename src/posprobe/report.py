@@ -63,6 +63,18 @@ def table_markdown(rows: list[dict], preset: StudyPreset, result: StudyResult) -
     return "\n".join(lines)
 
 
+READING_GUIDE = (
+    "**How to read this.** A frozen network's features feed a small trained readout that must draw the same "
+    "fixed map on every image: H (a left-to-right gradient), V (top to bottom), G (a centred Gaussian), HS and VS "
+    "(horizontal and vertical stripes). Since the target never depends on the image, the readout succeeds only if "
+    "the features say where each pixel is. PosENet is the control: the readout on the raw pixels, no network. "
+    "The black, white and noise test images carry no content, so whatever position is read from them comes from "
+    "the network itself (its zero padding). The paper's MAE for HS and VS is about .6-.7, and .704 for PosENet's "
+    "constant map on black, where a constant in [0, 1] scores at most .5 against a stripe map in [0, 1]: its "
+    "stripe maps were scaled differently when scored, so compare SPC there."
+)
+
+
 def check_direction(direction: Direction, rows: list[dict], study: str) -> tuple[bool | None, str]:
     """Does SPC rise along the chain for every pattern? (reproduced, the numbers in words); None: no cell ran.
 
@@ -70,7 +82,7 @@ def check_direction(direction: Direction, rows: list[dict], study: str) -> tuple
     those two means is not settled by this run.
     """
     index = {(r["row"], r["pattern"], r["test_set"]): r for r in rows if r["study"] == study}
-    ok, parts = True, []
+    ok, parts, stand_ins = True, [], set()
     for pattern in direction.patterns:
         cells = [index.get((key, pattern, direction.test_set)) for key in direction.chain]
         if any(c is None for c in cells):
@@ -81,23 +93,27 @@ def check_direction(direction: Direction, rows: list[dict], study: str) -> tuple
         spread = [c.get("spc_seed_std", 0.0) if c.get("seeds", 1) > 1 else 0.0 for c in cells]
         unsettled = [f"{a:.3f} vs {b:.3f}" for a, b, sa, sb in zip(values, values[1:], spread, spread[1:])
                      if abs(b - a) < max(sa, sb)]  # fmt: skip
-        parts.append(f"{pattern}: " + " < ".join(f"{v:.3f}" for v in values) + ("" if rising else " (not rising)")
+        steps = " → ".join(f"{key.rsplit('/', 1)[-1]} {v:.3f}" for key, v in zip(direction.chain, values))
+        parts.append(f"{pattern}: {steps}" + ("" if rising else " (not rising)")
                      + (f" (within the seed spread: {', '.join(unsettled)})" if unsettled else ""))
+        stand_ins.update(f"{c['row']} ran as {c['backbone']}" for c in cells if c.get("substituted"))
     if not parts:
         return None, "none of its cells ran"
-    return ok, "; ".join(parts)
+    compared = f"; compared as run, stand-ins included: {', '.join(sorted(stand_ins))}" if stand_ins else ""
+    return ok, "; ".join(parts) + compared
 
 
 def render(result: StudyResult, presets: Sequence[StudyPreset], header: dict, figures: dict[str, list[str]]) -> str:
     rows = result_rows(result, presets)
     names = ", ".join(p.name for p in presets)
+    seeds = "(± on SPC: standard deviation across seeds)" if any(r["seeds"] > 1 for r in rows) else "(one seed)"
     lines = [f"# posprobe reproduce: {names}", "",
-             "Cells are SPC/MAE, means over test images (± on SPC: standard deviation across seeds), ours beside "
-             "the values printed in Islam, Jia & Bruce, ICLR 2020; ΔSPC = ours − paper; `n/p`: the paper prints "
-             "no value for this cell. SPC is the Spearman correlation between predicted and target map "
-             "(1 = perfect, 0 = no position information); a constant prediction scores 0. Per-image spreads, "
-             "counts of constant maps and every seed's numbers are in results.csv / results.json.",
-             "", "## What ran", ""]  # fmt: skip
+             f"Cells are SPC/MAE, means over test images {seeds}, ours beside the values printed in Islam, Jia & "
+             "Bruce, ICLR 2020; ΔSPC = ours − paper; `n/p`: the paper prints no value for this cell. SPC is the "
+             "Spearman correlation between predicted and target map (1 = perfect, 0 = no position information); "
+             "a constant prediction scores 0. MAE is the mean absolute difference (0 = perfect). Per-image "
+             "spreads, counts of constant maps and every seed's numbers are in results.csv / results.json.",
+             "", READING_GUIDE, "", "## What ran", ""]  # fmt: skip
     lines.append("| Asked for | Ran as | Weights | Substituted |")
     lines.append("|---|---|---|---|")
     for paper_name, ran in result.backbones.items():  # 'vgg16' or 'vgg16:random'

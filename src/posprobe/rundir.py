@@ -25,6 +25,13 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
         raise PosprobeError(f"output directory {out} already exists; choose another --out or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise PosprobeError(f"output path {out} exists and is not a directory")
+    ancestor = out.parent
+    while not ancestor.exists():  # the nearest folder that exists must hold (or become) the output's parent
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise PosprobeError(f"cannot create output directory {out}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PosprobeError(f"cannot create output directory {out}: {ancestor} is not writable")
     return out
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import PosprobeError
-from .features import _Indexed
+from .features import _Indexed, unreadable_list
 
 Shape = tuple[int, int, int]  # (channels, height, width) of one tapped level at its native size
 
@@ -305,7 +305,8 @@ class StreamedSet:
             raise PosprobeError(f"unreadable image in {self.name}: {bad[0]} (--strict stops at the first)")
         self.kept = [i for i, ok in enumerate(flags) if ok]
         if not self.kept:
-            raise PosprobeError(f"none of the {len(images)} image(s) in {self.name} could be read")
+            raise PosprobeError(f"none of the {len(images)} image(s) in {self.name} could be read: "
+                                + unreadable_list(bad, images))  # fmt: skip
         self.ids, self.skipped = [all_ids[i] for i in self.kept], bad
         first = images[self.kept[0]]
         self.levels: list[Shape] = [tuple(s) for s in backbone.level_shapes(first.shape[-1])]

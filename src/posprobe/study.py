@@ -180,9 +180,10 @@ def run_study(
         try:
             backbones[(name, weights)] = create_backbone(name, weights)
         except PosprobeError as err:
+            reason = str(err).replace(", or pass --weights random or a checkpoint path", "")  # probe's options
             raise PosprobeError(
-                f"{err}; to run this table with a bundled stand-in, pass --backbone-map auto "
-                "(or e.g. --backbone-map vgg16=vgg16_hed)"
+                f"{reason}; to run this table without them, pass --backbone-map auto (bundled stand-ins) or map "
+                "the network yourself, e.g. --backbone-map vgg16=vgg16_hed or --backbone-map vgg16=vgg16:random"
             ) from None
         backbones[(name, weights)].level_shapes(image_size)
         for _, v, _ in groups[(name, weights)]:

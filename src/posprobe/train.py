@@ -46,12 +46,12 @@ class TrainConfig:
             return None
         return self.max_readout_width
 
-    def describe(self) -> str:
-        """The schedule in words, for report headers."""
+    def describe(self, deep: bool = True) -> str:
+        """The schedule in words, for report headers; ``deep``: also the width of depth > 1 readouts."""
         width = "C -> C" if self.max_readout_width is None else f"at most {self.max_readout_width} channels"
         return (f"{self.epochs} epochs, SGD lr {self.lr} (x{self.lr_gamma} at {list(self.lr_milestones)}), "
-                f"momentum {self.momentum}, weight decay {self.weight_decay}, batch {self.batch_size}; "
-                f"intermediate readout layers {width}")
+                f"momentum {self.momentum}, weight decay {self.weight_decay}, batch {self.batch_size}"
+                + (f"; intermediate readout layers {width}" if deep else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
