@@ -15,18 +15,27 @@ relative to the data term; alpha is chosen per pattern on a held-out split of th
 probe is refitted on all of them.
 
 Solvers: ``direct`` accumulates A (D x D, float64; the per-image products in float32 above 4096 inputs) and solves
-by Cholesky for every alpha; ``cg`` never forms
-A: multi-shift conjugate gradients (one Krylov sequence serves every alpha) whose products ``A v`` are one
-pass over the features each (the fused convolution of ``joint``). ``auto`` takes direct whenever the three
-D x D float64 matrices it holds fit 40% of the available memory (on a 24 GB machine up to D of about 18,000:
-VGG16 at k=3 has D = 13,249) and CG above (ResNet-152 at k=3: D = 34,561, 29 GB). Accumulating A costs
-n s^2 D^2 multiply-adds, minutes for VGG16 at k=3; CG is unpreconditioned beyond the standardisation, needs
-hundreds of passes on deep features, and reports in ``residual_`` how far it got.
+by Cholesky for every alpha; ``cg`` never forms A: conjugate gradients whose products ``A v`` are one pass
+over the features each (the fused convolution of ``joint``), every (alpha, pattern) system a column of the
+same pass. ``auto`` takes direct whenever the three D x D float64 matrices it holds fit 40% of the available
+memory (on a 24 GB machine up to D of about 18,000: VGG16 at k=3 has D = 13,249) and CG above (ResNet-152 at
+k=3: D = 34,561, 29 GB). Accumulating A costs n s^2 D^2 multiply-adds, minutes for VGG16 at k=3.
+
+CG is preconditioned because the standardisation is not enough: the spectrum of deep features decays like a
+power law over many decades, not along the axes, so plain CG needs thousands of passes at small alpha, and
+(block-)diagonal scaling does not help: Jacobi is no better than the standardisation, and block-Jacobi over
+each channel's k x k taps is worse still on ResNet-152 (and, like any block Cholesky, must be refactored for
+every alpha). A randomised Nystrom approximation A ~ U diag(lam) U^T of rank ``cg_rank`` (Frangella, Tropp and
+Udell 2023) captures the top of the spectrum from A Omega, Omega a random orthonormal (D, rank): one pass of
+rank columns per split, and D x rank float64 numbers (221 MB at D = 34,561 and rank 800). Its preconditioner
+for any ridge shift is a closed form, so one sketch serves every alpha. It changes how fast CG converges,
+never the system solved: ResNet-152 at k=3 took 6,981 passes without it and 228 with it (benchmarks/RESULTS.md);
+``cg_rank=0`` turns it off; ``residual_`` reports how far CG got.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -199,58 +208,84 @@ def _solve_direct(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, shifts: Seq
     return out
 
 
-def multishift_cg(matvec, b: torch.Tensor, shifts: Sequence[float], tol: float = 1e-6, max_iter: int = 1000,
-                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
-    """Solve (A + shift I) x = b for every shift and every column of b (D, P) with one Krylov sequence.
+class NystromPreconditioner:
+    """Inverse of a Nystrom preconditioner for A + shift I, from a sketch A Omega; one sketch serves every shift.
 
-    A is symmetric positive semi-definite and given only through ``matvec`` ((D, Q) -> (D, Q)); the seed
-    system is the smallest shift (the slowest to converge), the others follow from the CG-M recurrences
-    (Jegerlehner 1996): r_shift = zeta * r_seed. Returns x (L, D, P), relative residuals (L, P), iterations.
+    With A ~ U diag(lam) U^T (rank r, lam descending), the preconditioner is
+    P = U diag(lam + shift) U^T / (lam_r + shift) + (I - U U^T): on the top of the spectrum it undoes A + shift,
+    below it it leaves the rest (eigenvalues <= lam_r) alone, so the preconditioned system's condition number is
+    about (lam_r + shift) / shift instead of (lam_1 + shift) / shift.
     """
-    shifts_t = torch.tensor(list(shifts), dtype=torch.float64, device=b.device)
-    seed = float(shifts_t.min())
-    delta = (shifts_t - seed)[:, None]  # (L, 1)
+
+    def __init__(self, omega: torch.Tensor, sketch: torch.Tensor):
+        """``omega`` (D, r) with orthonormal columns, ``sketch`` = A omega (D, r), e.g. from float32 passes."""
+        w = omega.T @ sketch
+        theta, v = torch.linalg.eigh((w + w.T) / 2)  # the core omega^T A omega, symmetrised against rounding
+        keep = theta > 1e-6 * float(theta.max().clamp(min=1e-300))  # below float32's reach: no information
+        factor = sketch @ (v[:, keep] * theta[keep].rsqrt())  # A_nys = A omega (omega^T A omega)^+ omega^T A
+        self.u, sigma, _ = torch.linalg.svd(factor, full_matrices=False)
+        self.lam = sigma.square()  # A_nys = U diag(lam) U^T
+        self.rank = len(self.lam)
+        self.tiny = torch.finfo(self.lam.dtype).eps * float(self.lam[0]) if self.rank else 0.0
+
+    def __call__(self, r: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """P^-1 r for columns r (D, Q), each with its own ridge shift (Q,)."""
+        if not self.rank:
+            return r
+        ur = self.u.T @ r
+        scale = (self.lam[-1] + shift).clamp(min=self.tiny)
+        return r + self.u @ (ur * (scale / (self.lam[:, None] + shift).clamp(min=self.tiny) - 1))
+
+
+def sketch_basis(dim: int, rank: int, seed: int = 0) -> torch.Tensor:
+    """Random orthonormal columns (dim, rank) in float64, seeded on the CPU so every device draws the same."""
+    gauss = torch.randn(dim, rank, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.linalg.qr(gauss).Q
+
+
+def conjugate_gradients(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, shifts: Sequence[float],
+                        precond: NystromPreconditioner | None = None, tol: float = 1e-6, max_iter: int = 1000,
+                        progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+    """Solve (A + shift I) x = b for every shift and every column of b (D, P) by (preconditioned) CG.
+
+    A is symmetric positive semi-definite and given only through ``matvec`` ((D, Q) -> (D, Q)), which is the
+    expensive part (a pass over the features): all L x P systems are columns of one product, and a column
+    leaves the product once its relative residual |b - (A + shift) x| / |b| is at most ``tol``, so the number
+    of products is that of the slowest system. Returns x (L, D, P), relative residuals (L, P), products.
+    """
     n_shifts, (dim, cols) = len(shifts), b.shape
-    bnorm = b.norm(dim=0).clamp(min=1e-300)  # (P,)
-    r = b.clone()
-    p = b.clone()
-    rr = (r * r).sum(0)
-    x = torch.zeros(n_shifts, dim, cols, dtype=b.dtype, device=b.device)
-    ps = b.expand(n_shifts, dim, cols).clone()
-    zeta, zeta_prev = torch.ones(n_shifts, cols, dtype=b.dtype, device=b.device), torch.ones(n_shifts, cols, dtype=b.dtype, device=b.device)
-    alpha_prev = torch.ones(cols, dtype=b.dtype, device=b.device)
-    beta_prev = torch.zeros(cols, dtype=b.dtype, device=b.device)
-    active = torch.ones(cols, dtype=torch.bool, device=b.device)
+    shift = torch.tensor(list(shifts), dtype=b.dtype, device=b.device).repeat_interleave(cols)  # column l*P + p
+    rhs = b.repeat(1, n_shifts)
+    apply = precond if precond is not None else (lambda r, _: r)
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    z = apply(r, shift)
+    p = z.clone()
+    rz = (r * z).sum(0)
+    bnorm = rhs.norm(dim=0).clamp(min=1e-300)
+    residual = r.norm(dim=0) / bnorm
+    active = residual > tol
     it = 0
     bar = tqdm(total=max_iter, desc="linear probe (CG)", unit="it", disable=None if progress else True, leave=False)
-    for it in range(1, max_iter + 1):
-        ap = matvec(p) + seed * p
-        pap = (p * ap).sum(0)
-        alpha = torch.where(active & (pap > 0), rr / pap.clamp(min=1e-300), torch.zeros_like(rr))
-        r = r - alpha * ap
-        rr_new = (r * r).sum(0)
-        beta = torch.where(active, rr_new / rr.clamp(min=1e-300), torch.zeros_like(rr))
-        # shifted systems
-        denom = alpha * beta_prev * (zeta_prev - zeta) + zeta_prev * alpha_prev * (1 + delta * alpha)
-        zeta_next = torch.where(active, zeta * zeta_prev * alpha_prev / denom, zeta)
-        ratio = torch.where(zeta.abs() > 0, zeta_next / zeta, torch.zeros_like(zeta))
-        alpha_s = alpha * ratio  # (L, P)
-        x = x + alpha_s[:, None, :] * ps
-        beta_s = beta * ratio**2
-        ps = zeta_next[:, None, :] * r + beta_s[:, None, :] * ps
-        p = r + beta * p
-        keep = active
-        zeta_prev, zeta = torch.where(keep, zeta, zeta_prev), zeta_next
-        alpha_prev = torch.where(keep, alpha, alpha_prev)
-        beta_prev = torch.where(keep, beta, beta_prev)
-        rr = torch.where(keep, rr_new, rr)
-        residual = zeta.abs() * rr.sqrt() / bnorm  # (L, P)
-        active = active & (residual.amax(0) > tol)
+    while bool(active.any()) and it < max_iter:
+        it += 1
+        a = active.nonzero().squeeze(1)
+        pa = p[:, a]
+        ap = matvec(pa) + shift[a] * pa
+        pap = (pa * ap).sum(0)
+        step = torch.where(pap > 0, rz[a] / pap.clamp(min=1e-300), torch.zeros_like(pap))
+        x[:, a] += step * pa
+        ra = r[:, a] - step * ap
+        r[:, a] = ra
+        residual[a] = ra.norm(dim=0) / bnorm[a]
+        za = apply(ra, shift[a])
+        rz_new = (ra * za).sum(0)
+        p[:, a] = za + rz_new / rz[a].clamp(min=1e-300) * pa
+        rz[a] = rz_new
+        active[a] = (residual[a] > tol) & (pap > 0)  # pap <= 0: breakdown on a singular system; stop that column
         bar.update(1)
-        if not bool(active.any()):
-            break
     bar.close()
-    return x, zeta.abs() * rr.sqrt() / bnorm, it
+    return x.view(dim, n_shifts, cols).permute(1, 0, 2), residual.view(n_shifts, cols), it
 
 
 class LinearProbe:
@@ -259,7 +294,8 @@ class LinearProbe:
     The same shape as ``PositionProbe``: settings in ``__init__``, ``fit`` returns self, then ``predict``
     and ``score``; ``fit`` and ``score`` accept raw images, an ``EncodedSet`` or any feature source.
     Learned: ``readouts_`` (a ``LinearReadout`` per target), ``alpha_``, ``val_mse_`` ({target: {alpha:
-    MSE}}), ``train_mse_``, ``solver_``, ``iterations_`` and ``residual_`` (CG), ``seconds_``.
+    MSE}}), ``train_mse_``, ``solver_``, ``iterations_`` (passes), ``residual_`` and ``preconditioner_`` (CG),
+    ``seconds_``.
     """
 
     def __init__(
@@ -276,6 +312,7 @@ class LinearProbe:
         max_direct_inputs: int | None = None,
         cg_tol: float = 1e-6,
         cg_max_iter: int = 1000,
+        cg_rank: int = 800,
         batch_size: int = 32,
         seed: int = 0,
         device: str | torch.device = "cpu",
@@ -296,7 +333,10 @@ class LinearProbe:
         self.backbone, self.patterns = backbone, list(patterns)
         self.kernel_size, self.padding, self.feat_size, self.image_size = kernel_size, padding, feat_size, image_size
         self.alphas, self.holdout, self.solver = alphas, holdout, solver
+        if cg_rank < 0:
+            raise PosprobeError(f"cg_rank must be non-negative (0: no preconditioner); given {cg_rank}")
         self.max_direct_inputs, self.cg_tol, self.cg_max_iter = max_direct_inputs, cg_tol, cg_max_iter
+        self.cg_rank = cg_rank
         self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
         self.encode_batch_size, self.strict, self.progress, self.cache = encode_batch_size, strict, progress, cache
         self.targets = {p: make_target(p, image_size, image_size) for p in self.patterns}
@@ -343,6 +383,8 @@ class LinearProbe:
         whole = {"n": n_all, "b": sum(st["b"] for st in stats)}
         if solver == "direct":
             whole["A"] = sum(st["A"] for st in stats)
+        else:  # from A omega per split: the fit split's to choose alpha, their sum to refit on every image
+            fit_pc, whole_pc = self._preconditioners(prob, splits, d)
         cols = list(range(len(prob.names)))
         self.val_mse_: dict[str, dict[float, float]] = {name: {} for name in prob.names}
         chosen = {name: self.alphas[-1] for name in prob.names}
@@ -354,7 +396,7 @@ class LinearProbe:
                 solved = [(a, v) for a, v in zip(self.alphas, _solve_direct(fit_st["A"], fit_st["b"], d, shifts))
                           if v is not None]  # fmt: skip
             else:
-                xs, _, its = self._cg(prob, fit_idx, fit_st["b"], d, shifts)
+                xs, _, its = self._cg(prob, fit_idx, fit_st["b"], d, shifts, fit_pc)
                 self.iterations_ += its
                 solved = list(zip(self.alphas, xs))
             if solved:  # held-out MSE by a forward pass: no cancellation, whatever precision A was built in
@@ -378,7 +420,7 @@ class LinearProbe:
             sol = {a: v for a, v in zip(final_alphas, sols)}
             res = {}
         else:
-            xs, res_t, its = self._cg(prob, torch.arange(n_all), whole["b"], d, shifts)
+            xs, res_t, its = self._cg(prob, torch.arange(n_all), whole["b"], d, shifts, whole_pc)
             self.iterations_ += its
             sol = {a: xs[i] for i, a in enumerate(final_alphas)}
             res = {a: res_t[i] for i, a in enumerate(final_alphas)}
@@ -393,17 +435,34 @@ class LinearProbe:
         self.alpha_ = chosen
         self.train_mse_ = {name: float(m) for name, m in zip(prob.names, train_mse)}
         self.solver_, self.inputs_ = solver, prob.dim
+        self.preconditioner_ = ""  # CG's, for reports
+        if solver == "cg":
+            self.preconditioner_ = f"Nystrom rank {whole_pc.rank}" if whole_pc else "none"
         self.seconds_ = time.perf_counter() - started
         return self
 
-    def _cg(self, prob: _Problem, idx: torch.Tensor, b: torch.Tensor, d: torch.Tensor, shifts: Sequence[float]):
-        """Multi-shift CG in standardised coordinates; returns solutions in original coordinates (L, D, P)."""
+    def _preconditioners(self, prob: _Problem, splits: Sequence[torch.Tensor], d: torch.Tensor
+                         ) -> tuple[NystromPreconditioner | None, NystromPreconditioner | None]:  # fmt: skip
+        """For the first split and for all of them (standardised): one pass of ``cg_rank`` columns per split."""
+        rank = min(self.cg_rank, prob.dim)
+        if not rank:
+            return None, None
+        omega = sketch_basis(prob.dim, rank, self.seed).to(self.device)
+        s = d.rsqrt()[:, None]
+        parts = [s * prob.matvec(idx, s * omega) for idx in splits]
+        whole = NystromPreconditioner(omega, sum(parts))
+        return (NystromPreconditioner(omega, parts[0]) if len(parts) > 1 else whole), whole
+
+    def _cg(self, prob: _Problem, idx: torch.Tensor, b: torch.Tensor, d: torch.Tensor, shifts: Sequence[float],
+            precond: NystromPreconditioner | None):  # fmt: skip
+        """Preconditioned CG in standardised coordinates; returns solutions in original coordinates (L, D, P)."""
         s = d.rsqrt()
 
         def matvec(v_hat: torch.Tensor) -> torch.Tensor:
             return s[:, None] * prob.matvec(idx, s[:, None] * v_hat)
 
-        x_hat, res, its = multishift_cg(matvec, s[:, None] * b, shifts, self.cg_tol, self.cg_max_iter, self.progress)
+        x_hat, res, its = conjugate_gradients(matvec, s[:, None] * b, shifts, precond, self.cg_tol, self.cg_max_iter,
+                                              self.progress)  # fmt: skip
         return s[None, :, None] * x_hat, res, its
 
     def _check_fitted(self) -> None:
@@ -428,10 +487,11 @@ class LinearProbe:
         return out
 
     def summary(self) -> dict:
-        """What was fitted, for reports: solver, inputs, alpha, train MSE (and CG iterations/residuals)."""
+        """What was fitted, for reports: solver, inputs, alpha, train MSE (and CG passes, residuals, preconditioner)."""
         self._check_fitted()
         converged = all(r <= self.cg_tol for r in self.residual_.values())
         return {"solver": self.solver_, "inputs": self.inputs_, "alpha": self.alpha_, "train_mse": self.train_mse_,
                 "val_mse": self.val_mse_, "cg_iterations": self.iterations_, "cg_residual": self.residual_,
-                "cg_converged": converged, "seconds": self.seconds_}  # fmt: skip
+                "cg_converged": converged, "cg_preconditioner": self.preconditioner_,
+                "seconds": self.seconds_}  # fmt: skip
 
