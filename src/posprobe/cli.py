@@ -150,7 +150,9 @@ def probe_cmd(
     print(format_table(run.metric_rows()))
     if run.linear is not None:
         info = run.linear.summary()
-        cg = (f", CG {info['cg_iterations']} passes, residual <= {max(info['cg_residual'].values()):.1e}"
+        pc = info["cg_preconditioner"]
+        pc = f"{pc} preconditioner" if pc and pc != "none" else "unpreconditioned"
+        cg = (f", CG ({pc}) {info['cg_iterations']} passes, residual <= {max(info['cg_residual'].values()):.1e}"
               if info["solver"] == "cg" else "")  # fmt: skip
         print(f"linear probe: exact ridge ({info['solver']} solver, {info['inputs']} inputs), alpha per pattern "
               + ", ".join(f"{k} {v:g}" for k, v in info["alpha"].items()) + f"{cg}, {info['seconds']:.1f} s")  # fmt: skip
