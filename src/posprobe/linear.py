@@ -48,7 +48,7 @@ from .joint import MapLoss, conv_parts, predict_source
 from .metrics import is_constant, mae, spearman
 from .readout import align, check_readout_config, readout_map_size
 from .sources import FeatureBatch, as_source, memory_budget_bytes
-from .targets import PATTERNS, make_target
+from .targets import PATTERNS, probe_targets
 
 # Relative ridge strengths tried on the held-out split. Below 1e-4 the held-out MSE of real features is flat
 # to 3 digits while CG needs ~sqrt(1/alpha) iterations; pass smaller ones explicitly for the bare optimum.
@@ -339,13 +339,7 @@ class LinearProbe:
         self.cg_rank = cg_rank
         self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
         self.encode_batch_size, self.strict, self.progress, self.cache = encode_batch_size, strict, progress, cache
-        self.targets = {p: make_target(p, image_size, image_size) for p in self.patterns}
-        for name, t in dict(extra_targets or {}).items():
-            if tuple(t.shape) != (image_size, image_size):
-                raise PosprobeError(f"target '{name}' is {tuple(t.shape)}; expected ({image_size}, {image_size})")
-            self.targets[name] = t.float()
-        if not self.targets:
-            raise PosprobeError("no target to probe: give at least one pattern or target image")
+        self.targets = probe_targets(self.patterns, extra_targets, image_size)
 
     def encode(self, images):
         """Raw images -> features (via the cache when one is set); features pass through."""

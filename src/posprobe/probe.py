@@ -17,7 +17,7 @@ from .errors import PosprobeError
 from .features import EncodedSet
 from .metrics import is_constant, mae, spearman
 from .readout import Readout, check_readout_config
-from .targets import PATTERNS, make_target
+from .targets import PATTERNS, probe_targets
 from .train import PROFILES, ReadoutJob, TrainConfig, predict, train_readouts
 
 
@@ -66,16 +66,9 @@ class PositionProbe:
         self.kernel_size, self.depth, self.padding = kernel_size, depth, padding
         self.feat_size, self.image_size = feat_size, image_size
         self.train_config, self.seed, self.device = train_config, seed, device
-        self.extra_targets = dict(extra_targets or {})
         self.encode_batch_size, self.strict, self.progress = encode_batch_size, strict, progress
         self.cache = cache  # a cache.FeatureCache: encode through it (None: in memory, float32)
-        self.targets = {p: make_target(p, image_size, image_size) for p in self.patterns}
-        for name, t in self.extra_targets.items():
-            if tuple(t.shape) != (image_size, image_size):
-                raise PosprobeError(f"target '{name}' is {tuple(t.shape)}; expected ({image_size}, {image_size})")
-            self.targets[name] = t.float()
-        if not self.targets:
-            raise PosprobeError("no target to probe: give at least one pattern or target image")
+        self.targets = probe_targets(self.patterns, extra_targets, image_size)
 
     def encode(self, images: Dataset | EncodedSet) -> EncodedSet:
         """Images -> EncodedSet (or a StreamedSet when the cache says the set is too large to keep)."""

@@ -68,6 +68,18 @@ def make_target(name: str, height: int, width: int) -> torch.Tensor:
     return _min_max(out.contiguous()).to(torch.float32)
 
 
+def probe_targets(patterns, extra: dict[str, torch.Tensor] | None, image_size: int) -> dict[str, torch.Tensor]:
+    """The maps a probe reads out: each named pattern, then the user's own (checked to be image_size square)."""
+    targets = {p: make_target(p, image_size, image_size) for p in patterns}
+    for name, t in dict(extra or {}).items():
+        if tuple(t.shape) != (image_size, image_size):
+            raise PosprobeError(f"target '{name}' is {tuple(t.shape)}; expected ({image_size}, {image_size})")
+        targets[name] = t.float()
+    if not targets:
+        raise PosprobeError("no target to probe: give at least one pattern or target image")
+    return targets
+
+
 def load_target_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     """A target drawn by the user: the image at ``path`` as grayscale, resized bilinearly, min-max normalised."""
     path = Path(path)
