@@ -437,8 +437,10 @@ class _Overflow(Exception):
 
 def encode_images(backbone, images, feat_size: int = 28, batch_size: int = 16, device: str | torch.device = "cpu",
                   strict: bool = False, progress: bool = True, cache: FeatureCache | None = None,
-                  num_workers: int | None = None):  # fmt: skip
+                  num_workers: int | None = None, allow_stream: bool = True):  # fmt: skip
     """Images -> features: via ``cache`` when given (EncodedSet or StreamedSet), else in memory.
+
+    Without ``allow_stream`` a set too large for the cache is encoded in memory (test sets, read once).
 
     Anything that already is features (an EncodedSet, a feature source or a tensor) passes through.
     """
@@ -451,4 +453,4 @@ def encode_images(backbone, images, feat_size: int = 28, batch_size: int = 16, d
     if cache is None:
         return encode(backbone, images, feat_size, batch_size, device, strict=strict, num_workers=num_workers,
                       progress=progress)  # fmt: skip
-    return cache.encode(backbone, images, feat_size, batch_size, device, strict, num_workers, progress)
+    return cache.encode(backbone, images, feat_size, batch_size, device, strict, num_workers, progress, allow_stream)

@@ -141,8 +141,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
         backbone = backbones[c.label]
         # the test set first: it is small, and an unreadable one then fails before the costly training pass
         test = encode_images(backbone, test_set, config.feat_size, device=config.device, progress=progress,
-                             cache=cache)  # fmt: skip
-        test = test if isinstance(test, EncodedSet) else test.encoded()  # too large to cache: keep in memory
+                             cache=cache, allow_stream=False)  # fmt: skip
         train = encode_images(backbone, train_set, config.feat_size, device=config.device, progress=progress,
                               cache=cache)  # fmt: skip
         data = {"train": {"description": train.description, "n": len(train), "skipped": train.skipped},

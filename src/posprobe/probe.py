@@ -70,12 +70,14 @@ class PositionProbe:
         self.cache = cache  # a cache.FeatureCache: encode through it (None: in memory, float32)
         self.targets = probe_targets(self.patterns, extra_targets, image_size)
 
-    def encode(self, images: Dataset | EncodedSet) -> EncodedSet:
-        """Images -> EncodedSet (or a StreamedSet when the cache says the set is too large to keep)."""
+    def encode(self, images: Dataset | EncodedSet, allow_stream: bool = True) -> EncodedSet:
+        """Images -> EncodedSet (or a StreamedSet when the cache says the set is too large to keep, unless
+        ``allow_stream`` is False: then in memory)."""
         from .cache import encode_images
 
         return encode_images(self.backbone, images, self.feat_size, self.encode_batch_size, self.device,
-                             strict=self.strict, progress=self.progress, cache=self.cache)  # fmt: skip
+                             strict=self.strict, progress=self.progress, cache=self.cache,
+                             allow_stream=allow_stream)  # fmt: skip
 
     def new_readout(self) -> Readout:
         """A freshly initialised readout; every target's readout starts from the same seeded weights."""

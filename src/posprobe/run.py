@@ -134,8 +134,7 @@ def execute(config: ProbeRunConfig, progress: bool = True) -> ProbeRun:
     # Test sets first: they are small, and an unreadable one then fails before the costly training pass.
     tests = {}
     for name, images in test_sets.items():
-        encoded = probe.encode(images)
-        tests[name] = encoded if isinstance(encoded, EncodedSet) else encoded.encoded()  # too large to cache
+        tests[name] = probe.encode(images, allow_stream=False)
     t1 = time.perf_counter()
     train = probe.encode(train_set)
     t2 = time.perf_counter()

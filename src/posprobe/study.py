@@ -16,7 +16,6 @@ from torch.utils.data import Dataset
 from .backbones import Backbone, create_backbone, get_backbone_spec
 from .errors import PosprobeError
 from .cache import FeatureCache, encode_images
-from .features import EncodedSet
 from .metrics import is_constant, mae, spearman
 from .readout import Readout, check_readout_config
 from .targets import make_target
@@ -199,8 +198,8 @@ def run_study(
         # Test sets first: they are small, and an unreadable one then fails before the costly training pass.
         tests = {}
         for t in needed:
-            enc = encode_images(backbone, test_images[t], feat_size, device=device, progress=progress, cache=cache)
-            tests[t] = enc if isinstance(enc, EncodedSet) else enc.encoded()  # too large to cache: keep in memory
+            tests[t] = encode_images(backbone, test_images[t], feat_size, device=device, progress=progress,
+                                     cache=cache, allow_stream=False)  # fmt: skip
         train = encode_images(backbone, train_images, feat_size, device=device, progress=progress, cache=cache)
         for t, enc in tests.items():  # the first decodable images of each set, for the figures
             if t not in preview_images:
