@@ -17,14 +17,14 @@ from .targets import make_target  # noqa: E402
 def _label(preset: StudyPreset, result: StudyResult, key: str) -> str:
     v = next(v for v in preset.variants if v.key == key)
     ran = result.backbones[v.backbone_key]
-    return f"{v.label}\n(as {ran['ran_as']})" if ran.get("substituted") else v.label
+    return f"{v.label}\n(stand-in: {ran['ran_as']})" if ran.get("substituted") else v.label
 
 
 def _grid(path: Path, rows: list[tuple[str, torch.Tensor, list[tuple[str, torch.Tensor | None, str]]]],
           title: str, cmap: str = "gray", vmax: float = 1.0) -> None:  # fmt: skip
     """rows: (row label, input image (3,H,W), [(column title, map (H,W) or None, annotation)])."""
     cols = 1 + max(len(r[2]) for r in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, 2.0 * len(rows) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, 2.3 * len(rows) + 0.4), squeeze=False)
     for i, (label, image, cells) in enumerate(rows):
         _show(axes[i][0], image, label[:24])
         for j, (name, m, note) in enumerate(cells, start=1):

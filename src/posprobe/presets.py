@@ -91,7 +91,7 @@ _add(StudyPreset(
     test_sets=("natural", "black", "noise"), paper_table="table4", figure="padding",
 ))  # fmt: skip
 _add(StudyPreset(
-    "fig-content-loss", "Fig. 7: where image content disturbs the position readout, L = mean |G - P| over H, V, G",
+    "fig-content-loss", "Fig. 7: where image content disturbs the position readout, L = mean |target - prediction| over H, V, G",
     variants=(VGG16, RESNET152), patterns=("H", "V", "G"), paper_table=None, figure="content_loss",
 ))  # fmt: skip
 
