@@ -21,22 +21,37 @@ def _label(preset: StudyPreset, result: StudyResult, key: str) -> str:
 
 
 def _grid(path: Path, rows: list[tuple[str, torch.Tensor, list[tuple[str, torch.Tensor | None, str]]]],
-          title: str, cmap: str = "gray", vmax: float = 1.0) -> None:  # fmt: skip
-    """rows: (row label, input image (3,H,W), [(column title, map (H,W) or None, annotation)])."""
+          title: str, cmap: str = "gray", vmax: float = 1.0, colorbar: str | None = None) -> None:  # fmt: skip
+    """rows: (row label, input image (3,H,W), [(column title, map (H,W) or None, annotation)]).
+
+    colorbar: a label for a colour bar at the right, for maps whose colours stand for values (not pictures);
+    values above vmax show the top colour, which the bar's arrow says.
+    """
     cols = 1 + max(len(r[2]) for r in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, 2.3 * len(rows) + 0.4), squeeze=False)
+    bar_room = 1.2 if colorbar else 0.0  # inches at the right for the bar, its ticks and label
+    width = 1.9 * cols + bar_room
+    fig, axes = plt.subplots(len(rows), cols, figsize=(width, 2.3 * len(rows) + 0.4), squeeze=False)
+    shown = None
     for i, (label, image, cells) in enumerate(rows):
         _show(axes[i][0], image, label[:24])
         for j, (name, m, note) in enumerate(cells, start=1):
             if m is None:
                 axes[i][j].axis("off")
                 continue
-            axes[i][j].imshow(m.numpy(), cmap=cmap, vmin=0, vmax=vmax)
+            shown = axes[i][j].imshow(m.numpy(), cmap=cmap, vmin=0, vmax=vmax)
             axes[i][j].set_xticks([])
             axes[i][j].set_yticks([])
             axes[i][j].set_title(f"{name}{note}", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    if colorbar and shown is not None:
+        right = 1 - bar_room / width  # tight_layout spread the maps over the whole width: take the strip back
+        fig.subplots_adjust(right=right)
+        bottom, top = axes[-1][0].get_position().y0, axes[0][0].get_position().y1  # the maps' height
+        cax = fig.add_axes((right + 0.15 / width, bottom, 0.18 / width, top - bottom), label="colour bar")
+        bar = fig.colorbar(shown, cax=cax, extend="max")
+        bar.set_label(colorbar, fontsize=7)
+        bar.ax.tick_params(labelsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -84,6 +99,10 @@ def padding(result: StudyResult, preset: StudyPreset, out_dir: Path) -> list[Pat
     return [path]
 
 
+LOSS_VMAX = 0.5  # L lies in [0, 1] for maps in [0, 1]; the colours stop at .5 so the small losses stay apart
+LOSS_BAR = "absolute error L\n= mean |target - prediction|\n0 = exact; ≥ .5 drawn as .5"
+
+
 def content_loss(result: StudyResult, preset: StudyPreset, out_dir: Path) -> list[Path]:
     """Fig. 7: per-image L = (|G_H - P_H| + |G_V - P_V| + |G_G - P_G|) / 3 for each backbone (bright = lost)."""
     ids, images = result.preview_images["natural"]
@@ -98,7 +117,7 @@ def content_loss(result: StudyResult, preset: StudyPreset, out_dir: Path) -> lis
             cells.append((_label(preset, result, v.key), loss, f"\nmean L {float(loss.mean()):.3f}"))
         rows.append((name, image, cells))
     path = out_dir / f"{preset.name}.png"
-    _grid(path, rows, preset.title, cmap="magma", vmax=0.5)
+    _grid(path, rows, preset.title, cmap="magma", vmax=LOSS_VMAX, colorbar=LOSS_BAR)
     return [path]
 
 

@@ -1,0 +1,54 @@
+"""The paper's figures drawn from a small hand-made StudyResult: no training, just what each figure shows."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+from posprobe import figures
+from posprobe.presets import PRESETS
+from posprobe.study import StudyPreset, StudyResult
+from posprobe.targets import make_target
+
+SIZE = 32
+
+
+def fake_result(preset: StudyPreset, substituted: bool = False) -> StudyResult:
+    """Predictions = target + a little noise for every (variant, pattern, test set) the preset names."""
+    g = torch.Generator().manual_seed(0)
+    test_sets = dict.fromkeys(("natural", *preset.test_sets))
+    images = {t: ([f"{t}{i}" for i in range(2)], torch.rand(2, 3, SIZE, SIZE, generator=g)) for t in test_sets}
+    patterns = dict.fromkeys((*preset.patterns, "H", "V", "G"))
+    previews = {(preset.name, v.key, p, t): (make_target(p, SIZE, SIZE) + 0.2 * torch.rand(2, SIZE, SIZE, generator=g))
+                for v in preset.variants for p in patterns for t in test_sets}  # fmt: skip
+    backbones = {v.backbone_key: {"ran_as": "resnet18", "weights": "random", "substituted": substituted}
+                 for v in preset.variants}  # fmt: skip
+    return StudyResult([], previews, images, backbones, {})
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Calls figures.draw and returns the figure it built (still open), as well as writing the PNG."""
+    seen = {}
+    close = plt.close
+
+    def keep(fig=None):
+        seen["fig"] = fig
+        close(fig)
+
+    monkeypatch.setattr(figures.plt, "close", keep)
+
+    def draw(preset: StudyPreset, tmp_path, **kw):
+        paths = figures.draw(fake_result(preset, **kw), preset, tmp_path)
+        assert all(p.is_file() for p in paths)
+        return seen["fig"]
+
+    return draw
+
+
+def test_content_loss_has_a_colour_bar_that_names_the_error_and_its_scale(drawn, tmp_path):
+    fig = drawn(PRESETS["fig-content-loss"], tmp_path)
+    bars = [ax for ax in fig.axes if ax.get_label() == "colour bar"]
+    assert len(bars) == 1
+    assert "|target - prediction|" in bars[0].get_ylabel()
+    assert bars[0].get_ylim() == (0.0, figures.LOSS_VMAX)  # the bar's scale is the maps' scale
