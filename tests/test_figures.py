@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from posprobe import figures
+from posprobe.data import SYNTHETIC, synthetic_images
 from posprobe.presets import PRESETS
 from posprobe.study import StudyPreset, StudyResult
 from posprobe.targets import make_target
@@ -17,7 +18,8 @@ def fake_result(preset: StudyPreset, substituted: bool = False) -> StudyResult:
     """Predictions = target + a little noise for every (variant, pattern, test set) the preset names."""
     g = torch.Generator().manual_seed(0)
     test_sets = dict.fromkeys(("natural", *preset.test_sets))
-    images = {t: ([f"{t}{i}" for i in range(2)], torch.rand(2, 3, SIZE, SIZE, generator=g)) for t in test_sets}
+    images = {t: ([f"photo{i}" for i in range(2)], torch.rand(2, 3, SIZE, SIZE, generator=g)) for t in test_sets}
+    images.update({t: ([t], synthetic_images(t, SIZE)[0][None]) for t in test_sets if t in SYNTHETIC})
     patterns = dict.fromkeys((*preset.patterns, "H", "V", "G"))
     previews = {(preset.name, v.key, p, t): (make_target(p, SIZE, SIZE) + 0.2 * torch.rand(2, SIZE, SIZE, generator=g))
                 for v in preset.variants for p in patterns for t in test_sets}  # fmt: skip
@@ -52,3 +54,11 @@ def test_content_loss_has_a_colour_bar_that_names_the_error_and_its_scale(drawn,
     assert len(bars) == 1
     assert "|target - prediction|" in bars[0].get_ylabel()
     assert bars[0].get_ylim() == (0.0, figures.LOSS_VMAX)  # the bar's scale is the maps' scale
+
+
+def test_padding_figure_has_the_papers_black_white_and_noise_rows(drawn, tmp_path):
+    preset = PRESETS["fig-padding"]
+    fig = drawn(preset, tmp_path)
+    cols = 2 + len(preset.variants)  # input, target, one column per readout padding
+    rows = [fig.axes[k].get_title() for k in range(0, len(fig.axes), cols)]
+    assert rows == ["photo0", "photo1", "black", "white", "noise"]

@@ -88,7 +88,7 @@ _add(StudyPreset(
 _add(StudyPreset(
     "fig-padding", "Fig. 6: readout zero padding and the Gaussian (PosENet, padding 0, 1, 2)",
     variants=_readouts("posenet", "PosENet", "padding", (0, 1, 2)), patterns=("G",),
-    test_sets=("natural", "black", "noise"), paper_table="table4", figure="padding",
+    test_sets=ALL_TESTS, paper_table="table4", figure="padding",
 ))  # fmt: skip
 _add(StudyPreset(
     "fig-content-loss", "Fig. 7: where image content disturbs the position readout, L = mean |target - prediction| over H, V, G",
