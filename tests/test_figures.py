@@ -62,3 +62,17 @@ def test_padding_figure_has_the_papers_black_white_and_noise_rows(drawn, tmp_pat
     cols = 2 + len(preset.variants)  # input, target, one column per readout padding
     rows = [fig.axes[k].get_title() for k in range(0, len(fig.axes), cols)]
     assert rows == ["photo0", "photo1", "black", "white", "noise"]
+
+
+def test_layer_curve_legend_marks_stand_ins(monkeypatch, tmp_path):
+    from posprobe.plots import layer_curve_plot
+
+    seen = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (seen.append(fig), close(fig)))
+    points = {"vgg16_hed": {"H": [(0.0, "relu1_2", 0.2), (1.0, "relu5_3", 0.7)]},
+              "tv:resnet18": {"H": [(0.0, "relu", 0.1), (1.0, "layer4", 0.8)]}}  # fmt: skip
+    layer_curve_plot(tmp_path / "layer_curve.png", points, stand_ins={"vgg16_hed"})
+    assert (tmp_path / "layer_curve.png").is_file()
+    legend = [t.get_text() for t in seen[0].axes[0].get_legend().get_texts()]
+    assert legend == ["vgg16_hed (stand-in)", "tv:resnet18"]

@@ -1,7 +1,7 @@
 """Figures as pure functions over saved arrays: each returns nothing and writes one PNG."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -90,12 +90,15 @@ def layer_curve_plot(
     points: Mapping[str, Mapping[str, Sequence[tuple[float, str, float]]]],
     together: Mapping[str, Mapping[str, float]] | None = None,
     title: str = "",
+    stand_ins: Collection[str] = (),
 ) -> None:
     """SPC against depth, one panel per pattern and one line per curve (backbone / padding / pos-embed).
 
     points[curve][pattern]: (relative depth in [0, 1], level name, SPC) per tapped level, in order;
     together[curve][pattern]: SPC of the readout over all levels, drawn as a dashed line of the same colour.
     With one curve the x ticks name its levels; with several, depth is the tap's relative position.
+    stand_ins: the curves whose weights stand in for the paper's; their legend entries say "(stand-in)", as the
+    reports' tables do, so the figure alone never passes one off as the paper's network.
     """
     patterns = list(dict.fromkeys(p for by_pattern in points.values() for p in by_pattern))
     fig, axes = plt.subplots(1, len(patterns), figsize=(4.2 * len(patterns), 3.6), squeeze=False)
@@ -104,7 +107,8 @@ def layer_curve_plot(
         for k, (curve, by_pattern) in enumerate(points.items()):
             pts = by_pattern.get(pattern, [])
             colour = colours[k % len(colours)]
-            ax.plot([d for d, _, _ in pts], [s for _, _, s in pts], "o-", color=colour, label=curve, markersize=4)
+            label = f"{curve} (stand-in)" if curve in stand_ins else curve
+            ax.plot([d for d, _, _ in pts], [s for _, _, s in pts], "o-", color=colour, label=label, markersize=4)
             if together and pattern in together.get(curve, {}):
                 ax.axhline(together[curve][pattern], color=colour, linestyle="--", linewidth=0.8)
         if len(points) == 1:
