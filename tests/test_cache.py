@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -95,16 +96,30 @@ def test_cached_features_are_the_encoders_in_float16_and_hit_the_second_time(tmp
     images = noise_images()
     cache, log = quiet_cache(tmp_path)
     first = cache.encode(resnet, images, FEAT, batch_size=4, progress=False)
-    assert isinstance(first, EncodedSet) and first.features.dtype == torch.float16
+    assert isinstance(first, EncodedSet) and all(p.data.dtype == torch.float16 for p in first.parts)
     assert any("GB" in m for m in log)  # the expected size is announced before extracting
     ref = encode(resnet, images, FEAT, batch_size=4, progress=False)
     assert first.features.shape == ref.features.shape and first.ids == ref.ids
-    torch.testing.assert_close(first.features.float(), ref.features.half().float(), atol=1e-3, rtol=1e-3)
-    assert first.levels == ref.levels
+    torch.testing.assert_close(first.features, ref.features.half().float(), atol=1e-3, rtol=1e-3)
+    assert [p.plan() for p in first.parts] == [p.plan() for p in ref.parts]
     log.clear()
     again = cache.encode(resnet, images, FEAT, progress=False)
     assert any("hit" in m for m in log)
     assert torch.equal(again.features, first.features)
+
+
+def test_an_entry_keeps_upsampled_levels_at_native_size(tmp_path, resnet):
+    """ResNet-18 at 32 px: all four levels (8x8 .. 1x1) are upsampled to 12x12, so they are stored as they
+    are: the file is the levels' size, not the aligned size."""
+    images = noise_images()
+    cache, _ = quiet_cache(tmp_path)
+    got = cache.encode(resnet, images, FEAT, progress=False)
+    assert [(p.lo, p.hi, tuple(p.data.shape[1:]), p.native) for p in got.parts] == [
+        (0, 64, (64, 8, 8), True), (64, 192, (128, 4, 4), True), (192, 448, (256, 2, 2), True),
+        (448, 960, (512, 1, 1), True)]  # fmt: skip
+    on_disk = (tmp_path / feature_key(resnet, images, FEAT)[0] / "features.bin").stat().st_size
+    assert on_disk == 6 * 2 * (64 * 64 + 128 * 16 + 256 * 4 + 512) < 6 * 2 * 960 * FEAT * FEAT
+    assert on_disk == cache.expected_bytes(cache.layout(resnet, images, FEAT), 6, FEAT)
 
 
 def test_an_entry_without_manifest_is_never_used(tmp_path, resnet):
@@ -161,16 +176,45 @@ def test_unreadable_images_are_skipped_and_remembered(tmp_path, rng):
         cache.encode(backbone, FolderImages(tmp_path / "imgs", SIZE), FEAT, strict=True, progress=False)
 
 
-def test_values_beyond_float16_are_stored_as_float32_not_as_inf(tmp_path):
-    """A randomly initialised ResNet-152 reaches 1e8; float16 would make that inf."""
-    huge = TensorImages(torch.linspace(0, 1, 2 * 3 * SIZE * SIZE).view(2, 3, SIZE, SIZE) * 1e5, ["a", "b"], "huge")
-    cache, log = quiet_cache(tmp_path)
+def test_values_beyond_float16_are_stored_scaled_by_a_power_of_two_not_as_inf(tmp_path):
+    """A randomly initialised ResNet-152 reaches 2e8; float16 would make that inf."""
+    huge = TensorImages(torch.linspace(0, 1, 2 * 3 * SIZE * SIZE).view(2, 3, SIZE, SIZE) * 1e7, ["a", "b"], "huge")
+    cache, _ = quiet_cache(tmp_path)
     backbone = create_backbone("posenet")
     got = cache.encode(backbone, huge, FEAT, progress=False)
-    assert got.features.dtype == torch.float32 and bool(torch.isfinite(got.features).all())
-    assert torch.equal(got.features, encode(backbone, huge, FEAT, progress=False).features)
+    ref = encode(backbone, huge, FEAT, progress=False).features
+    peak = float(ref.abs().max())
+    assert peak > 1e6  # far beyond float16's 65504
+    manifest = cache.entries()[0].manifest
+    (scale,) = [p["scale"] for p in manifest["parts"]]
+    assert manifest["dtype"] == "float16" and got.parts[0].data.dtype == torch.float16 and got.parts[0].scale == scale
+    assert math.log2(scale).is_integer() and peak / scale * 16 <= 65504 < peak / scale * 32  # the smallest such
+    assert bool(torch.isfinite(got.features).all())
+    # a power of two moves only the exponent: float16's relative precision (2^-11) everywhere above its normal
+    # range's floor (6.1e-5 x the scale)
+    big = ref.abs() > 6.2e-5 * scale
+    torch.testing.assert_close(got.features[big], ref[big], rtol=2.0**-11, atol=0)
+
+
+@pytest.mark.parametrize("peak,scale", [(0.0, 1.0), (4094.0, 1.0), (4094.5, 2.0), (8188.0, 2.0), (8189.0, 4.0), (2e8, 2.0**16)])
+def test_part_scale_keeps_sixteen_times_headroom(peak, scale):
+    from posprobe.cache import FP16_MAX, part_scale
+
+    assert part_scale(peak) == scale
+    assert peak / scale * 16 <= FP16_MAX
+
+
+def test_a_first_batch_that_is_not_finite_is_stored_as_float32(tmp_path):
+    images = torch.rand(2, 3, SIZE, SIZE)
+    images[0, :, 3, 3] = float("inf")
+    bad = TensorImages(images, ["a", "b"], "inf")
+    cache, log = quiet_cache(tmp_path)
+    backbone = create_backbone("posenet")
+    got = cache.encode(backbone, bad, FEAT, progress=False)
+    assert got.parts[0].data.dtype == torch.float32 and cache.entries()[0].manifest["dtype"] == "float32"
+    torch.testing.assert_close(got.features, encode(backbone, bad, FEAT, progress=False).features, rtol=0, atol=0,
+                               equal_nan=True)  # fmt: skip
     assert any("float32" in m for m in log)
-    assert cache.entries()[0].manifest["dtype"] == "float32"
 
 
 def test_a_set_over_the_size_limit_is_streamed(tmp_path, resnet):
@@ -210,7 +254,7 @@ def test_a_later_overflow_restarts_the_entry_as_float32(tmp_path):
     cache, log = quiet_cache(tmp_path)
     backbone = create_backbone("posenet")
     got = cache.encode(backbone, huge, FEAT, batch_size=1, num_workers=0, progress=False)
-    assert got.features.dtype == torch.float32
+    assert got.parts[0].data.dtype == torch.float32 and cache.entries()[0].manifest["dtype"] == "float32"
     assert torch.equal(got.features, encode(backbone, huge, FEAT, progress=False).features)
     assert any("float32" in m for m in log)
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from posprobe.features import EncodedSet
 from posprobe.joint import MapLoss, conv_parts
+from posprobe.parts import Part, PartPlan
 from posprobe.readout import Readout, align
 from posprobe.sources import as_source
 from posprobe.targets import PATTERNS, make_target
@@ -23,14 +24,21 @@ LEVELS = ((4, 16, 16), (3, 10, 10), (5, 4, 4), (6, 2, 2))  # down-, same-, up- a
 
 
 def leveled_features(n: int = 24, seed: int = 0) -> EncodedSet:
-    """Aligned features made the way encode() makes them, with a position signal, plus their level shapes."""
+    """Features made the way encode() makes them, from levels with a position signal."""
     g = torch.Generator().manual_seed(seed)
     levels = [torch.randn(n, c, h, w, generator=g) for c, h, w in LEVELS]
     ramp = torch.linspace(-1, 1, 16)
     levels[0][:, 0] += 2 * ramp[None, None, :]
     levels[0][:, 1] += 2 * ramp[None, :, None]
-    feats = align(levels, FEAT).contiguous(memory_format=torch.channels_last)
-    return EncodedSet("x", feats, [str(i) for i in range(n)], [], levels=LEVELS)
+    return EncodedSet.from_levels("x", levels, FEAT, [str(i) for i in range(n)])
+
+
+def test_the_parts_are_the_aligned_features():
+    g = torch.Generator().manual_seed(0)
+    levels = [torch.randn(3, c, h, w, generator=g) for c, h, w in LEVELS]
+    enc = EncodedSet.from_levels("x", levels, FEAT, ["a", "b", "c"])
+    assert [p.plan() for p in enc.parts] == [PartPlan(0, 7, None), PartPlan(7, 12, (4, 4)), PartPlan(12, 18, (2, 2))]
+    torch.testing.assert_close(enc.features, align(levels, FEAT), rtol=1e-6, atol=1e-6)
 
 
 CHANNELS = sum(c for c, _, _ in LEVELS)
@@ -134,11 +142,13 @@ def test_a_level_subset_on_native_levels_matches_the_authors_loop():
 
 def test_float16_features_train_like_their_float32_values():
     enc = leveled_features()
-    half = EncodedSet("h", enc.features.half(), enc.ids, [], levels=enc.levels)
+    scales = [1.0, 4.0, 0.5]  # stored values x scale, as the cache keeps float16 parts
+    half = EncodedSet("h", [Part(p.lo, p.hi, (p.data / s).half(), p.native, s) for p, s in zip(enc.parts, scales)],
+                      FEAT, enc.ids, [])  # fmt: skip
+    rounded = EncodedSet("r", [Part(p.lo, p.hi, ((p.data / s).half().float() * s).contiguous(
+        memory_format=torch.channels_last), p.native) for p, s in zip(enc.parts, scales)], FEAT, enc.ids, [])  # fmt: skip
     a, b = seeded(7), seeded(7)
     job_a, job_b = ReadoutJob("H", a, make_target("H", OUT, OUT)), ReadoutJob("H", b, make_target("H", OUT, OUT))
     train_readouts(half, [job_a], config(), progress=False)
-    rounded = EncodedSet("r", enc.features.half().float().contiguous(memory_format=torch.channels_last), enc.ids, [],
-                         levels=enc.levels)  # fmt: skip
     train_readouts(rounded, [job_b], config(), progress=False)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))

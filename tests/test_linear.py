@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from posprobe.errors import PosprobeError
 from posprobe.features import EncodedSet
 from posprobe.linear import LinearProbe, LinearReadout, NystromPreconditioner, conjugate_gradients, sketch_basis
-from posprobe.readout import align
-from posprobe.sources import interp_matrix
+from posprobe.parts import interp_matrix
 from posprobe.targets import make_target
 from posprobe.train import ReadoutJob, TrainConfig, train_readouts
 
@@ -127,8 +126,8 @@ def test_cg_on_native_size_levels_agrees_with_the_direct_solve():
     g = torch.Generator().manual_seed(1)
     levels = [torch.randn(24, 2, 12, 12, generator=g), torch.randn(24, 3, 3, 3, generator=g)]
     levels[0][:, 0] += 2 * torch.linspace(-1, 1, 12)[None, None, :]
-    feats = align(levels, FEAT).contiguous(memory_format=torch.channels_last)
-    enc = EncodedSet("x", feats, [str(i) for i in range(24)], [], levels=((2, 12, 12), (3, 3, 3)))
+    enc = EncodedSet.from_levels("x", levels, FEAT, [str(i) for i in range(24)])
+    feats = enc.features
     kw = dict(patterns=["H", "HS"], kernel_size=3, padding=1, feat_size=FEAT, image_size=OUT, progress=False)
     direct = LinearProbe(None, solver="direct", **kw).fit(feats)
     plain = LinearProbe(None, solver="cg", cg_tol=1e-7, cg_rank=0, **kw).fit(enc)
@@ -160,7 +159,7 @@ def test_scores_predictions_and_settings():
     probe.fit(feats)
     pred = probe.predict(feats)["H"]
     assert pred.shape == (12, OUT, OUT)
-    score = probe.score(EncodedSet("t", feats, [f"i{i}" for i in range(12)], []))["H"]
+    score = probe.score(EncodedSet.from_aligned("t", feats, [f"i{i}" for i in range(12)]))["H"]
     assert score.ids[0] == "i0" and float(score.spc.mean()) > 0.9  # the features carry x: H is linear in it
     assert set(probe.summary()) >= {"solver", "alpha", "train_mse", "val_mse"}
     for bad in (dict(solver="qr"), dict(alphas=()), dict(alphas=(-1.0,)), dict(holdout=1.0), dict(cg_rank=-1)):

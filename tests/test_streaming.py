@@ -40,7 +40,8 @@ def test_streamed_training_and_scoring_equal_the_in_memory_ones(resnet, tmp_path
     images = noise_set(12)
     enc = encode(resnet, images, FEAT, progress=False)
     stream = StreamedSet(resnet, images, FEAT, num_workers=0)
-    assert len(stream) == 12 and stream.ids == enc.ids and tuple(stream.levels) == enc.levels
+    assert len(stream) == 12 and stream.ids == enc.ids and stream.channels == enc.channels
+    assert [p.plan() for p in stream.encoded(3).parts] == [p.plan() for p in enc.parts]
     cfg = TrainConfig(epochs=2, batch_size=5, lr_milestones=(1,))
     torch.manual_seed(0)
     initial = Readout(resnet.channels, 3, 1, 0, FEAT, SIZE)

@@ -1,7 +1,8 @@
-"""Encode an image set once: the frozen backbone's levels, aligned to feat_size and concatenated.
+"""Encode an image set once: the frozen backbone's levels, aligned to feat_size, as channel parts.
 
-The aligned tensor is exactly what every readout consumes, and it depends on neither the pattern, the
-epoch nor the readout, so a study computes it once per (backbone, image set) and trains from it.
+The aligned features are exactly what every readout consumes, and they depend on neither the pattern,
+the epoch nor the readout, so a study computes them once per (backbone, image set) and trains from them.
+They are kept as parts (parts.py): levels that alignment upsamples stay at their native size.
 """
 from __future__ import annotations
 
@@ -15,24 +16,55 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone
 from .errors import PosprobeError
-from .readout import align
+from .parts import FeatureBatch, Part, split_levels
 
 
 @dataclass
 class EncodedSet:
-    """Aligned features of one image set: (N, C, fs, fs), with the ids of the images that decoded."""
+    """Features of one image set as channel parts (parts.py), with the ids of the images that decoded.
+
+    ``parts`` are the aligned features (N, C, fs, fs) without alignment's upsampled copies: levels that
+    alignment upsamples are kept at their native size. ``features`` materialises the aligned tensor.
+    """
 
     name: str
-    features: torch.Tensor
+    parts: list[Part]
+    feat_size: int
     ids: list[str]
     skipped: list[str]
     description: str = ""
-    # (channels, height, width) of every tapped level before alignment; lets training convolve the levels
-    # that alignment upsampled at their native size (sources.py). None: unknown (treated as aligned).
-    levels: tuple[tuple[int, int, int], ...] | None = None
+
+    @classmethod
+    def from_aligned(cls, name: str, features: torch.Tensor, ids: list[str], skipped: list[str] | None = None,
+                     description: str = "") -> "EncodedSet":  # fmt: skip
+        """Already aligned features (N, C, fs, fs) as one part."""
+        if features.dim() != 4:
+            raise PosprobeError(f"features must be (N, C, fs, fs); got shape {tuple(features.shape)}")
+        part = Part(0, features.shape[1], features.contiguous(memory_format=torch.channels_last), False)
+        return cls(name, [part], features.shape[-1], ids, list(skipped or []), description)
+
+    @classmethod
+    def from_levels(cls, name: str, levels: list[torch.Tensor], feat_size: int, ids: list[str],
+                    skipped: list[str] | None = None, description: str = "") -> "EncodedSet":  # fmt: skip
+        """Encoder levels (N, c_i, h_i, w_i) of every image, split into parts as ``encode`` does."""
+        return cls(name, split_levels(levels, feat_size), feat_size, ids, list(skipped or []), description)
 
     def __len__(self) -> int:
-        return self.features.shape[0]
+        return self.parts[0].data.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.parts[-1].hi
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The aligned features (N, C, fs, fs), float32, channels_last: made on each call, N*C*fs*fs*4 bytes."""
+        return FeatureBatch(self.parts, self.feat_size).aligned()
+
+    def head(self, n: int) -> "EncodedSet":
+        """The first ``n`` images (views, no copy)."""
+        parts = [Part(p.lo, p.hi, p.data[:n], p.native, p.scale) for p in self.parts]
+        return EncodedSet(self.name, parts, self.feat_size, self.ids[:n], self.skipped, self.description)
 
 
 def _collate(batch: list[tuple[int, torch.Tensor | None]]) -> tuple[list[int], torch.Tensor | None, list[int]]:
@@ -89,9 +121,9 @@ def encode_batches(
     device: str | torch.device = "cpu",
     num_workers: int | None = None,
     start: int = 0,
-) -> Iterator[tuple[list[int], torch.Tensor | None, list[int], list[tuple[int, int, int]]]]:
-    """Encode images[start:] in order, batch by batch: (indices kept, aligned (b, C, fs, fs), indices
-    unreadable, native level shapes). Decoding runs in worker processes, overlapped with the encoder.
+) -> Iterator[tuple[list[int], list[Part] | None, list[int]]]:
+    """Encode images[start:] in order, batch by batch: (indices kept, their parts, indices unreadable).
+    Decoding runs in worker processes, overlapped with the encoder.
     """
     backbone, channels_last = prepare_encoder(backbone, device)
     workers = default_workers(images) if num_workers is None else num_workers
@@ -100,13 +132,12 @@ def encode_batches(
                         num_workers=workers if len(subset) > batch_size else 0)  # fmt: skip
     for idx, batch, failed in loader:
         if batch is None:
-            yield idx, None, failed, []
+            yield idx, None, failed
             continue
         x = batch.to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        levels = backbone(x)
-        yield idx, align(levels, feat_size), failed, [tuple(f.shape[1:]) for f in levels]  # (b, C, fs, fs)
+        yield idx, split_levels(backbone(x), feat_size), failed
 
 
 @torch.inference_mode()
@@ -121,28 +152,27 @@ def encode(
     num_workers: int | None = None,
     progress: bool = True,
 ) -> EncodedSet:
-    """Run the frozen backbone over ``images`` once and return the aligned features.
+    """Run the frozen backbone over ``images`` once and return their features (as parts).
 
     Images that cannot be decoded are skipped with one warning naming them, or raise under ``strict``.
     """
     name = getattr(images, "name", "images")
     ids = getattr(images, "ids", [str(i) for i in range(len(images))])
-    chunks: list[torch.Tensor] = []
+    chunks: list[list[torch.Tensor]] = []  # per batch, its parts' data
     kept: list[int] = []
     bad: list[int] = []
-    shapes: list[tuple[int, int, int]] = []
+    first: list[Part] = []
     bar = tqdm(total=len(images), desc=f"encode {name} with {backbone.name}", unit="img", disable=None if progress else True,
                leave=False)  # fmt: skip
-    for idx, aligned, failed, level_shapes in encode_batches(backbone, images, feat_size, batch_size, device,
-                                                             num_workers):  # fmt: skip
+    for idx, parts, failed in encode_batches(backbone, images, feat_size, batch_size, device, num_workers):
         bad += failed
         if strict and failed:
             raise PosprobeError(f"unreadable image in {name}: {ids[failed[0]]} (--strict stops at the first)")
-        if aligned is not None:
+        if parts is not None:
             # channels_last, as the encoder made it: fast batch gathers and convolutions in training
-            chunks.append(aligned.to(dtype).cpu().contiguous(memory_format=torch.channels_last))
+            chunks.append([p.data.to(dtype).cpu().contiguous(memory_format=torch.channels_last) for p in parts])
             kept += idx
-            shapes = level_shapes
+            first = first or parts
         bar.update(len(idx) + len(failed))
     bar.close()
     skipped = [ids[i] for i in bad]
@@ -152,6 +182,9 @@ def encode(
     if not kept:
         raise PosprobeError(f"none of the {len(images)} image(s) in {name} could be read: "
                             + unreadable_list(skipped, images))  # fmt: skip
-    features = chunks[0] if len(chunks) == 1 else torch.cat(chunks).contiguous(memory_format=torch.channels_last)
-    return EncodedSet(name, features, [ids[i] for i in kept], skipped,
-                      getattr(images, "description", ""), levels=tuple(shapes))  # fmt: skip
+    parts = []
+    for k, p in enumerate(first):
+        data = [c[k] for c in chunks]
+        data = data[0] if len(data) == 1 else torch.cat(data).contiguous(memory_format=torch.channels_last)
+        parts.append(Part(p.lo, p.hi, data, p.native))
+    return EncodedSet(name, parts, feat_size, [ids[i] for i in kept], skipped, getattr(images, "description", ""))

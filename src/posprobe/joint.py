@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from .errors import PosprobeError
 from .readout import Readout
-from .sources import FeatureBatch, as_source, interp_matrix
+from .parts import FeatureBatch, interp_matrix
+from .sources import as_source
 
 
 class MapLoss:

@@ -20,7 +20,7 @@ from .backbones.pos_embed import check_pos_embed_mode
 from .backbones.registry import parse_layers
 from .cache import encode_images
 from .errors import PosprobeError
-from .features import EncodedSet
+from .joint import predict_source
 from .metrics import is_constant, mae, spearman
 from .plots import layer_curve_plot
 from .probe import Scores
@@ -28,7 +28,7 @@ from .readout import Readout, check_readout_config
 from .rundir import atomic_run_dir, environment, write_csv, write_json
 from .run import ReadoutSettings
 from .targets import make_target, resolve_patterns
-from .train import ReadoutJob, predict, train_readouts
+from .train import ReadoutJob, train_readouts
 
 ALL = "all"
 
@@ -114,12 +114,6 @@ def _level_slices(backbone: Backbone) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _score(readout: Readout, features: EncodedSet, channels: torch.Tensor | None, target: torch.Tensor,
-           device: str) -> Scores:  # fmt: skip
-    pred = predict(readout, features.features, device=device, channels=channels)  # (N, S, S)
-    return Scores(features.ids, spearman(pred, target), mae(pred, target), is_constant(pred))
-
-
 def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCurve:
     """Probe every tapped level of every curve on its own (and all levels together)."""
     check_readout_config(config.feat_size, config.kernel_size, config.depth, config.readout_padding)
@@ -162,11 +156,14 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
         train_readouts(train, jobs, config.train, config.device, progress)
         shapes = backbone.level_shapes(config.image_size)
         n_levels = len(backbone.levels)
+        preds = predict_source({job.key: job.readout for job in jobs}, test, device=config.device,
+                               channels={job.key: job.channels for job in jobs})  # (N, S, S) each, one pass  # fmt: skip
         for job in jobs:
             level, p = job.key
             i = next((k for k, lv in enumerate(backbone.levels) if lv.name == level), None)
             lv = backbone.levels[i] if i is not None else None
-            summary = _score(job.readout, test, job.channels, targets[p], config.device).summary()
+            pred = preds[job.key]
+            summary = Scores(test.ids, spearman(pred, targets[p]), mae(pred, targets[p]), is_constant(pred)).summary()
             rows.append({
                 "curve": c.label, "backbone": c.backbone, "padding": c.padding or "model", "pos_embed": c.pos_embed,
                 "level": level, "index": i if i is not None else "",

@@ -47,7 +47,8 @@ from .errors import PosprobeError, unknown_choice
 from .joint import MapLoss, conv_parts, predict_source
 from .metrics import is_constant, mae, spearman
 from .readout import align, check_readout_config, readout_map_size
-from .sources import FeatureBatch, as_source, memory_budget_bytes
+from .parts import FeatureBatch
+from .sources import as_source, memory_budget_bytes
 from .targets import PATTERNS, probe_targets
 
 # Relative ridge strengths tried on the held-out split. Below 1e-4 the held-out MSE of real features is flat

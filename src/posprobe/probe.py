@@ -15,10 +15,11 @@ from torch.utils.data import Dataset
 from .backbones import Backbone
 from .errors import PosprobeError
 from .features import EncodedSet
+from .joint import predict_source
 from .metrics import is_constant, mae, spearman
 from .readout import Readout, check_readout_config
 from .targets import PATTERNS, probe_targets
-from .train import PROFILES, ReadoutJob, TrainConfig, predict, train_readouts
+from .train import PROFILES, ReadoutJob, TrainConfig, train_readouts
 
 
 @dataclass
@@ -89,7 +90,7 @@ class PositionProbe:
 
     def fit(self, images: Dataset | EncodedSet) -> "PositionProbe":
         encoded = self.encode(images)
-        channels = encoded.features.shape[1] if isinstance(encoded, EncodedSet) else encoded.channels
+        channels = encoded.channels
         if channels != self.backbone.channels:
             raise PosprobeError(
                 f"features have {channels} channels; {self.backbone.name} declares "
@@ -109,12 +110,7 @@ class PositionProbe:
     def predict(self, images: Dataset | EncodedSet) -> dict[str, torch.Tensor]:
         """Predicted maps (N, S, S) per target."""
         self._check_fitted()
-        encoded = self.encode(images)
-        if not isinstance(encoded, EncodedSet):  # streamed: one encoder pass for every readout
-            from .joint import predict_source
-
-            return predict_source(self.readouts_, encoded, device=self.device)
-        return {name: predict(r, encoded.features, device=self.device) for name, r in self.readouts_.items()}
+        return predict_source(self.readouts_, self.encode(images), device=self.device)  # one pass for all readouts
 
     def score(self, images: Dataset | EncodedSet) -> dict[str, Scores]:
         """Per-image SPC and MAE at full resolution for every target."""

@@ -212,7 +212,7 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
         pred_dir = tmp / "predictions"
         pred_dir.mkdir()
         for name, (ids, images) in run.previews.items():
-            preds = run.probe.predict(EncodedSet(name, run.tests[name].features[: len(ids)], ids, []))
+            preds = run.probe.predict(run.tests[name].head(len(ids)))
             spc = {t: run.scores[name][t].spc[: len(ids)] for t in preds}
             prediction_grid(
                 pred_dir / f"{name}.png", run.probe.targets, list(zip(ids, images)), preds, spc,

@@ -1,170 +1,22 @@
 """Feature sources: where a readout's input batches come from, in a given image order.
 
-Training and prediction only ever need one batch of aligned features at a time, so they read them from a
-*source*: an in-memory or memory-mapped feature tensor (``MemorySource``, what an ``EncodedSet`` or a cache
-entry holds), or the encoder itself, re-run on every pass (``StreamedSet``: constant memory in the number
-of images, for sets too large to cache).
-
-A batch is a ``FeatureBatch`` of channel *parts*. A level that the alignment upsampled (native side below
-``feat_size``: VGG16's relu5_3, ResNet's layer3 and layer4) is exactly ``A f A^T`` for its native map ``f``
-and the fixed bilinear matrix ``A``, so it is kept at its native size; the readout's convolution over it is
-computed there (``joint.conv_parts``), which is the same linear map at a fraction of the cost.
+Training and prediction only ever need one batch of features at a time, so they read them from a
+*source*: the parts of an ``EncodedSet`` in memory or memory-mapped from the cache (``MemorySource``), or
+the encoder itself, re-run on every pass (``StreamedSet``: constant memory in the number of images, for
+sets too large to cache). A batch is a ``parts.FeatureBatch`` of float32 channel parts.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import PosprobeError
-from .features import _Indexed, unreadable_list
-
-Shape = tuple[int, int, int]  # (channels, height, width) of one tapped level at its native size
-
-
-@functools.lru_cache(maxsize=64)
-def interp_matrix(n_out: int, n_in: int, align_corners: bool) -> torch.Tensor:
-    """(n_out, n_in) float64 matrix of 1-D linear interpolation as F.interpolate does it.
-
-    Bilinear resizing is separable: resizing an (h, w) map to (H, W) is ``A_h @ map @ A_w.T``.
-    """
-    eye = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, n_in)  # n_in unit signals of length n_in
-    out = F.interpolate(eye, size=n_out, mode="linear", align_corners=align_corners)  # (n_in, 1, n_out)
-    return out[:, 0].T.contiguous()
-
-
-@functools.lru_cache(maxsize=64)
-def _recovery_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_in, n_out) float32 left inverse of the align_corners=True upsampling n_in -> n_out."""
-    return torch.linalg.pinv(interp_matrix(n_out, n_in, True)).float()
-
-
-@dataclass(frozen=True)
-class PartPlan:
-    """Channels [lo, hi) of the aligned features; ``native`` = (h, w) when kept at the level's own size."""
-
-    lo: int
-    hi: int
-    native: tuple[int, int] | None
-
-
-def plan_parts(levels: Sequence[Shape] | None, channels: int, feat_size: int) -> list[PartPlan]:
-    """Merge consecutive levels that are stored aligned into one part; keep strongly upsampled ones native.
-
-    A level is kept native when its map has at most half the aligned map's pixels (below that the
-    convolution at native size plus its upsampling costs more than the direct one).
-    """
-    if not levels or sum(c for c, _, _ in levels) != channels:
-        return [PartPlan(0, channels, None)]
-    plans: list[PartPlan] = []
-    lo = 0
-    for c, h, w in levels:
-        native = (h, w) if h * w * 2 <= feat_size * feat_size else None
-        if native is None and plans and plans[-1].native is None and plans[-1].hi == lo:
-            plans[-1] = PartPlan(plans[-1].lo, lo + c, None)
-        else:
-            plans.append(PartPlan(lo, lo + c, native))
-        lo += c
-    return plans
-
-
-@dataclass
-class Part:
-    """One block of channels of a batch: (b, hi-lo, fs, fs) aligned, or (b, hi-lo, h, w) native."""
-
-    lo: int
-    hi: int
-    data: torch.Tensor
-    native: bool
-
-
-class FeatureBatch:
-    """One batch of readout inputs as channel parts; ``aligned()`` gives the (b, C, fs, fs) tensor."""
-
-    def __init__(self, parts: list[Part], feat_size: int):
-        self.parts, self.feat_size = parts, feat_size
-        self.channels = parts[-1].hi if parts else 0
-        self._aligned: torch.Tensor | None = None
-        self._selected: dict[tuple[int, ...], FeatureBatch] = {}
-
-    def __len__(self) -> int:
-        return self.parts[0].data.shape[0]
-
-    def aligned(self) -> torch.Tensor:
-        """(b, C, fs, fs) float32, channels_last: exactly what ``Readout.forward_aligned`` consumes."""
-        if self._aligned is None:
-            fs = self.feat_size
-            blocks = [
-                F.interpolate(p.data, size=(fs, fs), mode="bilinear", align_corners=True) if p.native else p.data
-                for p in self.parts
-            ]
-            x = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
-            self._aligned = x.contiguous(memory_format=torch.channels_last)
-        return self._aligned
-
-    def select(self, channels: torch.Tensor | None) -> "FeatureBatch":
-        """The batch restricted to ``channels`` (indices into the aligned channels, in that order)."""
-        if channels is None:
-            return self
-        key = tuple(int(c) for c in channels)
-        if key not in self._selected:
-            parts: list[Part] = []
-            for c in key:
-                if not 0 <= c < self.channels:
-                    raise PosprobeError(f"channel {c} is outside the features' {self.channels} channels")
-            i = 0
-            while i < len(key):  # runs of consecutive channels inside one part become one part
-                part = next(p for p in self.parts if p.lo <= key[i] < p.hi)
-                j = i + 1
-                while j < len(key) and key[j] == key[j - 1] + 1 and key[j] < part.hi:
-                    j += 1
-                a, b = key[i] - part.lo, key[j - 1] + 1 - part.lo
-                data = part.data if (a, b) == (0, part.hi - part.lo) else part.data[:, a:b]
-                lo = parts[-1].hi if parts else 0
-                parts.append(Part(lo, lo + (b - a), data.contiguous(memory_format=torch.channels_last), part.native))
-                i = j
-            self._selected[key] = FeatureBatch(parts, self.feat_size)
-        return self._selected[key]
-
-
-def _recover_native(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(b, c, fs, fs) aligned channels of an upsampled level -> (b, c, h, w) native maps (least squares).
-
-    The result is channels_last float32; two matrix products on the (b, fs, fs * c) layout, no big copies.
-    """
-    b, c, fs_h, fs_w = x.shape
-    ph, pw = _recovery_matrix(h, fs_h).to(x.device), _recovery_matrix(w, fs_w).to(x.device)
-    nhwc = x.permute(0, 2, 3, 1).float().contiguous()  # (b, fs, fs, c)
-    rows = torch.matmul(ph, nhwc.view(b, fs_h, fs_w * c))  # (b, h, fs * c)
-    f = torch.matmul(pw, rows.view(b * h, fs_w, c))  # (b * h, w, c)
-    return f.view(b, h, w, c).permute(0, 3, 1, 2)  # (b, c, h, w), channels_last strides
-
-
-def _part_shape(plan: PartPlan, n: int, feat_size: int) -> tuple[int, int, int, int]:
-    h, w = plan.native if plan.native else (feat_size, feat_size)
-    return n, plan.hi - plan.lo, h, w
-
-
-def _fill(out: list[torch.Tensor], x: torch.Tensor, plans: list[PartPlan], at: int = 0) -> None:
-    """Write aligned features x (b, C, fs, fs) into the parts ``out`` at rows [at, at + b)."""
-    for dst, p in zip(out, plans):
-        block = x if (p.lo, p.hi) == (0, x.shape[1]) else x[:, p.lo : p.hi]
-        rows = dst[at : at + x.shape[0]]
-        rows.copy_(_recover_native(block, *p.native) if p.native else block)  # converts dtype and layout
-
-
-def _split(x: torch.Tensor, plans: list[PartPlan]) -> list[Part]:
-    """Aligned (b, C, fs, fs) -> parts: float32 channels_last blocks, upsampled levels back at native size."""
-    out = [torch.empty(_part_shape(p, x.shape[0], x.shape[-1]), device=x.device).contiguous(
-        memory_format=torch.channels_last) for p in plans]  # fmt: skip
-    _fill(out, x, plans)
-    return [Part(p.lo, p.hi, t, p.native is not None) for p, t in zip(plans, out)]
+from .features import EncodedSet, _Indexed, unreadable_list
+from .parts import FeatureBatch, Part, Shape, split_levels
 
 
 def memory_budget_bytes(fraction: float = 0.4) -> int:
@@ -183,30 +35,24 @@ def memory_budget_bytes(fraction: float = 0.4) -> int:
 
 
 class MemorySource:
-    """Batches of a feature tensor (N, C, fs, fs) that is in memory or memory-mapped (float16 or float32).
+    """Batches of an ``EncodedSet``'s parts, in memory or memory-mapped (float16 or float32).
 
-    When the float32 working copy fits ``budget_bytes`` it is made once (upsampled levels recovered at
-    native size); otherwise every batch is converted as it is read, so a memory-mapped cache entry larger
-    than RAM is never loaded whole.
+    When the float32 working copy fits ``budget_bytes`` it is made once; otherwise every batch is
+    converted as it is read, so a memory-mapped cache entry larger than RAM is never loaded whole.
     """
 
-    def __init__(self, features: torch.Tensor, levels: Sequence[Shape] | None = None, budget_bytes: int | None = None):
-        if features.dim() != 4:
-            raise PosprobeError(f"features must be (N, C, fs, fs); got shape {tuple(features.shape)}")
-        self.features = features
-        self.feat_size = features.shape[-1]
-        self.channels = features.shape[1]
-        self.plans = plan_parts(levels, self.channels, self.feat_size)
+    def __init__(self, encoded: EncodedSet, budget_bytes: int | None = None):
+        self.parts, self.feat_size = encoded.parts, encoded.feat_size
+        self.channels = encoded.channels
         self.budget_bytes = memory_budget_bytes() if budget_bytes is None else budget_bytes
         self._whole: list[Part] | None = None
 
     def __len__(self) -> int:
-        return self.features.shape[0]
+        return self.parts[0].data.shape[0]
 
     def working_bytes(self) -> int:
-        """Bytes of the float32 working copy (native parts at their own size)."""
-        per_image = sum((p.hi - p.lo) * (math.prod(p.native) if p.native else self.feat_size**2) for p in self.plans)
-        return 4 * per_image * len(self)
+        """Bytes of the float32 working copy."""
+        return 4 * sum(math.prod(p.data.shape) for p in self.parts)
 
     def _whole_parts(self, device: torch.device) -> list[Part] | None:
         budget = self.budget_bytes
@@ -214,16 +60,16 @@ class MemorySource:
             free, _ = torch.cuda.mem_get_info(device)
             budget = min(budget, int(0.5 * free))
         if self._whole is None and self.working_bytes() <= budget:
-            x = self.features
-            if all(p.native is None for p in self.plans) and x.dtype == torch.float32 and x.device == device \
-                    and x.is_contiguous(memory_format=torch.channels_last):  # fmt: skip
-                self._whole = [Part(0, self.channels, x, False)]  # already the working layout: no copy
-            else:
-                out = [torch.empty(_part_shape(p, len(self), self.feat_size), device=device).contiguous(
-                    memory_format=torch.channels_last) for p in self.plans]  # fmt: skip
-                for i in range(0, len(self), 64):
-                    _fill(out, x[i : i + 64].to(device), self.plans, i)
-                self._whole = [Part(p.lo, p.hi, t, p.native is not None) for p, t in zip(self.plans, out)]
+            whole = []
+            for p in self.parts:
+                x = p.data
+                if not (x.dtype == torch.float32 and p.scale == 1.0 and x.device == device
+                        and x.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
+                    x = torch.empty(x.shape, device=device).contiguous(memory_format=torch.channels_last)
+                    for i in range(0, len(self), 64):  # a memory-mapped part is read 64 images at a time
+                        x[i : i + 64] = p.values(slice(i, i + 64), device)
+                whole.append(Part(p.lo, p.hi, x, p.native))
+            self._whole = whole
         return self._whole
 
     def batches(self, order: torch.Tensor, batch_size: int, device: str | torch.device = "cpu"
@@ -249,7 +95,7 @@ class MemorySource:
                     torch.index_select(rows, 0, idx.to(device), out=out.view(len(idx), -1))
                     parts.append(Part(p.lo, p.hi, out.permute(0, 3, 1, 2), p.native))  # channels_last view
             else:
-                parts = _split(self.features[idx].to(device), self.plans)
+                parts = [Part(p.lo, p.hi, p.values(idx, device), p.native) for p in self.parts]
             yield idx, FeatureBatch(parts, self.feat_size)
 
 
@@ -311,28 +157,9 @@ class StreamedSet:
         first = images[self.kept[0]]
         self.levels: list[Shape] = [tuple(s) for s in backbone.level_shapes(first.shape[-1])]
         self.channels = sum(c for c, _, _ in self.levels)
-        self.plans = plan_parts(self.levels, self.channels, feat_size)
 
     def __len__(self) -> int:
         return len(self.kept)
-
-    def _parts(self, levels: list[torch.Tensor]) -> list[Part]:
-        fs = self.feat_size
-        parts = []
-        for plan in self.plans:
-            group, c = [], plan.lo
-            while c < plan.hi:
-                f = levels.pop(0)
-                group.append(f)
-                c += f.shape[1]
-            if plan.native is not None:
-                data = group[0].float()
-            else:
-                resized = [F.interpolate(f, size=(fs, fs), mode="bilinear", align_corners=True) for f in group]
-                data = resized[0] if len(resized) == 1 else torch.cat(resized, dim=1)
-            parts.append(Part(plan.lo, plan.hi, data.float().contiguous(memory_format=torch.channels_last),
-                              plan.native is not None))  # fmt: skip
-        return parts
 
     def batches(self, order: torch.Tensor, batch_size: int, device: str | torch.device | None = None
                 ) -> Iterator[tuple[torch.Tensor, FeatureBatch]]:  # fmt: skip
@@ -355,16 +182,16 @@ class StreamedSet:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():  # not inference_mode: the readout's autograd saves these tensors
                 levels = list(backbone(x))
-            yield idx, FeatureBatch(self._parts(levels), self.feat_size)
+            parts = [Part(p.lo, p.hi, p.data.float(), p.native) for p in split_levels(levels, self.feat_size)]
+            yield idx, FeatureBatch(parts, self.feat_size)
 
-    def encoded(self, limit: int | None = None):
-        """The first ``limit`` images' aligned features in memory, as an ``EncodedSet`` (for previews)."""
-        from .features import EncodedSet
-
+    def encoded(self, limit: int | None = None) -> EncodedSet:
+        """The first ``limit`` images' features in memory, as an ``EncodedSet`` (for previews)."""
         n = len(self) if limit is None else min(limit, len(self))
-        chunks = [b.aligned().cpu() for _, b in self.batches(torch.arange(n), self.encode_batch_size)]
-        return EncodedSet(self.name, torch.cat(chunks), self.ids[:n], self.skipped, self.description,
-                          levels=tuple(self.levels))  # fmt: skip
+        batches = [b.parts for _, b in self.batches(torch.arange(n), self.encode_batch_size)]
+        parts = [Part(p.lo, p.hi, torch.cat([b[k].data.cpu() for b in batches]).contiguous(
+            memory_format=torch.channels_last), p.native) for k, p in enumerate(batches[0])]  # fmt: skip
+        return EncodedSet(self.name, parts, self.feat_size, self.ids[:n], self.skipped, self.description)
 
 
 FeatureSource = MemorySource | StreamedSet
@@ -375,8 +202,8 @@ def as_source(features, budget_bytes: int | None = None) -> FeatureSource:
     if isinstance(features, (MemorySource, StreamedSet)):
         return features
     if isinstance(features, torch.Tensor):
-        return MemorySource(features, None, budget_bytes)
-    if hasattr(features, "features"):  # an EncodedSet
-        return MemorySource(features.features, getattr(features, "levels", None), budget_bytes)
+        features = EncodedSet.from_aligned("features", features, [str(i) for i in range(len(features))])
+    if isinstance(features, EncodedSet):
+        return MemorySource(features, budget_bytes)
     raise TypeError(f"not a feature source: {type(features).__name__}")
 

@@ -14,12 +14,13 @@ import torch
 from torch.utils.data import Dataset
 
 from .backbones import Backbone, create_backbone, get_backbone_spec
-from .errors import PosprobeError
 from .cache import FeatureCache, encode_images
+from .errors import PosprobeError
+from .joint import predict_source
 from .metrics import is_constant, mae, spearman
 from .readout import Readout, check_readout_config
 from .targets import make_target
-from .train import ReadoutJob, TrainConfig, predict, train_readouts
+from .train import ReadoutJob, TrainConfig, train_readouts
 
 
 @dataclass(frozen=True)
@@ -226,13 +227,18 @@ def run_study(
                     readout = Readout(in_ch, k, depth, pad, feat_size, image_size, train_config.readout_width(in_ch))
                 jobs.append(ReadoutJob(setting, readout, targets[p], channels))
             train_readouts(train, jobs, replace(train_config, seed=seed), device, progress)
-            for job in jobs:
+            preds = {}  # test set -> job index -> (N, S, S): one pass over each test set for all its readouts
+            for t, enc in tests.items():
+                used = [j for j, job in enumerate(jobs) if any(t in pr.test_sets for pr, _, _ in wanted[job.key])]
+                preds[t] = predict_source({j: jobs[j].readout for j in used}, enc, device=device,
+                                          channels={j: jobs[j].channels for j in used}) if used else {}  # fmt: skip
+            for j, job in enumerate(jobs):
                 p = job.key[-1]
                 for t, enc in tests.items():
                     users = [(pr, v, r) for pr, v, r in wanted[job.key] if t in pr.test_sets]
                     if not users:
                         continue
-                    pred = predict(job.readout, enc.features, device=device, channels=job.channels)
+                    pred = preds[t][j]
                     spc, err, const = spearman(pred, targets[p]), mae(pred, targets[p]), is_constant(pred)
                     for preset, v, r in users:
                         records.append({

@@ -117,18 +117,13 @@ def train_readouts(
     return train_jobs(features, jobs, config, device, progress)
 
 
-@torch.inference_mode()
-def predict(readout: Readout, features: torch.Tensor, batch_size: int = 64,
-            device: str | torch.device = "cpu", channels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """(N, S, S) predicted maps of an eval-mode readout for aligned features (N, C, fs, fs).
+def predict(readout: Readout, features, batch_size: int = 64, device: str | torch.device = "cpu",
+            channels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """(N, S, S) predicted maps of an eval-mode readout for aligned features (N, C, fs, fs) or any feature
+    source (``joint.predict_source`` predicts several readouts in one pass).
 
     ``channels`` selects the input channels the readout was trained on (None: all).
     """
-    readout = readout.to(device).eval()
-    out = []
-    for i in range(0, features.shape[0], batch_size):
-        x = features[i : i + batch_size]
-        x = x if channels is None else x[:, channels]
-        x = x.to(device=device, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
-        out.append(readout.forward_aligned(x)[:, 0].cpu())
-    return torch.cat(out)
+    from .joint import predict_source
+
+    return predict_source({"map": readout}, features, batch_size, device, {"map": channels})["map"]
