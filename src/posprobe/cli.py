@@ -347,14 +347,20 @@ def cache_ls_cmd(cache_dir: CacheDir = None) -> None:
     cache = FeatureCache(cache_dir)
     entries = cache.entries()
     print(f"{cache.root}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
-    if entries:
-        print(f"{'key':<14}{'state':<12}{'backbone':<20}{'weights':<22}{'image set':<18}{'shape':<20}{'GB':>8}")
+    head = ("key", "state", "backbone", "weights", "image set", "shape", "GB")
+    rows = []
     for e in entries:
         m = e.manifest or {}
         state = "complete" if e.complete else f"partial {e.rows_done}"
         shape = f"{m['rows']}x{m['channels']}x{m['feat_size']}^2" if m else "-"
-        print(f"{e.key[:12]:<14}{state:<12}{m.get('backbone', '-')[:19]:<20}{str(m.get('weights', '-'))[:21]:<22}"
-              f"{m.get('image_set', '-')[:17]:<18}{shape:<20}{e.bytes / GB:>8.2f}")  # fmt: skip
+        rows.append((e.key[:12], state, str(m.get("backbone", "-")), str(m.get("weights", "-")),
+                     str(m.get("image_set", "-")), shape, f"{e.bytes / GB:.2f}"))  # fmt: skip
+    if not rows:
+        return
+    # every column as wide as its longest value: a weights label ("... stand-in, not ImageNet VGG16") is read whole
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    for r in (head, *rows):
+        print("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1].rjust(widths[-1]))
 
 
 @cache_app.command("du")
