@@ -216,7 +216,8 @@ def write_layer_curve(curve: LayerCurve, out: Path, overwrite: bool = False) -> 
                 points.setdefault(r["curve"], {}).setdefault(r["pattern"], []).append(
                     (float(r["depth"]), r["level"], r["spc_mean"]))  # fmt: skip
         cfg = curve.config
+        stand_ins = {label for label, r in curve.resolved.items() if "stand-in" in str(r["weights"])}
         layer_curve_plot(tmp / "layer_curve.png", points, together,
                          title=f"SPC of one level at a time on {curve.rows[0]['test_set']} "
-                               f"({cfg.image_size} px, readout k={cfg.kernel_size})")  # fmt: skip
+                               f"({cfg.image_size} px, readout k={cfg.kernel_size})", stand_ins=stand_ins)  # fmt: skip
     return out
