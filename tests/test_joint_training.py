@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from posprobe.features import EncodedSet
-from posprobe.joint import MapLoss, conv_parts
+from posprobe.joint import MapLoss, conv_parts, predict_source
 from posprobe.parts import Part, PartPlan
 from posprobe.readout import Readout, align
 from posprobe.sources import as_source
@@ -152,3 +152,19 @@ def test_float16_features_train_like_their_float32_values():
     train_readouts(half, [job_a], config(), progress=False)
     train_readouts(rounded, [job_b], config(), progress=False)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_prediction_of_fused_readouts_equals_each_readouts_own_forward():
+    """predict_source runs a Table 1 column's first convolutions as one, at native size; each map must be the
+    readout's own forward_aligned on the aligned features (BatchNorm in eval mode with trained statistics)."""
+    enc = leveled_features(7)
+    readouts = {p: seeded(i, padding=1) for i, p in enumerate(PATTERNS)}
+    for r in readouts.values():
+        r.head[1].running_mean.fill_(0.3)
+        r.head[1].running_var.fill_(2.0)
+    readouts["subset"] = seeded(9, in_channels=5)
+    got = predict_source(readouts, enc, batch_size=3, channels={"subset": torch.arange(7, 12)})
+    x = enc.features
+    for key, r in readouts.items():
+        inputs = x[:, 7:12] if key == "subset" else x
+        torch.testing.assert_close(got[key], r.eval().forward_aligned(inputs)[:, 0], rtol=1e-4, atol=1e-5)
