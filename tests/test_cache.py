@@ -280,3 +280,21 @@ def test_the_probe_command_caches_features_and_reports_the_linear_probe(tmp_path
     assert (tmp_path / "run2" / "metrics.csv").read_text().startswith("pattern,test_set")  # no readout column
     third = runner.invoke(app, [*args, "--out", str(tmp_path / "run3"), "--no-cache"])
     assert third.exit_code == 0 and "hit" not in third.output
+
+
+def test_entries_of_an_older_cache_format_are_never_read_and_clear_partial_removes_them(tmp_path, resnet):
+    images = noise_images(3)
+    cache, log = quiet_cache(tmp_path)
+    cache.encode(resnet, images, FEAT, progress=False)
+    key = feature_key(resnet, images, FEAT)[0]
+    manifest_path = tmp_path / key / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "format": 1}))  # as an older posprobe wrote it
+    assert cache.load(key) is None and cache.entries()[0].outdated
+    runner = CliRunner()
+    out = runner.invoke(app, ["cache", "ls", "--cache-dir", str(tmp_path)])
+    assert out.exit_code == 0 and "old format" in out.output
+    out = runner.invoke(app, ["cache", "du", "--cache-dir", str(tmp_path)])
+    assert out.exit_code == 0 and "1 of an older format" in out.output
+    out = runner.invoke(app, ["cache", "clear", "--partial", "--cache-dir", str(tmp_path)])
+    assert out.exit_code == 0 and "removed 1 entry" in out.output and cache.entries() == []

@@ -186,6 +186,11 @@ class CacheEntry:
     def complete(self) -> bool:
         return self.manifest is not None
 
+    @property
+    def outdated(self) -> bool:
+        """Complete, but written by a posprobe with another cache format: never read, only taking space."""
+        return self.manifest is not None and self.manifest.get("format") != CACHE_FORMAT
+
 
 class FeatureCache:
     """Aligned features on disk, keyed by content; ``encode`` returns an entry, making it first if needed.
@@ -449,7 +454,8 @@ class FeatureCache:
         return sum(e.bytes for e in self.entries())
 
     def clear(self, keys: list[str] | None = None, incomplete_only: bool = False) -> tuple[int, int, list[str]]:
-        """Remove entries (all, those whose key starts with one of ``keys``, or only incomplete ones).
+        """Remove entries (all, those whose key starts with one of ``keys``, or only unusable ones: incomplete
+        or of an older cache format).
 
         Entries another process is writing are left alone. Returns (removed, bytes freed, keys in use).
         """
@@ -457,7 +463,7 @@ class FeatureCache:
         for e in self.entries():
             if keys and not any(e.key.startswith(k) for k in keys):
                 continue
-            if incomplete_only and e.complete:
+            if incomplete_only and e.complete and not e.outdated:
                 continue
             with _locked(e.path / ".lock", wait=False) as free:
                 if not free:

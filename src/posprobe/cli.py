@@ -351,7 +351,7 @@ def cache_ls_cmd(cache_dir: CacheDir = None) -> None:
     rows = []
     for e in entries:
         m = e.manifest or {}
-        state = "complete" if e.complete else f"partial {e.rows_done}"
+        state = "old format" if e.outdated else "complete" if e.complete else f"partial {e.rows_done}"
         shape = f"{m['rows']}x{m['channels']}x{m['feat_size']}^2" if m else "-"
         rows.append((e.key[:12], state, str(m.get("backbone", "-")), str(m.get("weights", "-")),
                      str(m.get("image_set", "-")), shape, f"{e.bytes / GB:.2f}"))  # fmt: skip
@@ -372,20 +372,25 @@ def cache_du_cmd(cache_dir: CacheDir = None) -> None:
 
     cache = FeatureCache(cache_dir)
     entries = cache.entries()
-    done = [e for e in entries if e.complete]
+    done = [e for e in entries if e.complete and not e.outdated]
     partial = [e for e in entries if not e.complete]
+    outdated = [e for e in entries if e.outdated]
     existing = next(p for p in (cache.root, *cache.root.parents) if p.exists())
     free = shutil.disk_usage(existing).free / GB
     print(f"{sum(e.bytes for e in entries) / GB:.2f} GB in {cache.root}: {len(done)} complete entries "
           f"({sum(e.bytes for e in done) / GB:.2f} GB), {len(partial)} partial "
-          f"({sum(e.bytes for e in partial) / GB:.2f} GB); {free:.1f} GB free")  # fmt: skip
+          f"({sum(e.bytes for e in partial) / GB:.2f} GB)"
+          + (f", {len(outdated)} of an older format, never read ({sum(e.bytes for e in outdated) / GB:.2f} GB; "
+             "'posprobe cache clear --partial' removes them)" if outdated else "")
+          + f"; {free:.1f} GB free")  # fmt: skip
 
 
 @cache_app.command("clear")
 def cache_clear_cmd(
     keys: Optional[list[str]] = typer.Argument(None, help="Key prefixes to remove (as 'cache ls' shows them); "
                                                "default: every entry."),
-    partial: bool = typer.Option(False, "--partial", help="Only entries whose extraction did not finish."),
+    partial: bool = typer.Option(False, "--partial", help="Only entries that cannot be used: extractions that did "
+                                 "not finish, and entries of an older cache format."),
     cache_dir: CacheDir = None,
 ) -> None:
     """Remove cache entries (entries another process is writing are left alone)."""
