@@ -53,3 +53,10 @@ def test_tiny_layer_curve_scores_every_level_and_writes_its_run(tmp_path):
     circular = saved["resolved"]["tv:resnet18@relu,layer1 (padding circular)"]
     assert circular["backbone_padding"]["mode"] == "circular" and circular["level_shapes"] == [[64, 16, 16], [64, 8, 8]]
     assert (out / "layer_curve.png").stat().st_size > 10_000
+
+
+def test_the_recorded_config_names_the_cache_folder_actually_used(monkeypatch, tmp_path):
+    monkeypatch.setenv("POSPROBE_CACHE", str(tmp_path / "env-cache"))
+    assert LayerCurveConfig(cache=True).to_dict()["cache_dir"] == str(tmp_path / "env-cache")
+    assert LayerCurveConfig(cache=True, cache_dir="/x").to_dict()["cache_dir"] == "/x"
+    assert LayerCurveConfig(cache=False).to_dict()["cache_dir"] is None

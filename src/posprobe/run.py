@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .backbones import Backbone, create_backbone
-from .cache import FeatureCache
+from .cache import FeatureCache, default_cache_dir
 from .data import SYNTHETIC, synthetic_images, train_and_test_images
 from .errors import PosprobeError
 from .features import EncodedSet
@@ -50,7 +50,12 @@ class ReadoutSettings:
     cache_max_gb: float = 32.0  # a set whose features exceed this is streamed, not cached
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as recorded in a run's config.json; the cache folder as resolved ($POSPROBE_CACHE or
+        the default), so the record says where the features are."""
+        out = asdict(self)
+        if self.cache and self.cache_dir is None:
+            out["cache_dir"] = str(default_cache_dir())
+        return out
 
     def feature_cache(self) -> FeatureCache | None:
         """The feature cache these settings ask for, or None (features in memory)."""
