@@ -51,8 +51,8 @@ def run_reproduce(presets: Sequence[StudyPreset], out: Path, train_config: Train
         "Profile": f"`{profile}`: {train_config.describe()}"
         + (" (the authors' settings)" if is_official(train_config) else " (not the authors' settings)"),
         "Seeds": f"{seeds} (readout init and batch order)",
-        "Features": f"feature cache {cache.root} (float16 where the values fit, else float32)" if cache is not None
-        else "encoded in memory (float32)",
+        "Features": (f"feature cache {cache.root} (float16; levels beyond its range stored divided by a power of two)"
+                     if cache is not None else "encoded in memory (float32)"),
         "Readout input": f"{image_size}x{image_size} RGB in [0,1], no normalisation; levels resized to "
         f"{feat_size}x{feat_size}",
         "Versions": f"posprobe {env['posprobe']} (commit {env['git_commit'] or 'unknown'}), torch {env['torch']}, "
