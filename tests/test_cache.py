@@ -119,7 +119,7 @@ def test_an_entry_keeps_upsampled_levels_at_native_size(tmp_path, resnet):
         (448, 960, (512, 1, 1), True)]  # fmt: skip
     on_disk = (tmp_path / feature_key(resnet, images, FEAT)[0] / "features.bin").stat().st_size
     assert on_disk == 6 * 2 * (64 * 64 + 128 * 16 + 256 * 4 + 512) < 6 * 2 * 960 * FEAT * FEAT
-    assert on_disk == cache.expected_bytes(cache.layout(resnet, images, FEAT), 6, FEAT)
+    assert on_disk == cache.expected_bytes(cache.layout(resnet, SIZE, FEAT), 6, FEAT)
 
 
 def test_an_entry_without_manifest_is_never_used(tmp_path, resnet):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from posprobe.features import EncodedSet
 from posprobe.joint import MapLoss, conv_parts, predict_source
-from posprobe.parts import Part, PartPlan
+from posprobe.parts import FeatureBatch, Part, PartPlan
 from posprobe.readout import Readout, align
 from posprobe.sources import as_source
 from posprobe.targets import PATTERNS, make_target
@@ -87,15 +87,27 @@ def test_small_map_loss_is_the_full_resolution_mse():
         torch.testing.assert_close(MapLoss(target, (s, s)).per_image(m), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("outputs", [4, 20])  # the 1x1 form on every part; F.conv2d on aligned parts above 16
 @pytest.mark.parametrize("kernel,padding", [(3, 0), (1, 0), (3, 1), (5, 2)])
-def test_native_size_convolution_equals_the_convolution_of_aligned_features(kernel, padding):
+def test_native_size_convolution_equals_the_convolution_of_aligned_features(kernel, padding, outputs):
     enc = leveled_features(6)
     _, batch = next(as_source(enc).batches(torch.arange(6), 6))
     assert [p.native for p in batch.parts] == [False, True, True]  # levels 1-2 merged, 3 and 4 native
     g = torch.Generator().manual_seed(1)
-    w, b = torch.randn(4, CHANNELS, kernel, kernel, generator=g), torch.randn(4, generator=g)
+    w, b = torch.randn(outputs, CHANNELS, kernel, kernel, generator=g), torch.randn(outputs, generator=g)
     expected = F.conv2d(enc.features.float(), w, b, padding=padding)
     torch.testing.assert_close(conv_parts(batch, w, b, padding), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_convolution_reads_stored_float16_parts_with_their_scale():
+    enc = leveled_features(4)
+    scales = [2.0**-3, 2.0**5, 1.0]
+    stored = FeatureBatch([Part(p.lo, p.hi, (p.data / s).half(), p.native, s) for p, s in zip(enc.parts, scales)],
+                          FEAT)  # fmt: skip
+    w = torch.randn(5, CHANNELS, 3, 3, generator=torch.Generator().manual_seed(2))
+    expected = F.conv2d(stored.aligned(), w)
+    torch.testing.assert_close(conv_parts(stored, w, None, 0), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(expected, F.conv2d(enc.features, w), rtol=1e-2, atol=2e-2)  # float16 rounding only
 
 
 def test_a_fused_table1_column_equals_each_readout_trained_alone_bit_for_bit():

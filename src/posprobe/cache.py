@@ -17,9 +17,9 @@ entry without it is incomplete and never read. A lock file serialises two proces
 Sizes at the paper's scale (DUT-S train, 10,553 images, 28x28, float16): 18 GB for VGG16 (1472 channels,
 relu5_3 at 14x14) and 19 GB for ResNet-152 (3840 channels, layer3 at 14x14 and layer4 at 7x7); aligned
 throughout they would be 24 and 64 GB. Values beyond float16's range (65504; a randomly initialised
-ResNet-152 reaches 2e8) are never rounded to inf: such a part is stored divided by a power of two chosen on
-the first batch (``part_scale``; exact, and the manifest records it); a later batch beyond that, or a
-first batch that is not finite, makes the entry float32. Above ``max_gb``, or when the disk would fill,
+ResNet-152 reaches 2e8) are never rounded to inf: a part whose first batch comes within 16 times of the
+limit is stored divided by a power of two (``part_scale``; the manifest records it); a later batch beyond
+that, or a first batch that is not finite, makes the entry float32. Above ``max_gb``, or when the disk would fill,
 posprobe streams instead: the encoder re-runs every epoch (``sources.StreamedSet``) and nothing is written.
 """
 from __future__ import annotations
@@ -193,7 +193,7 @@ class CacheEntry:
 
 
 class FeatureCache:
-    """Aligned features on disk, keyed by content; ``encode`` returns an entry, making it first if needed.
+    """Features (as parts) on disk, keyed by content; ``encode`` returns an entry, making it first if needed.
 
     ``max_gb``: an image set whose features would exceed this is streamed instead of cached.
     ``log``: where the size notes and hits go (default: stderr).
@@ -235,10 +235,9 @@ class FeatureCache:
                           description)  # fmt: skip
 
     @staticmethod
-    def layout(backbone, images: Dataset, feat_size: int) -> list[PartPlan]:
-        """The parts an entry of these images holds (levels that alignment upsamples stay native)."""
-        image_size = (dataset_identity(images) or {}).get("image_size") or images[0].shape[-1]
-        return plan_parts(backbone.level_shapes(int(image_size)), feat_size)
+    def layout(backbone, image_size: int, feat_size: int) -> list[PartPlan]:
+        """The parts an entry of images of this size holds (levels that alignment upsamples stay native)."""
+        return plan_parts(backbone.level_shapes(image_size), feat_size)
 
     @staticmethod
     def expected_bytes(plans: list[PartPlan], n: int, feat_size: int, itemsize: int = 2) -> int:
@@ -267,7 +266,7 @@ class FeatureCache:
             self.log(f"feature cache hit: {backbone.name} x {name} ({len(hit)} images) [{key[:12]}]")
             return hit
         self.root.mkdir(parents=True, exist_ok=True)
-        plans = self.layout(backbone, images, feat_size)
+        plans = self.layout(backbone, identity["image_size"], feat_size)
         native = [f"{p.hi - p.lo} at {p.native[0]}x{p.native[1]}" for p in plans if p.native]
         for dtype in ("float16", "float32"):
             size = self.expected_bytes(plans, len(images), feat_size, np.dtype(dtype).itemsize)
@@ -483,7 +482,8 @@ def _peak(x: torch.Tensor) -> float:
 def part_scale(peak: float) -> float:
     """The power of two a part is divided by before float16 storage: 1 while its first batch stays HEADROOM
     times inside float16's range, else the smallest power of two that brings it there. A power of two changes
-    only the exponent, so the stored values keep float16's full precision."""
+    only the exponent: values keep float16's 11 significant bits wherever |value| > 6.1e-5 * scale (below
+    that, float16's subnormals: absolute error at most 3e-8 * scale)."""
     if peak * HEADROOM <= FP16_MAX:
         return 1.0
     return 2.0 ** math.ceil(math.log2(peak * HEADROOM / FP16_MAX))

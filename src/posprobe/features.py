@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone
 from .errors import PosprobeError
-from .parts import FeatureBatch, Part, split_levels
+from .parts import FeatureBatch, Part, concat_parts, split_levels
 
 
 @dataclass
@@ -158,10 +158,9 @@ def encode(
     """
     name = getattr(images, "name", "images")
     ids = getattr(images, "ids", [str(i) for i in range(len(images))])
-    chunks: list[list[torch.Tensor]] = []  # per batch, its parts' data
+    batches: list[list[Part]] = []
     kept: list[int] = []
     bad: list[int] = []
-    first: list[Part] = []
     bar = tqdm(total=len(images), desc=f"encode {name} with {backbone.name}", unit="img", disable=None if progress else True,
                leave=False)  # fmt: skip
     for idx, parts, failed in encode_batches(backbone, images, feat_size, batch_size, device, num_workers):
@@ -169,10 +168,9 @@ def encode(
         if strict and failed:
             raise PosprobeError(f"unreadable image in {name}: {ids[failed[0]]} (--strict stops at the first)")
         if parts is not None:
-            # channels_last, as the encoder made it: fast batch gathers and convolutions in training
-            chunks.append([p.data.to(dtype).cpu().contiguous(memory_format=torch.channels_last) for p in parts])
+            # in host memory as it goes, channels_last as the encoder made it (fast gathers and convolutions)
+            batches.append([Part(p.lo, p.hi, p.data.to(dtype).cpu(), p.native) for p in parts])
             kept += idx
-            first = first or parts
         bar.update(len(idx) + len(failed))
     bar.close()
     skipped = [ids[i] for i in bad]
@@ -182,9 +180,5 @@ def encode(
     if not kept:
         raise PosprobeError(f"none of the {len(images)} image(s) in {name} could be read: "
                             + unreadable_list(skipped, images))  # fmt: skip
-    parts = []
-    for k, p in enumerate(first):
-        data = [c[k] for c in chunks]
-        data = data[0] if len(data) == 1 else torch.cat(data).contiguous(memory_format=torch.channels_last)
-        parts.append(Part(p.lo, p.hi, data, p.native))
-    return EncodedSet(name, parts, feat_size, [ids[i] for i in kept], skipped, getattr(images, "description", ""))
+    return EncodedSet(name, concat_parts(batches, dtype), feat_size, [ids[i] for i in kept], skipped,
+                      getattr(images, "description", ""))  # fmt: skip

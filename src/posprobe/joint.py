@@ -6,8 +6,8 @@ rewrites make the shared pass cheap, none of which changes what is minimised:
 
 - Readouts whose first layer is a single-output convolution of the same geometry on the same channels
   (every pattern of a Table 1 column) run as one convolution with one output channel per readout.
-- Levels the alignment upsampled are convolved at their native size, and every part's convolution is a
-  1x1 convolution to Q*k*k maps plus small shift-and-upsample products (``conv_parts``).
+- Levels the alignment upsampled are convolved at their native size, as a 1x1 convolution to Q*k*k maps
+  plus small shift-and-upsample products; parts stored aligned take the same form (``conv_parts``).
 - The loss, the MSE between the bilinearly upsampled map ``U m`` and the target ``y`` at full resolution,
   is computed from the small map: ``|U m - y|^2 = m.(M m) - 2 m.(U^T y) + |y|^2`` with ``M = U^T U``
   separable (``MapLoss``), in float64. Predictions are still upsampled as the readout does it.
@@ -57,6 +57,10 @@ class MapLoss:
         return self.per_image(m).mean()
 
 
+PREDICT_CHUNK = 5  # readouts per predict_source call where memory matters: one Table 1 column's patterns
+MAX_TAP_OUTPUTS = 16  # conv_parts: parts stored aligned take the 1x1 form up to this many outputs
+
+
 @functools.lru_cache(maxsize=64)
 def _tap_matrix(fs: int, n: int, k: int, padding: int) -> torch.Tensor:
     """(k * n, s) float32: stacked rows of the align_corners=True upsampling n -> fs, zero-padded by
@@ -73,21 +77,26 @@ def conv_parts(batch: FeatureBatch, weight: torch.Tensor, bias: torch.Tensor | N
     A part f (b, c, h, w) stands for the aligned map ``A_h f A_w^T`` (``A`` the align_corners=True resize
     to fs; the identity for a part stored aligned), so kernel tap (dy, dx) contributes
     ``A_h[dy : dy + s] (W[:, :, dy, dx] . f) A_w[dx : dx + s]^T``: a 1x1 convolution to Q*k*k maps at the
-    part's size, then two small matrix products that upsample, shift and sum them at once. For a part stored
-    aligned this is the convolution itself, rearranged: measured 20% faster than F.conv2d's forward and
-    backward there (a Table 1 column on ResNet-152 features, 2 cores), where Q = 5 outputs are too few to
-    fill a direct convolution's kernels.
+    part's size, then two small matrix products that upsample, shift and sum them at once. A part stored
+    aligned takes the same form while Q is a few readouts (measured 20-35% faster than F.conv2d's forward and
+    backward with 3-5 outputs, kernels 3-5, on 2 cores: too few outputs to fill a direct convolution's
+    kernels); with many outputs (the linear probe's sketches) the Q*k*k maps would cost memory for nothing,
+    so it is F.conv2d there.
     """
     q, _, kh, kw = weight.shape
     y = None
     for part in batch.parts:
-        b, c, h, wd = part.data.shape
-        taps = weight[:, part.lo : part.hi].permute(0, 2, 3, 1).reshape(q * kh * kw, c, 1, 1)  # rows (q, dy, dx)
-        low = F.conv2d(part.data, taps).view(b, q, kh, kw, h, wd)  # (b, q, dy, dx, h, w)
-        th = _tap_matrix(batch.feat_size, h, kh, padding).to(low.device)  # (kh*h, s)
-        tw = _tap_matrix(batch.feat_size, wd, kw, padding).to(low.device)  # (kw*w, s)
-        cols = low.permute(0, 1, 2, 4, 3, 5).reshape(b, q, kh * h, kw * wd) @ tw  # (b, q, (dy, h), s)
-        t = th.T @ cols  # (b, q, s, s)
+        x, w = part.values(), weight[:, part.lo : part.hi]
+        if not part.native and q > MAX_TAP_OUTPUTS:
+            t = F.conv2d(x, w, None, padding=padding)
+        else:
+            b, c, h, wd = x.shape
+            taps = w.permute(0, 2, 3, 1).reshape(q * kh * kw, c, 1, 1)  # rows (q, dy, dx)
+            low = F.conv2d(x, taps).view(b, q, kh, kw, h, wd)  # (b, q, dy, dx, h, w)
+            th = _tap_matrix(batch.feat_size, h, kh, padding).to(low.device)  # (kh*h, s)
+            tw = _tap_matrix(batch.feat_size, wd, kw, padding).to(low.device)  # (kw*w, s)
+            cols = low.permute(0, 1, 2, 4, 3, 5).reshape(b, q, kh * h, kw * wd) @ tw  # (b, q, (dy, h), s)
+            t = th.T @ cols  # (b, q, s, s)
         y = t if y is None else y + t
     if bias is not None:
         y = y + bias.view(1, q, 1, 1)
@@ -256,20 +265,27 @@ def predict_source(readouts: Mapping[str, nn.Module], features, batch_size: int 
                    channels: Mapping[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """(N, S, S) maps of every eval-mode readout, in one pass over ``features`` (any source).
 
-    Readouts that training would fuse are evaluated the same way (one convolution, native-size levels).
+    Readouts that training would fuse are evaluated the same way (one convolution, native-size levels). The
+    maps are N * S * S * 4 bytes per readout (850 images at 224: 170 MB): predict a few readouts per call.
     """
     source = as_source(features)
     keys = list(readouts)
     readers = [_Reader(readouts[k].to(device).eval(), (channels or {}).get(k)) for k in keys]
     groups, single = plan_groups(readers)
-    out: list[list[torch.Tensor]] = [[] for _ in keys]
+    out: list[torch.Tensor | None] = [None] * len(keys)  # (N, S, S) each, filled batch by batch
+
+    def put(j: int, at: int, maps: torch.Tensor) -> None:
+        if out[j] is None:
+            out[j] = torch.empty(len(source), *maps.shape[-2:])
+        out[j][at : at + len(maps)] = maps[:, 0]
+
+    at = 0
     for _, batch in source.batches(torch.arange(len(source)), batch_size, device):
         for group in groups:
             for j, m in zip(group.members, group_maps(group, [r.readout for r in readers], batch)):
                 r = readers[j].readout
-                out[j].append(F.interpolate(m, size=(r.out_size, r.out_size), mode="bilinear",
-                                            align_corners=False)[:, 0].cpu())  # as forward_aligned does  # fmt: skip
+                put(j, at, F.interpolate(m, size=(r.out_size, r.out_size), mode="bilinear", align_corners=False))
         for j in single:
-            x = batch.select(readers[j].channels).aligned()
-            out[j].append(readers[j].readout.forward_aligned(x)[:, 0].cpu())
-    return {k: torch.cat(v) for k, v in zip(keys, out)}
+            put(j, at, readers[j].readout.forward_aligned(batch.select(readers[j].channels).aligned()))
+        at += len(batch)
+    return dict(zip(keys, out))

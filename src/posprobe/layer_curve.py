@@ -20,7 +20,7 @@ from .backbones.pos_embed import check_pos_embed_mode
 from .backbones.registry import parse_layers
 from .cache import encode_images
 from .errors import PosprobeError
-from .joint import predict_source
+from .joint import PREDICT_CHUNK, predict_source
 from .metrics import is_constant, mae, spearman
 from .plots import layer_curve_plot
 from .probe import Scores
@@ -156,14 +156,19 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
         train_readouts(train, jobs, config.train, config.device, progress)
         shapes = backbone.level_shapes(config.image_size)
         n_levels = len(backbone.levels)
-        preds = predict_source({job.key: job.readout for job in jobs}, test, device=config.device,
-                               channels={job.key: job.channels for job in jobs})  # (N, S, S) each, one pass  # fmt: skip
+        summaries = {}
+        for i in range(0, len(jobs), PREDICT_CHUNK):  # one pass over the test set per chunk of readouts
+            chunk = jobs[i : i + PREDICT_CHUNK]
+            preds = predict_source({job.key: job.readout for job in chunk}, test, device=config.device,
+                                   channels={job.key: job.channels for job in chunk})  # (N, S, S) each  # fmt: skip
+            for key, pred in preds.items():
+                y = targets[key[1]]
+                summaries[key] = Scores(test.ids, spearman(pred, y), mae(pred, y), is_constant(pred)).summary()
         for job in jobs:
             level, p = job.key
             i = next((k for k, lv in enumerate(backbone.levels) if lv.name == level), None)
             lv = backbone.levels[i] if i is not None else None
-            pred = preds[job.key]
-            summary = Scores(test.ids, spearman(pred, targets[p]), mae(pred, targets[p]), is_constant(pred)).summary()
+            summary = summaries[job.key]
             rows.append({
                 "curve": c.label, "backbone": c.backbone, "padding": c.padding or "model", "pos_embed": c.pos_embed,
                 "level": level, "index": i if i is not None else "",

@@ -7,8 +7,8 @@ kept at its native size: 4 to 16 times less memory and disk, and the readout's c
 computed there (``joint.conv_parts``), the same linear map at a fraction of the cost. Consecutive levels
 that are stored aligned are merged into one part. ``FeatureBatch.aligned()`` gives the aligned tensor.
 
-A stored part may be float16 with a power-of-two ``scale`` (the cache keeps features beyond float16's
-range that way): its values are ``data * scale``, exactly as rounded to float16's 11 significant bits.
+A stored part may be float16 with a power-of-two ``scale`` (the cache keeps large features that way): its
+values are ``data * scale``, with float16's 11 significant bits wherever |value| > 6.1e-5 * scale.
 """
 from __future__ import annotations
 
@@ -111,8 +111,22 @@ def split_levels(levels: Sequence[torch.Tensor], feat_size: int) -> list[Part]:
     return parts
 
 
+def concat_parts(batches: Sequence[Sequence[Part]], dtype: torch.dtype = torch.float32) -> list[Part]:
+    """Batches of parts with the same layout -> one part per channel block, on the CPU, channels_last."""
+    out = []
+    for k, p in enumerate(batches[0]):
+        data = [b[k].data.to(dtype).cpu() for b in batches]
+        data = data[0] if len(data) == 1 else torch.cat(data)
+        out.append(Part(p.lo, p.hi, data.contiguous(memory_format=torch.channels_last), p.native))
+    return out
+
+
 class FeatureBatch:
-    """A batch of readout inputs as float32 channel parts; ``aligned()`` gives the (b, C, fs, fs) tensor."""
+    """A batch of readout inputs as channel parts; ``aligned()`` gives the (b, C, fs, fs) tensor.
+
+    The engine (``joint.conv_parts``) reads the parts' values, so stored float16 parts with a scale work too;
+    the sources hand out float32 parts.
+    """
 
     def __init__(self, parts: list[Part], feat_size: int):
         self.parts, self.feat_size = parts, feat_size

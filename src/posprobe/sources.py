@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import PosprobeError
 from .features import EncodedSet, _Indexed, unreadable_list
-from .parts import FeatureBatch, Part, Shape, split_levels
+from .parts import FeatureBatch, Part, Shape, concat_parts, split_levels
 
 
 def memory_budget_bytes(fraction: float = 0.4) -> int:
@@ -65,7 +65,7 @@ class MemorySource:
                 x = p.data
                 if not (x.dtype == torch.float32 and p.scale == 1.0 and x.device == device
                         and x.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
-                    x = torch.empty(x.shape, device=device).contiguous(memory_format=torch.channels_last)
+                    x = torch.empty(x.shape, device=device, memory_format=torch.channels_last)
                     for i in range(0, len(self), 64):  # a memory-mapped part is read 64 images at a time
                         x[i : i + 64] = p.values(slice(i, i + 64), device)
                 whole.append(Part(p.lo, p.hi, x, p.native))
@@ -122,7 +122,7 @@ class _Readable(Dataset):
 
 
 class StreamedSet:
-    """An image set whose aligned features are recomputed by the frozen encoder on every pass.
+    """An image set whose features (as parts) are recomputed by the frozen encoder on every pass.
 
     Memory does not grow with the number of images: only one batch of images and features is alive at a
     time. The images that cannot be decoded are found once, up front, so every epoch sees the same set
@@ -189,9 +189,8 @@ class StreamedSet:
         """The first ``limit`` images' features in memory, as an ``EncodedSet`` (for previews)."""
         n = len(self) if limit is None else min(limit, len(self))
         batches = [b.parts for _, b in self.batches(torch.arange(n), self.encode_batch_size)]
-        parts = [Part(p.lo, p.hi, torch.cat([b[k].data.cpu() for b in batches]).contiguous(
-            memory_format=torch.channels_last), p.native) for k, p in enumerate(batches[0])]  # fmt: skip
-        return EncodedSet(self.name, parts, self.feat_size, self.ids[:n], self.skipped, self.description)
+        return EncodedSet(self.name, concat_parts(batches), self.feat_size, self.ids[:n], self.skipped,
+                          self.description)  # fmt: skip
 
 
 FeatureSource = MemorySource | StreamedSet

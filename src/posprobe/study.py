@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from .backbones import Backbone, create_backbone, get_backbone_spec
 from .cache import FeatureCache, encode_images
 from .errors import PosprobeError
-from .joint import predict_source
+from .joint import PREDICT_CHUNK, predict_source
 from .metrics import is_constant, mae, spearman
 from .readout import Readout, check_readout_config
 from .targets import make_target
@@ -227,19 +227,23 @@ def run_study(
                     readout = Readout(in_ch, k, depth, pad, feat_size, image_size, train_config.readout_width(in_ch))
                 jobs.append(ReadoutJob(setting, readout, targets[p], channels))
             train_readouts(train, jobs, replace(train_config, seed=seed), device, progress)
-            preds = {}  # test set -> job index -> (N, S, S): one pass over each test set for all its readouts
+            scored = {}  # (job index, test set) -> SPC, MAE and constant flags per image, the first maps
             for t, enc in tests.items():
                 used = [j for j, job in enumerate(jobs) if any(t in pr.test_sets for pr, _, _ in wanted[job.key])]
-                preds[t] = predict_source({j: jobs[j].readout for j in used}, enc, device=device,
-                                          channels={j: jobs[j].channels for j in used}) if used else {}  # fmt: skip
+                for i in range(0, len(used), PREDICT_CHUNK):  # one pass per chunk; only its maps in memory at once
+                    chunk = used[i : i + PREDICT_CHUNK]
+                    preds = predict_source({j: jobs[j].readout for j in chunk}, enc, device=device,
+                                           channels={j: jobs[j].channels for j in chunk})  # fmt: skip
+                    for j, pred in preds.items():
+                        y = targets[jobs[j].key[-1]]
+                        scored[(j, t)] = (spearman(pred, y), mae(pred, y), is_constant(pred), pred[:n_preview].clone())
             for j, job in enumerate(jobs):
                 p = job.key[-1]
                 for t, enc in tests.items():
                     users = [(pr, v, r) for pr, v, r in wanted[job.key] if t in pr.test_sets]
                     if not users:
                         continue
-                    pred = preds[t][j]
-                    spc, err, const = spearman(pred, targets[p]), mae(pred, targets[p]), is_constant(pred)
+                    spc, err, const, first_maps = scored[(j, t)]
                     for preset, v, r in users:
                         records.append({
                             "study": preset.name, "row": v.key, "label": v.label, "pattern": p, "test_set": t,
@@ -251,7 +255,7 @@ def run_study(
                         })  # fmt: skip
                         if seed == 0:
                             per_image[(preset.name, v.key, p, t)] = spc
-                            previews[(preset.name, v.key, p, t)] = pred[:n_preview]
+                            previews[(preset.name, v.key, p, t)] = first_maps
     return StudyResult(records, previews, preview_images, ran, data, time.perf_counter() - started, per_image)
 
 
