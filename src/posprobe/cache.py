@@ -268,12 +268,12 @@ class FeatureCache:
         self.root.mkdir(parents=True, exist_ok=True)
         plans = self.layout(backbone, identity["image_size"], feat_size)
         native = [f"{p.hi - p.lo} at {p.native[0]}x{p.native[1]}" for p in plans if p.native]
+        kept_native = f" (upsampled levels kept native: {', '.join(native)})" if native else ""
+        images_word = f"{len(images)} image{'s' if len(images) != 1 else ''}"
         for dtype in ("float16", "float32"):
             size = self.expected_bytes(plans, len(images), feat_size, np.dtype(dtype).itemsize)
-            self.log(f"feature cache: {backbone.name} x {name}: {len(images)} images x {backbone.channels} channels "
-                     f"at {feat_size}x{feat_size}" + (f" (upsampled levels kept native: {', '.join(native)})"
-                                                      if native else "")
-                     + f", {dtype} = {size / GB:.2f} GB -> {self.entry_dir(key)}")  # fmt: skip
+            self.log(f"feature cache: {backbone.name} x {name}: {images_word} x {backbone.channels} channels at "
+                     f"{feat_size}x{feat_size}{kept_native}, {dtype} = {size / GB:.2f} GB -> {self.entry_dir(key)}")
             free = shutil.disk_usage(self.root).free
             too_big = size > self.max_gb * GB
             if too_big or free - size < DISK_RESERVE_GB * GB:
