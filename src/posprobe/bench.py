@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import re
 import resource
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -112,6 +113,7 @@ class BenchResult:
     authors: Phase
     authors_measured: str
     device: str = "cpu"
+    run_ratios: list[float] = field(default_factory=list)  # b/a of each interleaved (a, b) run pair
 
     @property
     def b_over_a(self) -> float:
@@ -148,6 +150,9 @@ class BenchResult:
             f"(cpu {c.cpu_s / b.cpu_s:.1f})",
             f"runs: (a) {a.note}; (b) {b.note}; (b2) {bw.note}",
         ]
+        if len(self.run_ratios) > 1:  # how much the ratio moves with the machine's noise
+            lines.append("b/a of each interleaved run pair: " + ", ".join(f"{r:.2f}" for r in self.run_ratios)
+                         + f" (median {statistics.median(self.run_ratios):.2f})")  # fmt: skip
         if b.peak_gpu_mb:
             lines.append(f"peak GPU memory MB: (a) {a.peak_gpu_mb:.0f}, (b) {b.peak_gpu_mb:.0f}, "
                          f"(b2) {bw.peak_gpu_mb:.0f}, (c) {c.peak_gpu_mb:.0f}")  # fmt: skip
@@ -274,6 +279,7 @@ def run_bench(backbone_name: str = "vgg16", weights: str | None = "random", n_tr
         best[k].peak_rss_mb = max(p.peak_rss_mb for p in v)
         best[k].note = f"fastest of {len(v)}: " + ", ".join(f"{p.wall_s:.1f}" for p in v) + " s"
     floor, cold, warm = best["a"], best["b"], best["b2"]
+    runs_a, runs_b = runs["a"], runs["b"]
 
     authors = Phase()
     with measure(authors):
@@ -305,7 +311,7 @@ def run_bench(backbone_name: str = "vgg16", weights: str | None = "random", n_tr
     log(f"(c) authors {total:.1f} s ({label})")
     return BenchResult(backbone_name, backbone.weights_label, len(train), len(test), image_size, feat_size, epochs,
                        len(PATTERNS), torch.get_num_threads(), floor, cold, warm, authors, label,
-                       _device_name(device))  # fmt: skip
+                       _device_name(device), [b.wall_s / a.wall_s for a, b in zip(runs_a, runs_b)])  # fmt: skip
 
 
 def _device_name(device: str) -> str:
