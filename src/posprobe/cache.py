@@ -422,7 +422,7 @@ class FeatureCache:
                 "channels": backbone.channels, "feat_size": fs, "dtype": dtype,
                 "layout": "one row per image: each part's (h, w, c) values in turn",
                 "parts": [{"lo": p.lo, "hi": p.hi, "shape": list(p.shape(fs)), "native": p.native is not None,
-                           "scale": s} for p, s in zip(plans, scales or [1.0] * len(plans))],
+                           "scale": s} for p, s in zip(plans, scales)],
                 "ids": [ids[i] for i in kept], "skipped": [ids[i] for i in bad],
                 "image_set": getattr(images, "name", "images"), "description": getattr(images, "description", ""),
                 "backbone": backbone.name, "weights": backbone.weights_label,

@@ -180,5 +180,5 @@ def encode(
     if not kept:
         raise PosprobeError(f"none of the {len(images)} image(s) in {name} could be read: "
                             + unreadable_list(skipped, images))  # fmt: skip
-    return EncodedSet(name, concat_parts(batches, dtype), feat_size, [ids[i] for i in kept], skipped,
+    return EncodedSet(name, concat_parts(batches), feat_size, [ids[i] for i in kept], skipped,
                       getattr(images, "description", ""))  # fmt: skip

@@ -15,7 +15,7 @@ rewrites make the shared pass cheap, none of which changes what is minimised:
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +57,7 @@ class MapLoss:
         return self.per_image(m).mean()
 
 
-PREDICT_CHUNK = 5  # readouts per predict_source call where memory matters: one Table 1 column's patterns
+PREDICT_CHUNK = 5  # readouts per pass in predict_each: one Table 1 column's patterns
 MAX_TAP_OUTPUTS = 16  # conv_parts: parts stored aligned take the 1x1 form up to this many outputs
 
 
@@ -289,3 +289,14 @@ def predict_source(readouts: Mapping[str, nn.Module], features, batch_size: int 
             put(j, at, readers[j].readout.forward_aligned(batch.select(readers[j].channels).aligned()))
         at += len(batch)
     return dict(zip(keys, out))
+
+
+def predict_each(readouts: Mapping, features, device: str | torch.device = "cpu",
+                 channels: Mapping | None = None) -> Iterator[tuple[object, torch.Tensor]]:  # fmt: skip
+    """(key, (N, S, S) maps) for every readout, ``PREDICT_CHUNK`` readouts per pass over ``features``: only one
+    pass's maps are in memory at a time (35 readouts' maps of PASCAL-S's 850 images would be 6 GB)."""
+    keys = list(readouts)
+    for i in range(0, len(keys), PREDICT_CHUNK):
+        chunk = keys[i : i + PREDICT_CHUNK]
+        yield from predict_source({k: readouts[k] for k in chunk}, features, device=device,
+                                  channels={k: (channels or {}).get(k) for k in chunk}).items()  # fmt: skip

@@ -20,7 +20,7 @@ from .backbones.pos_embed import check_pos_embed_mode
 from .backbones.registry import parse_layers
 from .cache import encode_images
 from .errors import PosprobeError
-from .joint import PREDICT_CHUNK, predict_source
+from .joint import predict_each
 from .metrics import is_constant, mae, spearman
 from .plots import layer_curve_plot
 from .probe import Scores
@@ -157,13 +157,10 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
         shapes = backbone.level_shapes(config.image_size)
         n_levels = len(backbone.levels)
         summaries = {}
-        for i in range(0, len(jobs), PREDICT_CHUNK):  # one pass over the test set per chunk of readouts
-            chunk = jobs[i : i + PREDICT_CHUNK]
-            preds = predict_source({job.key: job.readout for job in chunk}, test, device=config.device,
-                                   channels={job.key: job.channels for job in chunk})  # (N, S, S) each  # fmt: skip
-            for key, pred in preds.items():
-                y = targets[key[1]]
-                summaries[key] = Scores(test.ids, spearman(pred, y), mae(pred, y), is_constant(pred)).summary()
+        for key, pred in predict_each({job.key: job.readout for job in jobs}, test, config.device,
+                                      {job.key: job.channels for job in jobs}):  # (N, S, S) each  # fmt: skip
+            y = targets[key[1]]
+            summaries[key] = Scores(test.ids, spearman(pred, y), mae(pred, y), is_constant(pred)).summary()
         for job in jobs:
             level, p = job.key
             i = next((k for k, lv in enumerate(backbone.levels) if lv.name == level), None)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PosprobeError
+from .readout import align
 
 Shape = tuple[int, int, int]  # (channels, height, width) of one tapped level at its native size
 
@@ -92,8 +93,7 @@ class Part:
 
 def split_levels(levels: Sequence[torch.Tensor], feat_size: int) -> list[Part]:
     """Encoder levels (b, c_i, h_i, w_i) -> parts: levels the alignment would upsample stay as they are,
-    the others are resized to feat_size (align_corners=True, as ``readout.align``) and concatenated.
-    Every part is channels_last."""
+    consecutive others are aligned together (``readout.align``). Every part is channels_last."""
     plans = plan_parts([tuple(f.shape[1:]) for f in levels], feat_size)
     parts, i = [], 0
     for plan in plans:
@@ -101,21 +101,16 @@ def split_levels(levels: Sequence[torch.Tensor], feat_size: int) -> list[Part]:
         while sum(f.shape[1] for f in group) < plan.hi - plan.lo:
             group.append(levels[i])
             i += 1
-        if plan.native is not None:
-            data = group[0]
-        else:
-            resized = [F.interpolate(f, size=(feat_size, feat_size), mode="bilinear", align_corners=True)
-                       for f in group]  # fmt: skip
-            data = resized[0] if len(resized) == 1 else torch.cat(resized, dim=1)
+        data = group[0] if plan.native is not None else align(group, feat_size)
         parts.append(Part(plan.lo, plan.hi, data.contiguous(memory_format=torch.channels_last), plan.native is not None))
     return parts
 
 
-def concat_parts(batches: Sequence[Sequence[Part]], dtype: torch.dtype = torch.float32) -> list[Part]:
+def concat_parts(batches: Sequence[Sequence[Part]]) -> list[Part]:
     """Batches of parts with the same layout -> one part per channel block, on the CPU, channels_last."""
     out = []
     for k, p in enumerate(batches[0]):
-        data = [b[k].data.to(dtype).cpu() for b in batches]
+        data = [b[k].data.cpu() for b in batches]
         data = data[0] if len(data) == 1 else torch.cat(data)
         out.append(Part(p.lo, p.hi, data.contiguous(memory_format=torch.channels_last), p.native))
     return out

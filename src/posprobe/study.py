@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from .backbones import Backbone, create_backbone, get_backbone_spec
 from .cache import FeatureCache, encode_images
 from .errors import PosprobeError
-from .joint import PREDICT_CHUNK, predict_source
+from .joint import predict_each
 from .metrics import is_constant, mae, spearman
 from .readout import Readout, check_readout_config
 from .targets import make_target
@@ -230,13 +230,10 @@ def run_study(
             scored = {}  # (job index, test set) -> SPC, MAE and constant flags per image, the first maps
             for t, enc in tests.items():
                 used = [j for j, job in enumerate(jobs) if any(t in pr.test_sets for pr, _, _ in wanted[job.key])]
-                for i in range(0, len(used), PREDICT_CHUNK):  # one pass per chunk; only its maps in memory at once
-                    chunk = used[i : i + PREDICT_CHUNK]
-                    preds = predict_source({j: jobs[j].readout for j in chunk}, enc, device=device,
-                                           channels={j: jobs[j].channels for j in chunk})  # fmt: skip
-                    for j, pred in preds.items():
-                        y = targets[jobs[j].key[-1]]
-                        scored[(j, t)] = (spearman(pred, y), mae(pred, y), is_constant(pred), pred[:n_preview].clone())
+                for j, pred in predict_each({j: jobs[j].readout for j in used}, enc, device,
+                                            {j: jobs[j].channels for j in used}):  # fmt: skip
+                    y = targets[jobs[j].key[-1]]
+                    scored[(j, t)] = (spearman(pred, y), mae(pred, y), is_constant(pred), pred[:n_preview].clone())
             for j, job in enumerate(jobs):
                 p = job.key[-1]
                 for t, enc in tests.items():
