@@ -18,7 +18,7 @@ from ..errors import PosprobeError, unknown_choice
 from .padding import PaddingReport, check_padding_mode, explain_forward_error, repad, short_module_name
 from .pos_embed import check_pos_embed_mode, set_pos_embed
 
-INPUT_NORMS = ("none", "imagenet", "weights")
+INPUT_NORMS = ("none", "imagenet", "weights", "paper")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -197,12 +197,14 @@ class Backbone(nn.Module):
         self.pos_embed_note = pos_embed  # what --pos-embed did, in words (None: untouched)
         if input_norm not in INPUT_NORMS:
             raise unknown_choice("input normalisation", input_norm, INPUT_NORMS)
-        if input_norm == "weights" and spec.norm is None:
+        if input_norm in ("weights", "paper") and spec.norm is None:
             input_norm = "none"  # e.g. PosENet: nothing was trained on the input
+        if input_norm == "paper" and weights == "random":
+            input_norm = "none"  # the authors' [0, 1]: random weights expect no normalisation
         self.input_norm = input_norm
-        mean, std = {"none": ((0.0,) * 3, (1.0,) * 3), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}.get(
-            input_norm, spec.norm
-        )
+        mean, std = {"none": ((0.0,) * 3, (1.0,) * 3), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                     "paper": ((0.0,) * 3, tuple(w / r for w, r in zip(spec.norm[1], IMAGENET_STD)) if spec.norm else
+                               (1.0,) * 3)}.get(input_norm, spec.norm)  # fmt: skip
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -228,6 +230,20 @@ class Backbone(nn.Module):
     @property
     def interpolation(self) -> str | None:
         return self.spec.interpolation
+
+    @property
+    def input_description(self) -> str:
+        """What the encoder is fed, in words, for reports and config.json."""
+        scale = ", ".join(f"{1 / s:.4g}" for s in self.std.flatten().tolist())
+        mean = ", ".join(f"{m:.4g}" for m in self.mean.flatten().tolist())
+        return {
+            "none": "RGB in [0, 1], no normalisation (the authors' code)",
+            "imagenet": "(RGB in [0, 1] - ImageNet mean) / ImageNet std",
+            "weights": f"the weights' own normalisation: (RGB in [0, 1] - ({mean})) x ({scale})",
+            "paper": f"RGB in [0, 1] x ({scale}), no mean subtracted: the input mismatch the authors' code gives an "
+                     "ImageNet network ([0, 1] where it expects (x - mean) / std), carried over to these weights' "
+                     "own normalisation (x ImageNet std / the weights' std)",
+        }[self.input_norm]  # fmt: skip
 
     @property
     def weights_label(self) -> str:
