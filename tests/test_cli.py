@@ -71,11 +71,22 @@ def test_probe_writes_a_complete_run_directory(small_sets, tmp_path, capsys, mon
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert {r["pattern"] for r in rows} == {"H", "G"}
     assert {r["test_set"] for r in rows} == {"test", "black", "white", "noise"}
-    assert list(rows[0]) == ["pattern", "test_set", "spc_mean", "spc_std", "mae_mean", "mae_std", "n", "n_constant"]
+    assert list(rows[0]) == ["pattern", "test_set", "spc_mean", "spc_lo", "spc_hi", "spc_std", "mae_mean", "mae_lo",
+                             "mae_hi", "mae_std", "n", "n_constant"]  # fmt: skip
     assert {r["n"] for r in rows if r["test_set"] == "test"} == {"3"}
+    test_h = next(r for r in rows if (r["pattern"], r["test_set"]) == ("H", "test"))
+    assert float(test_h["spc_lo"]) <= float(test_h["spc_mean"]) <= float(test_h["spc_hi"])
+    assert {r["spc_lo"] for r in rows if r["test_set"] == "black"} == {"nan"}  # one image: no interval
     config = json.loads((out / "config.json").read_text())
     assert config["readout_padding"] == 1 and config["train"]["epochs"] == 2 and config["patterns"] == ["H", "G"]
     assert config["resolved"]["train_set"]["n"] == 6
+    assert config["resolved"]["schedule"] == {"updates": 4, "lr_decay_after_updates": [2], "batches_per_epoch": 2,
+                                              "epochs": 2.0, "distinct_training_images": 6}  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["train_loss_curve"]["H"]) == 4 and metrics["convergence"]["H"]["status"] == "too short to tell"
+    assert (out / "loss_curves.png").is_file()
+    assert "training: 4 SGD updates = 2 passes over 6 distinct training images" in stdout
+    assert "did not converge: too short to tell" in err
     env = json.loads((out / "environment.json").read_text())
     assert {"torch", "python", "device", "git_commit"} <= set(env)
 

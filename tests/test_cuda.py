@@ -55,7 +55,7 @@ def test_joint_training_on_cuda_follows_the_cpu_run(depth, padding):
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(24, 6, FEAT, FEAT, generator=g)
     feats[:, 0] += torch.linspace(-2, 2, FEAT)  # a learnable horizontal signal
-    config = TrainConfig(epochs=3, batch_size=8, lr_milestones=(2,))
+    config = TrainConfig(epochs=3, batch_size=8)
     runs = {}
     for device in ("cpu", "cuda"):
         jobs = []
@@ -81,7 +81,7 @@ def test_posenet_probe_scores_on_cuda_match_cpu():
     scores = {}
     for device in ("cpu", "cuda"):
         probe = PositionProbe(create_backbone("posenet"), ["H", "G"], padding=1, feat_size=FEAT, image_size=SIZE,
-                              train_config=TrainConfig(epochs=3, batch_size=8, lr_milestones=(2,)), device=device,
+                              train_config=TrainConfig(epochs=3, batch_size=8), device=device,
                               progress=False).fit(train)  # fmt: skip
         scores[device] = probe.score(synthetic_images("noise", SIZE))
     for p in ("H", "G"):

@@ -45,7 +45,7 @@ CHANNELS = sum(c for c, _, _ in LEVELS)
 
 
 def config(**kw) -> TrainConfig:
-    return TrainConfig(**{"epochs": 3, "batch_size": 8, "lr_milestones": (2,), **kw})
+    return TrainConfig(**{"epochs": 3, "batch_size": 8, **kw})  # the lr decays after epoch 2
 
 
 def seeded(seed: int, kernel: int = 3, padding: int = 0, in_channels: int = CHANNELS) -> Readout:
@@ -55,14 +55,16 @@ def seeded(seed: int, kernel: int = 3, padding: int = 0, in_channels: int = CHAN
 
 def reference_train(features: torch.Tensor, readout: Readout, target: torch.Tensor, cfg: TrainConfig,
                     channels=None) -> list[float]:  # fmt: skip
-    """The authors' loop, written out: full-resolution upsampling and F.mse_loss, one readout at a time."""
+    """The authors' loop, written out: full-resolution upsampling and F.mse_loss, one readout at a time, the
+    lr decayed once per epoch at the epoch the config names; returns the loss of every update."""
     opt = torch.optim.SGD(readout.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.lr_milestones), cfg.lr_gamma)
+    decay_epochs = [round(f * cfg.epochs) for f in cfg.decay_at]
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, decay_epochs, cfg.lr_gamma)
     gen = torch.Generator().manual_seed(cfg.seed)
     readout.train()
     losses = []
     for _ in range(cfg.epochs):
-        order, total = torch.randperm(len(features), generator=gen), 0.0
+        order = torch.randperm(len(features), generator=gen)
         for start in range(0, len(features), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             x = features[idx].float()
@@ -71,9 +73,8 @@ def reference_train(features: torch.Tensor, readout: Readout, target: torch.Tens
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
+            losses.append(loss.item())
         sched.step()
-        losses.append(total / len(features))
     return losses
 
 
@@ -110,17 +111,35 @@ def test_the_convolution_reads_stored_float16_parts_with_their_scale():
     torch.testing.assert_close(expected, F.conv2d(enc.features, w), rtol=1e-2, atol=2e-2)  # float16 rounding only
 
 
-def test_a_fused_table1_column_equals_each_readout_trained_alone_bit_for_bit():
+def _perturbed(enc: EncodedSet, seed: int) -> EncodedSet:
+    """The same features with every value moved by a few float32 roundings (relative 4 x 2^-24)."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [Part(p.lo, p.hi, p.data * (1 + 4 * 2.0**-24 * torch.randn(p.data.shape, generator=g)), p.native)
+             for p in enc.parts]  # fmt: skip
+    return EncodedSet(enc.name, parts, enc.feat_size, enc.ids, enc.skipped)
+
+
+def test_a_fused_table1_column_equals_each_readout_trained_alone_up_to_rounding():
+    """Fusing five readouts' first convolutions into one sums in another order (and, by CPU, with another
+    oneDNN kernel), so the result equals training alone only up to float rounding. The tolerance is measured,
+    not guessed: how far the same training moves when its inputs change by a few roundings."""
     enc = leveled_features()
     initial = {p: seeded(i) for i, p in enumerate(PATTERNS)}
     joint = [ReadoutJob(p, copy.deepcopy(r), make_target(p, OUT, OUT)) for p, r in initial.items()]
     train_readouts(enc, joint, config(), progress=False)
     for job in joint:
-        alone = ReadoutJob(job.key, copy.deepcopy(initial[job.key]), make_target(job.key, OUT, OUT))
+        alone, nudged = (ReadoutJob(job.key, copy.deepcopy(initial[job.key]), make_target(job.key, OUT, OUT))
+                         for _ in range(2))  # fmt: skip
         train_readouts(enc, [alone], config(), progress=False)
+        train_readouts(_perturbed(enc, 1), [nudged], config(), progress=False)
         for k, v in job.readout.state_dict().items():
-            assert torch.equal(v, alone.readout.state_dict()[k]), (job.key, k)
-        assert job.losses == alone.losses
+            ref = alone.readout.state_dict()[k]
+            if not v.is_floating_point():
+                assert torch.equal(v, ref), (job.key, k)  # batch counts
+                continue
+            rounding = (nudged.readout.state_dict()[k] - ref).abs().max().item()
+            assert (v - ref).abs().max().item() <= 10 * rounding + 1e-6 * ref.abs().max().item(), (job.key, k)
+        assert job.losses == pytest.approx(alone.losses, rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize("kernel,padding", [(3, 0), (3, 2)])

@@ -73,7 +73,7 @@ def test_the_exact_probe_is_no_worse_than_sgd_on_the_same_linear_readout():
     for pattern in ("H", "V", "G", "HS", "VS"):
         torch.manual_seed(0)
         job = ReadoutJob(pattern, LinearReadout(C, 3, 0, FEAT, OUT), make_target(pattern, OUT, OUT))
-        train_readouts(feats, [job], TrainConfig(epochs=30, lr=0.01, batch_size=8, lr_milestones=(20,)),
+        train_readouts(feats, [job], TrainConfig(epochs=30, lr=0.01, batch_size=8),
                        progress=False)  # fmt: skip
         sgd = full_resolution_mse(job.readout, feats, pattern)
         best = full_resolution_mse(exact.readouts_[pattern], feats, pattern)

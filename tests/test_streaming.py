@@ -42,7 +42,7 @@ def test_streamed_training_and_scoring_equal_the_in_memory_ones(resnet, tmp_path
     stream = StreamedSet(resnet, images, FEAT, num_workers=0)
     assert len(stream) == 12 and stream.ids == enc.ids and stream.channels == enc.channels
     assert [p.plan() for p in stream.encoded(3).parts] == [p.plan() for p in enc.parts]
-    cfg = TrainConfig(epochs=2, batch_size=5, lr_milestones=(1,))
+    cfg = TrainConfig(epochs=2, batch_size=5, decay_at=(0.5,))
     torch.manual_seed(0)
     initial = Readout(resnet.channels, 3, 1, 0, FEAT, SIZE)
     in_memory = [ReadoutJob(p, copy.deepcopy(initial), make_target(p, SIZE, SIZE)) for p in ("H", "G")]

@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from posprobe.data import TensorImages, synthetic_images
+from posprobe.convergence import check_convergence
 from posprobe.errors import PosprobeError
 from posprobe.paper import paper_cell, paper_values
 from posprobe.presets import FIGURES, PRESETS, TABLES, get_preset
 from posprobe.report import check_direction
 from posprobe.reproduce import run_reproduce
-from posprobe.study import Direction, StudyPreset, Variant, parse_backbone_map, resolve_backbone, run_study
+from posprobe.targets import make_target
+from posprobe.study import (Direction, StudyPreset, StudyResult, Variant, parse_backbone_map, resolve_backbone,
+                            run_study)
 from posprobe.train import TrainConfig
 
 PAPER_MD = Path(__file__).resolve().parents[2] / "shared" / "paper" / "PAPER.md"
@@ -92,21 +95,40 @@ def test_unknown_preset_suggests():
         get_preset("tabel1")
 
 
-def test_direction_check_says_plainly_when_not_reproduced():
-    rows = [{"study": "s", "row": k, "pattern": "H", "test_set": "natural", "spc": v}
-            for k, v in [("a", 0.1), ("b", 0.5), ("c", 0.3)]]
-    ok, detail = check_direction(Direction("rises", ("a", "b"), ("H",)), rows, "s")
-    assert ok and "a 0.100 → b 0.500" in detail
-    ok, detail = check_direction(Direction("rises", ("a", "b", "c"), ("H",)), rows, "s")
-    assert ok is False and "not rising" in detail
-    assert check_direction(Direction("rises", ("x", "y"), ("H",)), rows, "s")[0] is None  # nothing ran: no verdict
+def _result_with(grids: dict[str, torch.Tensor]) -> StudyResult:
+    """A StudyResult holding only per-image SPC grids (S seeds, N images) of rows of study 's', pattern H."""
+    per_image = {("s", row, "H", "natural"): {"spc": g, "mae": 1 - g} for row, g in grids.items()}
+    return StudyResult([], {}, {}, {}, {}, per_image=per_image)
 
 
-def test_direction_check_names_steps_within_the_seed_spread():
-    rows = [{"study": "s", "row": k, "pattern": "H", "test_set": "natural", "spc": v, "spc_seed_std": sd, "seeds": 3}
-            for k, v, sd in [("a", 0.60, 0.25), ("b", 0.90, 0.01), ("c", 0.905, 0.002)]]
-    ok, detail = check_direction(Direction("rises", ("a", "b", "c"), ("H",)), rows, "s")
-    assert ok and "within the seed spread: 0.900 vs 0.905" in detail and "0.600 vs" not in detail
+def test_direction_verdicts_are_three_way_from_paired_differences():
+    g = torch.Generator().manual_seed(0)
+    content = torch.rand(1, 12, generator=g)  # what each image gives every readout: cancels in a paired step
+    a = content + 0.01 * torch.randn(3, 12, generator=g)
+    b = a + 0.2 + 0.01 * torch.randn(3, 12, generator=g)  # a clear rise
+    c = b - 0.3 + 0.01 * torch.randn(3, 12, generator=g)  # a clear fall
+    d = b + 0.05 * torch.randn(3, 12, generator=g)  # noise around b: no direction
+    result = _result_with({"a": a, "b": b, "c": c, "d": d})
+    said, detail = check_direction(Direction("rises", ("a", "b"), ("H",)), result, [], "s")
+    assert said == "reproduced" and "b 0." in detail and "(up: Δ +0.19" in detail
+    assert check_direction(Direction("rises", ("a", "b", "c"), ("H",)), result, [], "s")[0] == "not reproduced"
+    assert check_direction(Direction("rises", ("b", "d"), ("H",)), result, [], "s")[0] == "inconclusive"
+    assert check_direction(Direction("rises", ("x", "y"), ("H",)), result, [], "s")[0] == "not checked"
+    # a step whose readout did not converge in a seed decides nothing, even a clear fall
+    result.convergence[("s", "c", "H")] = [check_convergence([0.1] * 20, make_target("H", 8, 8))] * 3
+    said, detail = check_direction(Direction("rises", ("a", "b", "c"), ("H",)), result, [], "s")
+    assert said == "inconclusive" and "(unconverged: Δ -0.29" in detail
+
+
+def test_a_paired_step_is_resolved_where_unpaired_spreads_overlap():
+    """Image content moves both cells together: the step is clear on the pairs though each cell's own
+    interval is wide; the verdict must use the pairs."""
+    g = torch.Generator().manual_seed(1)
+    content = torch.rand(1, 12, generator=g)
+    a = content.expand(2, 12) + 0.001 * torch.randn(2, 12, generator=g)
+    b = a + 0.02
+    result = _result_with({"a": a, "b": b})
+    assert check_direction(Direction("rises", ("a", "b"), ("H",)), result, [], "s")[0] == "reproduced"
 
 
 def _tiny_sets(n_train: int = 4, size: int = 64):
@@ -178,9 +200,11 @@ def test_a_study_through_the_feature_cache_encodes_once_and_repeats_exactly(tmp_
     assert [r["spc_mean"] for r in second.records] == [r["spc_mean"] for r in first.records]
 
 
-def test_the_demo_covers_tables_1_2_and_4_and_every_figure():
-    from posprobe.demo import DEMO_PRESETS
+def test_the_demo_covers_tables_1_2b_and_4_and_every_figure_with_three_seeds():
+    from posprobe.demo import DEMO_PRESETS, DEMO_SEEDS
 
     names = {p.name for p in DEMO_PRESETS}
-    assert {"table1", "table2a", "table2b", "table4"} <= names
+    assert {"table1", "table2b", "table4"} <= names
     assert {"fig-qualitative", "fig-padding", "fig-content-loss"} <= names
+    kernels = {v.kernel_size for p in DEMO_PRESETS if p.name == "table2b" for v in p.variants}
+    assert kernels == {1, 3, 7} and DEMO_SEEDS == 3

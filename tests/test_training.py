@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from posprobe.data import TensorImages, synthetic_images
 from posprobe.errors import PosprobeError
 from posprobe.probe import PositionProbe
 from posprobe.readout import Readout
+from posprobe.features import EncodedSet
+from posprobe.sources import MemorySource
 from posprobe.targets import make_target
 from posprobe.train import PROFILES, ReadoutJob, TrainConfig, get_profile, is_official, predict, train_readouts
 
@@ -34,7 +37,7 @@ def seeded_readout(seed: int, kernel: int = 3, depth: int = 1, padding: int = 1)
 
 
 def small_config(**kw) -> TrainConfig:
-    return TrainConfig(**{"epochs": 4, "batch_size": 8, "lr_milestones": (3,), **kw})
+    return TrainConfig(**{"epochs": 4, "batch_size": 8, **kw})  # the lr decays after epoch 3 (2/3 of 4)
 
 
 def params(readout: Readout) -> list[torch.Tensor]:
@@ -52,17 +55,17 @@ def train_one(readout: Readout, pattern: str, config: TrainConfig, feats: torch.
 
 def test_loss_falls():
     job = train_one(seeded_readout(0), "H", small_config(epochs=6), position_features())
-    assert len(job.losses) == 6
+    assert len(job.losses) == 6 * 5  # one loss per update: 40 images in batches of 8
     assert job.losses[-1] < 0.5 * job.losses[0]
 
 
 def test_loss_is_the_mse_to_the_target():
-    """After training, the recorded last-epoch loss is close to the MSE of the trained readout's maps.
+    """After training, the last update's loss is close to the MSE of the trained readout's maps.
 
     Not equal: the recorded loss averages over batches while the weights change and BN uses batch stats.
     """
     feats = position_features()
-    job = train_one(seeded_readout(0), "V", small_config(epochs=8, lr_milestones=(4,)), feats)
+    job = train_one(seeded_readout(0), "V", small_config(epochs=8, decay_at=(0.5,)), feats)
     pred = predict(job.readout, feats)
     mse = float(((pred - make_target("V", OUT, OUT)) ** 2).mean())
     assert mse == pytest.approx(job.losses[-1], rel=0.5)
@@ -133,9 +136,9 @@ def test_predict_is_the_eval_mode_readout_in_batches():
 
 def test_lr_drops_at_the_milestone_epoch():
     feats = position_features()
-    frozen_after_2 = train_one(seeded_readout(0), "H", small_config(epochs=4, lr_milestones=(2,), lr_gamma=0.0), feats)
-    two_epochs = train_one(seeded_readout(0), "H", small_config(epochs=2, lr_milestones=(9,)), feats)
-    three_epochs = train_one(seeded_readout(0), "H", small_config(epochs=3, lr_milestones=(9,)), feats)
+    frozen_after_2 = train_one(seeded_readout(0), "H", small_config(epochs=4, decay_at=(0.5,), lr_gamma=0.0), feats)
+    two_epochs = train_one(seeded_readout(0), "H", small_config(epochs=2, decay_at=(5.0,)), feats)
+    three_epochs = train_one(seeded_readout(0), "H", small_config(epochs=3, decay_at=(5.0,)), feats)
     a, b, c = (params(j.readout) for j in (frozen_after_2, two_epochs, three_epochs))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
@@ -144,37 +147,71 @@ def test_lr_drops_at_the_milestone_epoch():
 def test_lr_schedule_steps_per_epoch_not_per_batch():
     """5 batches per epoch: a milestone at 2 must not bite after the second batch."""
     feats = position_features(40)
-    late = train_one(seeded_readout(0), "H", small_config(epochs=2, lr_milestones=(2,), lr_gamma=0.0), feats)
-    never = train_one(seeded_readout(0), "H", small_config(epochs=2, lr_milestones=(50,)), feats)
+    late = train_one(seeded_readout(0), "H", small_config(epochs=2, decay_at=(1.0,), lr_gamma=0.0), feats)
+    never = train_one(seeded_readout(0), "H", small_config(epochs=2, decay_at=(25.0,)), feats)
     assert all(torch.equal(x, y) for x, y in zip(params(late.readout), params(never.readout)))
 
 
 def test_lr_gamma_scales_the_step():
     feats = position_features()
-    slow = train_one(seeded_readout(0), "H", small_config(epochs=3, lr_milestones=(1,), lr_gamma=0.1), feats)
-    fast = train_one(seeded_readout(0), "H", small_config(epochs=3, lr_milestones=(1,), lr_gamma=1.0), feats)
+    slow = train_one(seeded_readout(0), "H", small_config(epochs=3, decay_at=(1 / 3,), lr_gamma=0.1), feats)
+    fast = train_one(seeded_readout(0), "H", small_config(epochs=3, decay_at=(1 / 3,), lr_gamma=1.0), feats)
     assert not all(torch.equal(x, y) for x, y in zip(params(slow.readout), params(fast.readout)))
 
 
 # ---- profiles and config validation ------------------------------------------------------------------
 
 
-def test_official_profile_is_the_authors_settings():
+def test_official_profile_is_the_authors_optimiser_for_the_papers_number_of_updates():
     cfg = get_profile("official")
-    assert (cfg.epochs, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size) == (15, 0.1, 0.9, 1e-4, 32)
-    assert cfg.lr_milestones == (10,) and cfg.lr_gamma == 0.1 and cfg.shuffle
-    assert TrainConfig() == cfg == PROFILES["official"]
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, cfg.lr_gamma) == (0.1, 0.9, 1e-4, 32, 0.1)
+    assert cfg.steps == 4950 == 15 * math.ceil(10553 / 32) and cfg.epochs == 15 and cfg.shuffle
+    assert cfg == PROFILES["official"]
+
+
+@pytest.mark.parametrize("images,updates,decay,epochs", [
+    (10553, 4950, 3300, 15.0),  # DUT-S: exactly the authors' 15 epochs of 330 batches, decay after epoch 10
+    (312, 4950, 3300, 4950 / 10),  # the bundled crops: cycled ~495 times
+    (20000, 15 * 625, 6250, 15.0),  # larger than DUT-S: never fewer than the authors' 15 epochs
+])  # fmt: skip
+def test_the_official_schedule_counts_updates(images, updates, decay, epochs):
+    sched = get_profile("official").schedule(images)
+    assert (sched.updates, sched.milestones, sched.images) == (updates, (decay,), images)
+    assert sched.epochs == pytest.approx(epochs)
+    assert f"{updates:,} SGD updates" in sched.describe() and f"{images:,} distinct" in sched.describe()
 
 
 @pytest.mark.parametrize("epochs,milestone", [(3, 2), (15, 10), (30, 20), (1, 1), (6, 4)])
-def test_fewer_epochs_rescale_the_milestone(epochs, milestone):
+def test_literal_epochs_are_the_authors_code(epochs, milestone):
+    """--epochs E: exactly E passes, the decay at the epoch boundary nearest two thirds."""
     cfg = get_profile("official", epochs=epochs)
-    assert cfg.epochs == epochs and cfg.lr_milestones == (milestone,)
-    assert cfg.lr == 0.1 and cfg.batch_size == 32
+    assert cfg.steps is None and cfg.epochs == epochs and cfg.lr == 0.1 and cfg.batch_size == 32
+    sched = cfg.schedule(100)  # 4 batches per epoch
+    assert (sched.updates, sched.milestones) == (4 * epochs, (4 * milestone,))
 
 
-def test_explicit_milestones_are_kept():
-    assert get_profile("official", epochs=3, lr_milestones=(1,)).lr_milestones == (1,)
+def test_steps_override_and_exclusive_with_epochs():
+    assert get_profile("official", steps=120).schedule(64).updates == max(120, 15 * 2)
+    assert get_profile("quick", steps=120).schedule(64).updates == 120
+    with pytest.raises(PosprobeError, match="not both"):
+        get_profile("official", steps=100, epochs=3)
+
+
+def test_a_cycled_set_sees_every_image_once_per_pass_and_stops_at_the_last_update():
+    """10 images, batch 4, 7 updates: passes of 3 batches (4, 4, 2 images), the third pass stopped after one."""
+    seen = []
+
+    class Recording(MemorySource):
+        def batches(self, order, batch_size, device="cpu"):
+            for idx, batch in super().batches(order, batch_size, device):
+                seen.append(sorted(idx.tolist()))
+                yield idx, batch
+
+    job = ReadoutJob("H", seeded_readout(0), make_target("H", OUT, OUT))
+    train_readouts(Recording(EncodedSet.from_aligned("x", position_features(10), list("abcdefghij"))), [job], small_config(steps=7, epochs=1, batch_size=4), progress=False)
+    assert len(job.losses) == 7 == job.schedule.updates
+    assert sorted(sum(seen[0:3], [])) == list(range(10)) == sorted(sum(seen[3:6], []))
+    assert [len(b) for b in seen] == [4, 4, 2, 4, 4, 2, 4]
 
 
 def test_none_overrides_are_ignored():
@@ -182,8 +219,8 @@ def test_none_overrides_are_ignored():
 
 
 def test_quick_profile_decays_at_the_same_fraction():
-    cfg = get_profile("quick")
-    assert cfg.lr_milestones[0] / cfg.epochs == pytest.approx(10 / 15, abs=0.1)
+    sched = get_profile("quick").schedule(312)
+    assert sched.milestones[0] / sched.updates == pytest.approx(2 / 3, abs=0.01)
 
 
 def test_official_profile_keeps_c_to_c_and_quick_caps_deep_readouts_at_32():
@@ -203,7 +240,9 @@ def test_unknown_profile_is_refused():
         get_profile("oficial")
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(epochs=-1), dict(batch_size=0), dict(lr=0.0)])
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(epochs=-1), dict(batch_size=0), dict(lr=0.0), dict(steps=0),
+                                 dict(lr=math.nan), dict(lr=math.inf), dict(weight_decay=math.nan),
+                                 dict(momentum=-1.0), dict(decay_at=(0.0,))])
 def test_invalid_config_is_refused(bad):
     with pytest.raises(PosprobeError):
         TrainConfig(**bad)
@@ -229,7 +268,7 @@ def content_free_train_set() -> TensorImages:
 
 def fit_posenet(train_set: TensorImages, padding: int) -> PositionProbe:
     probe = PositionProbe(create_backbone("posenet"), patterns=["H"], padding=padding, feat_size=28,
-                          image_size=SIZE, train_config=get_profile("official"), progress=False)  # fmt: skip
+                          image_size=SIZE, train_config=get_profile("official", epochs=15), progress=False)  # fmt: skip
     return probe.fit(train_set)
 
 

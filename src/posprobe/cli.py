@@ -27,10 +27,15 @@ Depth = Annotated[int, typer.Option(help="Readout conv layers.")]
 ReadoutPadding = Annotated[int, typer.Option(help="Readout zero padding.")]
 FeatSize = Annotated[int, typer.Option(help="Side every level is resized to before the readout.")]
 ImageSize = Annotated[int, typer.Option(help="Input and target side in pixels.")]
-InputNorm = Annotated[str, typer.Option(help="none (the authors' code), imagenet, or weights (the backbone's own).")]
-Profile = Annotated[str, typer.Option(help="Training profile: official (the authors') or quick (8 epochs, deep "
-                                      "readouts at most 32 wide).")]
-Epochs = Annotated[Optional[int], typer.Option(help="Override the profile's epochs (lr decay rescaled).")]
+InputNorm = Annotated[str, typer.Option(help="paper: the input the authors' code gives an ImageNet network ([0,1]; "
+                                        "weights trained with another normalisation get the same mismatch), none "
+                                        "([0,1] for any weights), imagenet, or weights (the backbone's own).")]
+Profile = Annotated[str, typer.Option(help="Training profile: official (the paper's 4,950 SGD updates, the authors' "
+                                      "optimiser) or quick (500 updates, deep readouts at most 32 wide).")]
+Epochs = Annotated[Optional[int], typer.Option(help="Exactly this many passes over the training set, as the authors' "
+                                               "code (instead of the profile's update count; lr decay at 2/3).")]
+Steps = Annotated[Optional[int], typer.Option(help="SGD updates instead of the profile's (a small training set is "
+                                              "cycled, reshuffled every pass; lr decay at 2/3).")]
 Lr = Annotated[Optional[float], typer.Option(help="Override the profile's learning rate.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Override the profile's batch size.")]
 ReadoutWidth = Annotated[Optional[int], typer.Option(help="Channels of a deep readout's intermediate layers, at "
@@ -48,7 +53,7 @@ CacheMaxGb = Annotated[float, typer.Option(help="A set whose features would exce
                                            "(encoder re-run every epoch) instead of cached.")]
 
 
-def _train_config(profile: str, epochs=None, lr=None, batch_size=None, seed: int = 0, readout_width=None):
+def _train_config(profile: str, epochs=None, lr=None, batch_size=None, seed: int = 0, readout_width=None, steps=None):
     """The profile with the command line's overrides; --readout-width 0 lifts the profile's cap."""
     from dataclasses import replace
 
@@ -56,7 +61,7 @@ def _train_config(profile: str, epochs=None, lr=None, batch_size=None, seed: int
 
     if readout_width is not None and readout_width < 0:
         raise PosprobeError(f"--readout-width must be >= 0 (0: C -> C, the authors'); given {readout_width}")
-    config = get_profile(profile, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    config = get_profile(profile, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
     if readout_width is not None:
         config = replace(config, max_readout_width=readout_width or None)
     return config
@@ -98,9 +103,10 @@ def probe_cmd(
     readout_width: ReadoutWidth = None,
     feat_size: FeatSize = 28,
     image_size: ImageSize = 224,
-    input_norm: InputNorm = "none",
+    input_norm: InputNorm = "paper",
     profile: Profile = "official",
     epochs: Epochs = None,
+    steps: Steps = None,
     lr: Lr = None,
     batch_size: BatchSize = None,
     seed: Seed = 0,
@@ -133,7 +139,7 @@ def probe_cmd(
         backbone=backbone, weights=weights, input_norm=input_norm, patterns=tuple(patterns),
         target_images=tuple(str(p) for p in target_image), kernel_size=kernel_size, depth=depth,
         readout_padding=readout_padding, feat_size=feat_size, image_size=image_size, profile=profile,
-        train=_train_config(profile, epochs, lr, batch_size, seed, readout_width), seed=seed,
+        train=_train_config(profile, epochs, lr, batch_size, seed, readout_width, steps), seed=seed,
         device=resolve_device(device), train_dir=str(train) if train else None,
         test_dir=str(test) if test else None, synthetic=tuple(parse_synthetic(synthetic)),
         crops_per_photo=crops_per_photo, strict=strict,
@@ -143,11 +149,14 @@ def probe_cmd(
     run = execute(config, progress=not quiet)
     write(run, out, overwrite)
     print(f"{backbone} ({run.backbone.weights_label}), readout k={kernel_size} depth={depth} "
-          f"padding={readout_padding}, {len(run.train)} training images, profile {profile}"
+          f"padding={readout_padding}, profile {profile}"
           + ("" if is_official(config.train) else f" ({config.train.describe(deep=depth > 1)})"))  # fmt: skip
+    print(f"input: {run.backbone.input_description}")
+    print(f"training: {run.probe.schedule_.describe()}")
     for line in _surgery_lines(run.backbone, image_size):
         print(line)
-    print(format_table(run.metric_rows()))
+    print(format_table(run.metric_rows(), run.probe.convergence_))
+    _warn_unconverged({f"readout {k}": c for k, c in run.probe.convergence_.items()})
     if run.linear is not None:
         info = run.linear.summary()
         pc = info["cg_preconditioner"]
@@ -163,6 +172,7 @@ def probe_cmd(
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Report directory to create.")] = Path("posprobe-demo"),
     profile: Annotated[str, typer.Option(help="Training profile: quick (the demo's) or official.")] = "quick",
+    seeds: int = typer.Option(3, help="Seeds per readout (intervals and verdicts over images and seeds)."),
     device: Device = "cpu",
     cache: UseCache = True,
     cache_dir: CacheDir = None,
@@ -170,14 +180,17 @@ def demo_cmd(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Tables 1, 2, 4 and Figs. 4-7 on the bundled photos, with bundled stand-ins for the paper's CNNs."""
+    """Tables 1, 2(b), 4 and Figs. 4-7 on the bundled photos, 3 seeds, with bundled stand-ins for the paper's CNNs."""
     from .demo import run_demo
     from .rundir import check_out_dir, resolve_device
 
     check_out_dir(out, overwrite)
-    report = run_demo(out, profile=profile, device=resolve_device(device), overwrite=overwrite,
-                      progress=not quiet, cache=_feature_cache(cache, cache_dir, cache_max_gb))  # fmt: skip
+    if seeds < 1:
+        raise PosprobeError(f"--seeds must be at least 1; given {seeds}")
+    report, result = run_demo(out, profile=profile, device=resolve_device(device), overwrite=overwrite,
+                              progress=not quiet, cache=_feature_cache(cache, cache_dir, cache_max_gb), seeds=seeds)  # fmt: skip
     print(report)
+    _warn_unconverged(_study_verdicts(result))
     print(f"wrote {out}")
 
 
@@ -193,7 +206,9 @@ def reproduce_cmd(
     backbone_map: list[str] = typer.Option([], help="PAPER=BACKBONE[:WEIGHTS], e.g. vgg16=vgg16_hed (repeatable), "
                                            "or 'auto': bundled stand-ins where the paper's weights are missing."),
     epochs: Epochs = None,
+    steps: Steps = None,
     readout_width: ReadoutWidth = None,
+    input_norm: InputNorm = "paper",
     crops_per_photo: CropsPerPhoto = 8,
     device: Device = "cpu",
     cache: UseCache = True,
@@ -214,14 +229,32 @@ def reproduce_cmd(
     entries = [e.strip() for m in backbone_map for e in m.split(",") if e.strip()]
     auto = "auto" in entries
     mapping = parse_backbone_map([e for e in entries if e != "auto"])
-    config = _train_config(profile, epochs=epochs, readout_width=readout_width)
+    config = _train_config(profile, epochs=epochs, readout_width=readout_width, steps=steps)
     train_set, test_sets = build_image_sets(str(train) if train else None, str(test) if test else None, presets,
                                             crops_per_photo=crops_per_photo)  # fmt: skip
-    report, _ = run_reproduce(presets, out, config, profile, train_set, test_sets, seeds, mapping, auto,
+    report, result = run_reproduce(presets, out, config, profile, train_set, test_sets, seeds, mapping, auto,
                               resolve_device(device), overwrite, not quiet, describe_data(train, test),
-                              cache=_feature_cache(cache, cache_dir, cache_max_gb))  # fmt: skip
+                              cache=_feature_cache(cache, cache_dir, cache_max_gb), input_norm=input_norm)  # fmt: skip
     print(report)
+    _warn_unconverged(_study_verdicts(result))
     print(f"wrote {out}")
+
+
+def _study_verdicts(result) -> dict:
+    """'table2b vgg16/k7 G seed 1' -> Convergence, for every readout a study trained."""
+    return {f"{study} {row} {pattern} seed {i}": c
+            for (study, row, pattern), cs in result.convergence.items() for i, c in enumerate(cs)}  # fmt: skip
+
+
+def _warn_unconverged(verdicts: dict) -> None:
+    """One line on stderr per readout that did not converge (convergence.RULE), so no score passes unread."""
+    from .convergence import RULE
+
+    bad = {name: c for name, c in verdicts.items() if not c.ok}
+    for name, c in bad.items():
+        print(f"posprobe: warning: {name} did not converge: {c.describe()}", file=sys.stderr)
+    if bad:
+        print(f"posprobe: the rule: {RULE}; try --steps or --lr", file=sys.stderr)
 
 
 def _feature_cache(use: bool, cache_dir: Optional[Path], max_gb: float) -> FeatureCache | None:
@@ -292,11 +325,12 @@ def layer_curve_cmd(
     readout_width: ReadoutWidth = None,
     feat_size: FeatSize = 28,
     image_size: ImageSize = 224,
-    input_norm: InputNorm = "none",
+    input_norm: InputNorm = "paper",
     include_all: bool = typer.Option(True, "--all/--no-all", help="Also train one readout over all levels "
                                      "together (the paper's last column)."),
     profile: Profile = "official",
     epochs: Epochs = None,
+    steps: Steps = None,
     lr: Lr = None,
     batch_size: BatchSize = None,
     seed: Seed = 0,
@@ -320,7 +354,7 @@ def layer_curve_cmd(
         paddings=paddings, pos_embeds=tuple(p.strip() for p in pos_embed.split(",") if p.strip()) or ("keep",),
         patterns=tuple(resolve_patterns(pattern)), kernel_size=kernel_size, depth=depth,
         readout_padding=readout_padding, feat_size=feat_size, image_size=image_size, profile=profile,
-        train=_train_config(profile, epochs, lr, batch_size, seed, readout_width), seed=seed,
+        train=_train_config(profile, epochs, lr, batch_size, seed, readout_width, steps), seed=seed,
         device=resolve_device(device), train_dir=str(train) if train else None,
         test_dir=str(test) if test else None, crops_per_photo=crops_per_photo, include_all=include_all,
         cache=cache, cache_dir=str(cache_dir) if cache_dir else None, cache_max_gb=cache_max_gb,
@@ -332,6 +366,10 @@ def layer_curve_cmd(
         extra += [facts["pos_embed"]] if facts["pos_embed"] else []
         print(f"{label}: {facts['weights']}" + "".join(f"; {e}" for e in extra))
     print(format_curve_table(curve.rows))
+    for r in curve.rows:
+        if r["convergence"] != "converged":
+            print(f"posprobe: warning: {r['curve']} {r['level']} {r['pattern']} did not converge ({r['convergence']}); "
+                  "loss curves in metrics.json", file=sys.stderr)  # fmt: skip
     print(f"wrote {out}")
 
 

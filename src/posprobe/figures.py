@@ -57,7 +57,8 @@ def _grid(path: Path, rows: list[tuple[str, torch.Tensor, list[tuple[str, torch.
 
 
 def _spc_note(result: StudyResult, preset: StudyPreset, key: str, pattern: str, test_set: str, i: int) -> str:
-    spc = result.per_image.get((preset.name, key, pattern, test_set))
+    grid = result.per_image.get((preset.name, key, pattern, test_set))
+    spc = grid["spc"][0] if grid is not None else None  # seed 0's, whose maps the figures show
     return f"\nSPC {float(spc[i]):.2f}" if spc is not None and i < len(spc) else ""
 
 

@@ -1,8 +1,9 @@
 """Joint training: every readout that reads the same features trains in one pass over them.
 
 The batch order comes from ``TrainConfig.seed`` alone and each readout keeps its own parameters, optimiser
-and schedule, so a readout trained with others ends bit-for-bit where it ends trained alone. Three exact
-rewrites make the shared pass cheap, none of which changes what is minimised:
+and schedule, so a readout trained with others ends where it ends trained alone, up to float rounding (a
+fused convolution sums in another order, on some CPUs with another kernel). Three exact rewrites make the
+shared pass cheap, none of which changes what is minimised:
 
 - Readouts whose first layer is a single-output convolution of the same geometry on the same channels
   (every pattern of a Table 1 column) run as one convolution with one output channel per readout.
@@ -204,14 +205,14 @@ def _group_losses(group: _Group, jobs: Sequence, losses: Sequence[_JobLoss], bat
 
 
 def train_jobs(features, jobs: list, config, device: str | torch.device = "cpu", progress: bool = True) -> list:
-    """Train every job's readout in one pass per epoch over ``features`` (tensor, EncodedSet or source).
+    """Train every job's readout for ``config.schedule(len(features))`` updates over ``features`` (tensor,
+    EncodedSet or source), cycling the set with a fresh shuffle each pass.
 
-    Fills each job's per-epoch mean loss; readouts end in eval mode.
+    Fills each job's per-update training loss (``job.losses``); readouts end in eval mode.
     """
     source = as_source(features)
     n = len(source)
-    if n == 0:
-        raise PosprobeError("no training images to train the readout on")
+    schedule = config.schedule(n)
     opts, scheds = [], []
     for job in jobs:
         job.readout.to(device).train()
@@ -219,16 +220,18 @@ def train_jobs(features, jobs: list, config, device: str | torch.device = "cpu",
         opt = torch.optim.SGD(job.readout.parameters(), lr=config.lr, momentum=config.momentum,
                               weight_decay=config.weight_decay)  # fmt: skip
         opts.append(opt)
-        scheds.append(torch.optim.lr_scheduler.MultiStepLR(opt, list(config.lr_milestones), config.lr_gamma))
+        scheds.append(torch.optim.lr_scheduler.MultiStepLR(opt, list(schedule.milestones), config.lr_gamma))
     groups, single = plan_groups(jobs)
     losses = [_JobLoss(job) for job in jobs]
+    curves = torch.zeros(len(jobs), schedule.updates, dtype=torch.float64, device=device)  # synced once, at the end
     gen = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(total=config.epochs, desc=f"train {len(jobs)} readout(s)", unit="epoch",
+    bar = tqdm(total=schedule.updates, desc=f"train {len(jobs)} readout(s)", unit="update",
                disable=None if progress else True, leave=False)  # fmt: skip
-    for _ in range(config.epochs):
+    step = 0
+    while step < schedule.updates:  # one pass over the training set, stopped part-way at the last update
         order = torch.randperm(n, generator=gen) if config.shuffle else torch.arange(n)
-        sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in jobs]  # synced once per epoch
-        for idx, batch in source.batches(order, config.batch_size, device):
+        order = order[: (schedule.updates - step) * config.batch_size]
+        for _, batch in source.batches(order, config.batch_size, device):
             batch_losses: dict[int, torch.Tensor] = {}
             for group in groups:
                 batch_losses.update(zip(group.members, _group_losses(group, jobs, losses, batch)))
@@ -236,17 +239,18 @@ def train_jobs(features, jobs: list, config, device: str | torch.device = "cpu",
                 batch_losses[j] = losses[j].from_batch(batch)
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
-            torch.stack([batch_losses[j].double() for j in range(len(jobs))]).sum().backward()
-            for opt in opts:
+            stacked = torch.stack([batch_losses[j].double() for j in range(len(jobs))])  # (jobs,)
+            stacked.sum().backward()
+            for opt, sched in zip(opts, scheds):
                 opt.step()
-            for j in range(len(jobs)):
-                sums[j] += batch_losses[j].detach().double() * len(idx)
-        for j, (job, sched) in enumerate(zip(jobs, scheds)):
-            sched.step()
-            job.losses.append(sums[j].item() / n)
-        bar.update(1)
+                sched.step()
+            curves[:, step] = stacked.detach()
+            step += 1
+            bar.update(1)
     bar.close()
-    for job in jobs:
+    for job, curve in zip(jobs, curves.cpu().tolist()):
+        job.losses = curve
+        job.schedule = schedule
         job.readout.eval()
     return jobs
 

@@ -19,6 +19,7 @@ from .backbones.padding import check_padding_mode
 from .backbones.pos_embed import check_pos_embed_mode
 from .backbones.registry import parse_layers
 from .cache import encode_images
+from .convergence import RULE, loss_curve
 from .errors import PosprobeError
 from .joint import predict_each
 from .metrics import is_constant, mae, spearman
@@ -100,7 +101,7 @@ class LayerCurve:
     config: LayerCurveConfig
     rows: list[dict]
     resolved: dict[str, dict]  # curve label -> weights, levels, shapes, surgery
-    losses: dict[str, list[float]]  # "curve | level | pattern" -> per-epoch training loss
+    losses: dict[str, list[tuple[int, float]]]  # "curve | level | pattern" -> loss curve (convergence.loss_curve)
     data: dict[str, dict]
     seconds: dict[str, float]
 
@@ -172,15 +173,17 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
                 "depth": (i / (n_levels - 1) if n_levels > 1 else 0.0) if i is not None else "",
                 "channels": lv.channels if lv else backbone.channels, "stride": lv.stride if lv else "",
                 "size": f"{shapes[i][1]}x{shapes[i][2]}" if i is not None else "",
-                "pattern": p, "test_set": test.name, **summary,
+                "pattern": p, "test_set": test.name, **summary, "updates": job.schedule.updates,
+                "convergence": job.convergence().status,
             })  # fmt: skip
-            losses[f"{c.label} | {level} | {p}"] = job.losses
+            losses[f"{c.label} | {level} | {p}"] = loss_curve(job.losses)
         resolved[c.label] = {
             "backbone": c.backbone, "weights": backbone.weights_label, "input_norm": backbone.input_norm,
             "interpolation": backbone.interpolation, "levels": [asdict(lv) for lv in backbone.levels],
             "level_shapes": shapes, "exact_strides": backbone.spec.exact_strides,
             "backbone_padding": backbone.padding_report.to_dict() if backbone.padding_report else None,
-            "pos_embed": backbone.pos_embed_note,
+            "pos_embed": backbone.pos_embed_note, "input": backbone.input_description,
+            "schedule": jobs[0].schedule.to_dict(),
         }  # fmt: skip
     return LayerCurve(config, rows, resolved, losses, data, {"total": time.perf_counter() - started})
 
@@ -206,8 +209,8 @@ def write_layer_curve(curve: LayerCurve, out: Path, overwrite: bool = False) -> 
     with atomic_run_dir(out, overwrite) as tmp:
         write_json(tmp / "config.json", {**curve.config.to_dict(), "resolved": curve.resolved, "data": curve.data})
         write_csv(tmp / "layer_curve.csv", curve.rows)
-        write_json(tmp / "metrics.json", {"rows": curve.rows, "train_loss_per_epoch": curve.losses,
-                                          "seconds": curve.seconds})  # fmt: skip
+        write_json(tmp / "metrics.json", {"rows": curve.rows, "train_loss_curve": curve.losses,
+                                          "convergence_rule": RULE, "seconds": curve.seconds})  # fmt: skip
         write_json(tmp / "environment.json", environment(curve.config.device))
         points: dict[str, dict[str, list[tuple[float, str, float]]]] = {}
         together: dict[str, dict[str, float]] = {}

@@ -127,3 +127,51 @@ def layer_curve_plot(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def loss_curves_plot(
+    path: Path,
+    panels: Mapping[str, Mapping[str, Sequence[Sequence[tuple[int, float]]]]],
+    constant_losses: Mapping[str, float],
+    flagged: Collection[tuple[str, str]] = (),
+    decay_at: Sequence[int] = (),
+) -> None:
+    """Training loss against SGD updates: one panel per readout setting, a colour per pattern, a line per seed.
+
+    panels[title][pattern] = each seed's [(update, mean loss over the window)]; the dashed line in the pattern's
+    colour is the loss of the best constant map (a readout that ends near it draws a flat map); the grey
+    vertical line marks the lr decay; (title, pattern) pairs in ``flagged`` are drawn thicker and named.
+    """
+    n = len(panels)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.5 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, by_pattern) in zip(axes.flat, panels.items()):
+        bad = []
+        for i, (pattern, seeds) in enumerate(by_pattern.items()):
+            colour = colours[i % len(colours)]
+            thick = (title, pattern) in flagged
+            for s, curve in enumerate(seeds):
+                if curve:
+                    x, y = zip(*curve)
+                    ax.plot(x, y, color=colour, lw=2.0 if thick else 0.9, alpha=1.0 if s == 0 else 0.5,
+                            label=pattern if s == 0 else None)  # fmt: skip
+            if pattern in constant_losses:
+                ax.axhline(constant_losses[pattern], color=colour, ls="--", lw=0.7)
+            if thick:
+                bad.append(pattern)
+        for d in decay_at:
+            ax.axvline(d, color="0.6", lw=0.7)
+        ax.set_yscale("log")
+        ax.set_title(title + (f"\nnot converged: {', '.join(bad)}" if bad else ""), fontsize=8,
+                     color="firebrick" if bad else "black")  # fmt: skip
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("SGD update", fontsize=7)
+        ax.legend(fontsize=6, loc="upper right")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle("Training loss (MSE) per readout; dashed: the best constant map; grey: lr decay", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from .backbones import Backbone
 from .errors import PosprobeError
 from .features import EncodedSet
+from .intervals import bootstrap
 from .joint import predict_source
 from .metrics import is_constant, mae, spearman
 from .readout import Readout, check_readout_config
@@ -32,11 +33,13 @@ class Scores:
     constant: torch.Tensor  # (N,) bool: prediction carries no rank information (SPC defined as 0)
 
     def summary(self) -> dict[str, float | int]:
-        """Mean and population standard deviation over images (std is 0 for a single image)."""
+        """Mean, 95% bootstrap interval over images (NaN for a single image) and population standard
+        deviation over images (0 for a single image)."""
         spc, err = self.spc.double(), self.mae.double()
+        spc_ci, mae_ci = bootstrap(spc), bootstrap(err)
         return {
-            "spc_mean": float(spc.mean()), "spc_std": float(spc.std(correction=0)),
-            "mae_mean": float(err.mean()), "mae_std": float(err.std(correction=0)),
+            "spc_mean": spc_ci.mean, "spc_lo": spc_ci.lo, "spc_hi": spc_ci.hi, "spc_std": float(spc.std(correction=0)),
+            "mae_mean": mae_ci.mean, "mae_lo": mae_ci.lo, "mae_hi": mae_ci.hi, "mae_std": float(err.std(correction=0)),
             "n": len(self.ids), "n_constant": int(self.constant.sum()),
         }  # fmt: skip
 
@@ -99,7 +102,9 @@ class PositionProbe:
         jobs = [ReadoutJob(name, self.new_readout(), target) for name, target in self.targets.items()]
         train_readouts(encoded, jobs, self.train_config, self.device, self.progress)
         self.readouts_ = {job.key: job.readout.cpu() for job in jobs}
-        self.losses_ = {job.key: job.losses for job in jobs}
+        self.losses_ = {job.key: job.losses for job in jobs}  # every update's training loss
+        self.convergence_ = {job.key: job.convergence() for job in jobs}
+        self.schedule_ = jobs[0].schedule
         self.train_ids_, self.train_skipped_ = encoded.ids, encoded.skipped
         return self
 

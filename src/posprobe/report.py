@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .convergence import RULE
+from .intervals import TEST, Interval, step_direction, verdict
 from .paper import paper_cell
 from .study import Direction, StudyPreset, StudyResult, aggregate
 
@@ -11,10 +13,10 @@ NOT_PRINTED = "n/p"
 
 
 def result_rows(result: StudyResult, presets: Sequence[StudyPreset]) -> list[dict]:
-    """Aggregated rows (mean over seeds) with the paper's values and our difference from them."""
+    """Aggregated rows (means and intervals over images and seeds) with the paper's values and our difference."""
     tables = {p.name: p.paper_table for p in presets}
     rows = []
-    for r in aggregate(result.records):
+    for r in aggregate(result):
         paper = paper_cell(tables[r["study"]], r["row"], r["pattern"], r["test_set"])
         rows.append({
             **r, "paper_spc": paper["spc"] if paper else None, "paper_mae": paper["mae"] if paper else None,
@@ -24,24 +26,24 @@ def result_rows(result: StudyResult, presets: Sequence[StudyPreset]) -> list[dic
     return rows
 
 
-def _fmt(value: float | None, seed_std: float = 0.0, seeds: int = 1) -> str:
-    if value is None:
-        return NOT_PRINTED
-    return f"{value:.3f} ±{seed_std:.3f}" if seeds > 1 else f"{value:.3f}"
-
-
 def _signed(value: float | None) -> str:
     return NOT_PRINTED if value is None else f"{value:+.3f}"
 
 
-def _cell(spc: float | None, err: float | None, spc_std: float = 0.0, seeds: int = 1) -> str:
-    if spc is None:
-        return NOT_PRINTED
-    return f"{_fmt(spc, spc_std, seeds)}/{err:.3f}"
+def _ours(r: dict) -> str:
+    """'SPC [lo, hi] / MAE', and a mark when a seed's readout did not converge."""
+    spc = Interval(r["spc"], r["spc_lo"], r["spc_hi"])
+    flag = " ⚠" if r["converged_seeds"] < r["seeds"] else ""
+    return f"{spc} / {r['mae']:.3f}{flag}"
+
+
+def _paper(spc: float | None, err: float | None) -> str:
+    return NOT_PRINTED if spc is None else f"{spc:.3f}/{err:.3f}"
 
 
 def table_markdown(rows: list[dict], preset: StudyPreset, result: StudyResult) -> str:
-    """The paper's layout: a row per (pattern, model), per test set our SPC/MAE and the paper's, and ΔSPC."""
+    """The paper's layout: a row per (pattern, model), per test set our SPC [95% interval] / MAE, the paper's
+    SPC/MAE, and ΔSPC."""
     index = {(r["row"], r["pattern"], r["test_set"]): r for r in rows if r["study"] == preset.name}
     head = ["Pattern", "Model"]
     for t in preset.test_sets:
@@ -57,8 +59,7 @@ def table_markdown(rows: list[dict], preset: StudyPreset, result: StudyResult) -
                 if r is None:
                     cells += ["—", "—", "—"]
                     continue
-                cells += [_cell(r["spc"], r["mae"], r["spc_seed_std"], r["seeds"]),
-                          _cell(r["paper_spc"], r["paper_mae"]), _signed(r["diff_spc"])]  # fmt: skip
+                cells += [_ours(r), _paper(r["paper_spc"], r["paper_mae"]), _signed(r["diff_spc"])]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -75,50 +76,78 @@ READING_GUIDE = (
 )
 
 
-def check_direction(direction: Direction, rows: list[dict], study: str) -> tuple[bool | None, str]:
-    """Does SPC rise along the chain for every pattern? (reproduced, the numbers in words); None: no cell ran.
-
-    With several seeds, a step that is smaller than the seed spread of either end is named: the order of
-    those two means is not settled by this run.
-    """
-    index = {(r["row"], r["pattern"], r["test_set"]): r for r in rows if r["study"] == study}
-    ok, parts, stand_ins = True, [], set()
+def check_direction(direction: Direction, result: StudyResult, rows: list[dict], study: str) -> tuple[str, str]:
+    """(verdict, the steps in words): the paired test of ``intervals.TEST`` on every step of the chain, for
+    every pattern; 'not checked' when none of its cells ran."""
+    steps, parts, stand_ins = [], [], set()
     for pattern in direction.patterns:
-        cells = [index.get((key, pattern, direction.test_set)) for key in direction.chain]
-        if any(c is None for c in cells):
+        keys = [(study, row, pattern, direction.test_set) for row in direction.chain]
+        if any(k not in result.per_image for k in keys):
             continue
-        values = [c["spc"] for c in cells]
-        rising = all(a < b for a, b in zip(values, values[1:]))
-        ok &= rising
-        spread = [c.get("spc_seed_std", 0.0) if c.get("seeds", 1) > 1 else 0.0 for c in cells]
-        unsettled = [f"{a:.3f} vs {b:.3f}" for a, b, sa, sb in zip(values, values[1:], spread, spread[1:])
-                     if abs(b - a) < max(sa, sb)]  # fmt: skip
-        steps = " → ".join(f"{key.rsplit('/', 1)[-1]} {v:.3f}" for key, v in zip(direction.chain, values))
-        parts.append(f"{pattern}: {steps}" + ("" if rising else " (not rising)")
-                     + (f" (within the seed spread: {', '.join(unsettled)})" if unsettled else ""))
-        stand_ins.update(f"{c['row']} ran as {c['backbone']}" for c in cells if c.get("substituted"))
+        grids = [result.per_image[k]["spc"] for k in keys]  # (S, N) each, same seeds and images
+        words = [f"{direction.chain[0].rsplit('/', 1)[-1]} {float(grids[0].double().mean()):.3f}"]
+        converged = [all(c.ok for c in result.convergence.get((study, row, pattern), [])) for row in direction.chain]
+        for key, before, after, ok in zip(direction.chain[1:], grids, grids[1:], zip(converged, converged[1:])):
+            step, diff = step_direction(before, after)
+            if not all(ok):
+                step = "unconverged"
+            steps.append(step)
+            words.append(f"{key.rsplit('/', 1)[-1]} {float(after.double().mean()):.3f} "
+                         f"({step}: Δ {diff.mean:+.3f} [{diff.lo:+.3f}, {diff.hi:+.3f}])")  # fmt: skip
+        parts.append(f"{pattern}: " + " → ".join(words))
+        ran = [r for r in rows if r["study"] == study and r["row"] in direction.chain and r["pattern"] == pattern]
+        stand_ins.update(f"{r['row']} ran as {r['backbone']}" for r in ran if r["substituted"])
     if not parts:
-        return None, "none of its cells ran"
+        return "not checked", "none of its cells ran"
     compared = f"; compared as run, stand-ins included: {', '.join(sorted(stand_ins))}" if stand_ins else ""
-    return ok, "; ".join(parts) + compared
+    return verdict(steps), "; ".join(parts) + compared
 
 
-def render(result: StudyResult, presets: Sequence[StudyPreset], header: dict, figures: dict[str, list[str]]) -> str:
+def training_section(result: StudyResult, rows: list[dict], loss_figure: str | None) -> list[str]:
+    """What training ran (updates, distinct images) and which readouts did not converge, with the rule."""
+    lines = ["", "## Training", ""]
+    for key, sched in result.schedules.items():
+        lines.append(f"- `{key}`: {sched.describe()}")
+    flagged = []
+    for (study, row, pattern), verdicts in result.convergence.items():
+        bad = [f"seed {i}: {c.describe()}" for i, c in enumerate(verdicts) if not c.ok]
+        if bad:
+            label = next((r["label"] for r in rows if r["study"] == study and r["row"] == row), row)
+            flagged.append(f"- {study} · {label} · {pattern}: " + "; ".join(bad))
+    total = sum(len(v) for v in result.convergence.values())
+    lines += ["", f"Convergence rule: {RULE}.", ""]
+    if flagged:
+        lines += [f"**{len(flagged)} readout setting(s) did not converge in every seed** (marked ⚠ in the tables; "
+                  "their scores understate what the features hold):", "", *sorted(set(flagged))]  # fmt: skip
+    else:
+        lines.append(f"Every readout converged ({total} readout trainings, all seeds).")
+    if loss_figure:
+        lines += ["", f"![training loss curves]({loss_figure})"]
+    return lines
+
+
+def render(result: StudyResult, presets: Sequence[StudyPreset], header: dict, figures: dict[str, list[str]],
+           loss_figure: str | None = None) -> str:  # fmt: skip
     rows = result_rows(result, presets)
     names = ", ".join(p.name for p in presets)
-    seeds = "(± on SPC: standard deviation across seeds)" if any(r["seeds"] > 1 for r in rows) else "(one seed)"
+    seeds = max((r["seeds"] for r in rows), default=1)
+    spread = (f"over test images and {seeds} seeds" if seeds > 1 else "over test images (one seed)")
     lines = [f"# posprobe reproduce: {names}", "",
-             f"Cells are SPC/MAE, means over test images {seeds}, ours beside the values printed in Islam, Jia & "
-             "Bruce, ICLR 2020; ΔSPC = ours − paper; `n/p`: the paper prints no value for this cell. SPC is the "
-             "Spearman correlation between predicted and target map (1 = perfect, 0 = no position information); "
-             "a constant prediction scores 0. MAE is the mean absolute difference (0 = perfect). Per-image "
-             "spreads, counts of constant maps and every seed's numbers are in results.csv / results.json.",
-             "", READING_GUIDE, "", "## What ran", ""]  # fmt: skip
-    lines.append("| Asked for | Ran as | Weights | Substituted |")
-    lines.append("|---|---|---|---|")
+             f"Cells are SPC [95% interval] / MAE: means over test images and seeds, the interval a two-way bootstrap "
+             f"{spread}; ours beside the values printed in Islam, Jia & Bruce, ICLR 2020; ΔSPC = ours − paper; "
+             "`n/p`: the paper prints no value for this cell; ⚠: a seed's readout did not converge (see Training). "
+             "SPC is the Spearman correlation between predicted and target map (1 = perfect, 0 = no position "
+             "information); a constant prediction scores 0. MAE is the mean absolute difference (0 = perfect). "
+             "A single synthetic image with one seed has no interval. Per-image spreads, MAE intervals, counts of "
+             "constant maps and every seed's numbers are in results.csv / results.json.",
+             "", READING_GUIDE, "", f"**How a verdict is decided.** For every paper direction: {TEST}.",
+             "", "## What ran", ""]  # fmt: skip
+    lines.append("| Asked for | Ran as | Weights | Substituted | Encoder input |")
+    lines.append("|---|---|---|---|---|")
     for paper_name, ran in result.backbones.items():  # 'vgg16' or 'vgg16:random'
         lines.append(f"| {paper_name} | `{ran['ran_as']}` | {ran['weights']} | "
-                     f"{'**yes: a stand-in, not the paper’s network**' if ran['substituted'] else 'no'} |")  # fmt: skip
+                     f"{'**yes: a stand-in, not the paper’s network**' if ran['substituted'] else 'no'} | "
+                     f"{ran.get('input', '')} |")  # fmt: skip
     lines.append("")
     for key, value in header.items():
         lines.append(f"- {key}: {value}")
@@ -130,6 +159,7 @@ def render(result: StudyResult, presets: Sequence[StudyPreset], header: dict, fi
     ):
         lines += ["", "**Numbers from a substituted or random-weight backbone are not the paper's network; "
                   "compare directions, not values.**"]  # fmt: skip
+    lines += training_section(result, rows, loss_figure)
     for preset in presets:
         lines += ["", f"## {preset.title}", ""]
         if preset.notes:
@@ -139,7 +169,7 @@ def render(result: StudyResult, presets: Sequence[StudyPreset], header: dict, fi
         for path in figures.get(preset.name, []):
             lines.append(f"![{preset.name}]({path})")
         for d in preset.directions:
-            ok, detail = check_direction(d, rows, preset.name)
-            verdict = {True: "reproduced", False: "**not reproduced**", None: "not checked"}[ok]
-            lines += ["", f"- Paper: {d.claim}. Here: {verdict} ({detail})."]
+            said, detail = check_direction(d, result, rows, preset.name)
+            shown = said if said in ("reproduced", "not checked") else f"**{said}**"
+            lines += ["", f"- Paper: {d.claim}. Here: {shown} ({detail})."]
     return "\n".join(lines) + "\n"

@@ -8,11 +8,14 @@ from pathlib import Path
 
 from .cache import FeatureCache
 from .data import synthetic_images, train_and_test_images
+from .convergence import constant_map_loss
 from .figures import draw
+from .plots import loss_curves_plot
 from .presets import PRESETS, get_preset
 from .report import render, result_rows
 from .rundir import atomic_run_dir, environment, write_csv, write_json
 from .study import StudyPreset, StudyResult, run_study
+from .targets import make_target
 from .train import TrainConfig, is_official
 
 
@@ -37,24 +40,24 @@ def run_reproduce(presets: Sequence[StudyPreset], out: Path, train_config: Train
                   train_images, test_images, seeds: int = 1, backbone_map=None, auto_substitute: bool = False,
                   device: str = "cpu", overwrite: bool = False, progress: bool = True,
                   data_label: str = "", image_size: int = 224, feat_size: int = 28,
-                  cache: FeatureCache | None = None) -> tuple[str, StudyResult]:  # fmt: skip
+                  cache: FeatureCache | None = None, input_norm: str = "paper") -> tuple[str, StudyResult]:  # fmt: skip
     """Run the presets together (one encoding per backbone) and write report.md, results.csv/json, figures.
 
     ``cache``: a ``cache.FeatureCache`` (features encoded once, reused by later runs) or None (in memory).
     """
     result = run_study(presets, train_images, test_images, train_config, seeds, backbone_map, auto_substitute,
                        image_size=image_size, feat_size=feat_size, device=device, progress=progress,
-                       cache=cache)  # fmt: skip
+                       cache=cache, input_norm=input_norm)  # fmt: skip
     env = environment(device)
     header = {
         "Data": data_label,
-        "Profile": f"`{profile}`: {train_config.describe()}"
+        "Profile": f"`{profile}`: {train_config.describe(images=len(train_images))}"
         + (" (the authors' settings)" if is_official(train_config) else " (not the authors' settings)"),
         "Seeds": f"{seeds} (readout init and batch order)",
         "Features": (f"feature cache {cache.root} (float16; levels beyond its range stored divided by a power of two)"
                      if cache is not None else "encoded in memory (float32)"),
-        "Readout input": f"{image_size}x{image_size} RGB in [0,1], no normalisation; levels resized to "
-        f"{feat_size}x{feat_size}",
+        "Readout input": f"{image_size}x{image_size} images (encoder input per backbone above, `--input-norm "
+        f"{input_norm}`); levels resized to {feat_size}x{feat_size}",
         "Versions": f"posprobe {env['posprobe']} (commit {env['git_commit'] or 'unknown'}), torch {env['torch']}, "
         f"torchvision {env['torchvision']}, Python {platform.python_version()}, device {device}",
         "Wall time": f"{result.seconds:.0f} s",
@@ -64,14 +67,44 @@ def run_reproduce(presets: Sequence[StudyPreset], out: Path, train_config: Train
         for preset in presets:
             if preset.figure:
                 figures[preset.name] = [p.name for p in draw(result, preset, tmp)]
+        loss_figure = write_loss_curves(result, tmp / "loss_curves.png", image_size)
         rows = result_rows(result, presets)
         write_csv(tmp / "results.csv", rows)
-        write_json(tmp / "results.json", {"header": header, "backbones": result.backbones, "data": result.data,
-                                          "rows": rows, "per_seed": result.records,
-                                          "train": train_config.to_dict(), "environment": env})  # fmt: skip
-        report = render(result, presets, header, figures)
+        write_json(tmp / "results.json", {
+            "header": header, "backbones": result.backbones, "data": result.data, "rows": rows,
+            "per_seed": result.records, "train": train_config.to_dict(),
+            "schedules": {k: s.to_dict() for k, s in result.schedules.items()},
+            "convergence": [{"study": st, "row": row, "pattern": p, "seed": i, **c.to_dict()}
+                            for (st, row, p), cs in result.convergence.items() for i, c in enumerate(cs)],
+            "loss_curves": [{"study": st, "row": row, "pattern": p, "seed": i, "curve": curve}
+                            for (st, row, p), cs in result.curves.items() for i, curve in enumerate(cs)],
+            "environment": env,
+        })  # fmt: skip
+        report = render(result, presets, header, figures, loss_figure)
         (tmp / "report.md").write_text(report)
     return report, result
+
+
+def write_loss_curves(result: StudyResult, path, image_size: int) -> str | None:
+    """loss_curves.png: one panel per readout setting (rows shared by several tables drawn once); its name."""
+    panels: dict[str, dict[str, list]] = {}
+    flagged, seen = set(), set()
+    labels = {(r["study"], r["row"]): f"{r['label']} ({r['backbone']})" for r in result.records}
+    for (study, row, pattern), curves in result.curves.items():
+        title = labels[(study, row)]
+        if (title, pattern) in seen:
+            continue
+        seen.add((title, pattern))
+        panels.setdefault(title, {})[pattern] = curves
+        if not all(c.ok for c in result.convergence[(study, row, pattern)]):
+            flagged.add((title, pattern))
+    if not panels:
+        return None
+    patterns = {p for by in panels.values() for p in by}
+    constants = {p: constant_map_loss(make_target(p, image_size, image_size)) for p in patterns}
+    decay = sorted({m for s in result.schedules.values() for m in s.milestones})
+    loss_curves_plot(path, panels, constants, flagged, decay)
+    return path.name
 
 
 def describe_data(train_dir, test_dir) -> str:

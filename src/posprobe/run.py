@@ -15,14 +15,16 @@ from .cache import FeatureCache, default_cache_dir
 from .data import SYNTHETIC, synthetic_images, train_and_test_images
 from .errors import PosprobeError
 from .features import EncodedSet
-from .plots import prediction_grid
+from .convergence import RULE, constant_map_loss, loss_curve
+from .plots import loss_curves_plot, prediction_grid
 from .probe import PositionProbe, Scores
 from .readout import check_readout_config
 from .rundir import atomic_run_dir, environment, write_csv, write_json
 from .targets import PATTERNS, load_target_image
 from .train import PROFILES, TrainConfig
 
-METRIC_FIELDS = ("spc_mean", "spc_std", "mae_mean", "mae_std", "n", "n_constant")
+METRIC_FIELDS = ("spc_mean", "spc_lo", "spc_hi", "spc_std", "mae_mean", "mae_lo", "mae_hi", "mae_std", "n",
+                 "n_constant")
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class ReadoutSettings:
     """What every probing command shares: weights, data, readout, training, device and feature cache."""
 
     weights: str | None = None  # None: the backbone's default weights
-    input_norm: str = "none"  # the authors' code applies no normalisation
+    input_norm: str = "paper"  # [0, 1] as the authors' code; a stand-in gets the same mismatch (backbones.INPUT_NORMS)
     layers: tuple[str, ...] | None = None  # None: the backbone's default taps
     patterns: tuple[str, ...] = PATTERNS
     kernel_size: int = 3
@@ -166,15 +168,22 @@ def execute(config: ProbeRunConfig, progress: bool = True) -> ProbeRun:
     return run
 
 
-def format_table(rows: list[dict]) -> str:
-    """Compact text table: one line per target and test set."""
-    lines = [f"{'pattern':<8}{'test set':<16}{'SPC':>16}{'MAE':>16}{'n':>6}{'const':>7}"]
+def _with_interval(mean: float, lo: float, hi: float) -> str:
+    return f"{mean:.3f}" + ("" if lo != lo else f" [{lo:.3f}, {hi:.3f}]")  # lo != lo: NaN, one image
+
+
+def format_table(rows: list[dict], convergence: dict | None = None) -> str:
+    """Compact text table: one line per target and test set, SPC and MAE with their 95% intervals over test
+    images; a readout that did not converge is marked (convergence: pattern -> Convergence)."""
+    lines = [f"{'pattern':<8}{'test set':<16}{'SPC [95% interval]':<25}{'MAE [95% interval]':<25}{'n':>5}{'const':>7}"]
     for r in rows:
         pattern = f"{r['pattern']} lin" if r.get("readout") == "linear" else r["pattern"]
+        bad = convergence and r.get("readout", "pem") == "pem" and not convergence[r["pattern"]].ok
         lines.append(
-            f"{pattern:<8}{r['test_set'][:15]:<16}{r['spc_mean']:>9.3f} ±{r['spc_std']:.3f}"
-            f"{r['mae_mean']:>9.3f} ±{r['mae_std']:.3f}{r['n']:>6}{r['n_constant']:>7}"
-        )
+            f"{pattern:<8}{r['test_set'][:15]:<16}{_with_interval(r['spc_mean'], r['spc_lo'], r['spc_hi']):<25}"
+            f"{_with_interval(r['mae_mean'], r['mae_lo'], r['mae_hi']):<25}{r['n']:>5}{r['n_constant']:>7}"
+            + ("  not converged" if bad else "")
+        )  # fmt: skip
     return "\n".join(lines)
 
 
@@ -186,6 +195,7 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
             **cfg.to_dict(),
             "resolved": {
                 "backbone_weights": run.backbone.weights_label, "input_norm": run.backbone.input_norm,
+                "input": run.backbone.input_description, "schedule": run.probe.schedule_.to_dict(),
                 "levels": [asdict(level) for level in run.backbone.levels],
                 "level_shapes": run.backbone.level_shapes(cfg.image_size), "channels": run.backbone.channels,
                 "interpolation": run.backbone.interpolation,
@@ -204,8 +214,13 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
             for ts, by_target in run.scores.items() for t, s in by_target.items() for k, i in enumerate(s.ids)
         ]  # fmt: skip
         write_csv(tmp / "per_image.csv", per_image)
+        probe = run.probe
+        curves = {k: loss_curve(v) for k, v in probe.losses_.items()}
+        panel = f"{run.backbone.name}, k={cfg.kernel_size} depth={cfg.depth}"
         write_json(tmp / "metrics.json", {
-            "metrics": rows, "train_loss_per_epoch": run.probe.losses_, "seconds": run.seconds,
+            "metrics": rows, "schedule": probe.schedule_.to_dict(),
+            "convergence": {k: c.to_dict() for k, c in probe.convergence_.items()}, "convergence_rule": RULE,
+            "train_loss_curve": curves, "seconds": run.seconds,
             **({"linear_probe": run.linear.summary()} if run.linear is not None else {}),
         })  # fmt: skip
         write_json(tmp / "environment.json", environment(cfg.device))
@@ -214,6 +229,10 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
                     **({"linear_readouts": {k: r.state_dict() for k, r in run.linear.readouts_.items()}}
                        if run.linear is not None else {})},
                    tmp / "readouts.pt")  # fmt: skip
+        loss_curves_plot(tmp / "loss_curves.png", {panel: {k: [c] for k, c in curves.items()}},
+                         {k: constant_map_loss(t) for k, t in probe.targets.items()},
+                         {(panel, k) for k, c in probe.convergence_.items() if not c.ok},
+                         probe.schedule_.milestones)  # fmt: skip
         pred_dir = tmp / "predictions"
         pred_dir.mkdir()
         for name, (ids, images) in run.previews.items():

@@ -15,12 +15,14 @@ from torch.utils.data import Dataset
 
 from .backbones import Backbone, create_backbone, get_backbone_spec
 from .cache import FeatureCache, encode_images
+from .convergence import Convergence, loss_curve
 from .errors import PosprobeError
+from .intervals import bootstrap
 from .joint import predict_each
 from .metrics import is_constant, mae, spearman
 from .readout import Readout, check_readout_config
 from .targets import make_target
-from .train import ReadoutJob, TrainConfig, train_readouts
+from .train import ReadoutJob, Schedule, TrainConfig, train_readouts
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,13 @@ class StudyResult:
     backbones: dict[str, dict]  # Variant.backbone_key -> what ran (name, weights in words, substituted)
     data: dict[str, dict]  # image set -> description and counts
     seconds: float = 0.0
-    per_image: dict[tuple[str, str, str, str], torch.Tensor] = field(default_factory=dict)  # seed 0 SPC (N,)
+    # (preset, row, pattern, test set) -> {"spc": (S, N), "mae": (S, N)}: every seed's per-image scores
+    per_image: dict[tuple[str, str, str, str], dict[str, torch.Tensor]] = field(default_factory=dict)
+    # (preset, row, pattern) -> each seed's verdict on its training (convergence.RULE)
+    convergence: dict[tuple[str, str, str], list[Convergence]] = field(default_factory=dict)
+    # (preset, row, pattern) -> each seed's loss curve [(update, mean loss over the window)]
+    curves: dict[tuple[str, str, str], list[list[tuple[int, float]]]] = field(default_factory=dict)
+    schedules: dict[str, Schedule] = field(default_factory=dict)  # Variant.backbone_key -> what training ran
 
 
 def _level_channels(backbone: Backbone, levels: tuple[str, ...] | None) -> torch.Tensor | None:
@@ -156,11 +164,14 @@ def run_study(
     n_preview: int = 3,
     progress: bool = True,
     cache: FeatureCache | None = None,
+    input_norm: str = "paper",
 ) -> StudyResult:
     """Run every preset's cells; each image set is encoded once per backbone for all presets together.
 
     ``cache``: a ``cache.FeatureCache`` to keep the features on disk (a later study on the same backbone and
-    images skips the encoder; a set too large for it is streamed); None encodes in memory.
+    images skips the encoder; a set too large for it is streamed); None encodes in memory. ``input_norm``:
+    what every encoder is fed (``backbones.INPUT_NORMS``; "paper" is the authors' [0, 1] input for the paper's
+    ImageNet networks and the same mismatch for a stand-in trained with another normalisation).
     """
     started = time.perf_counter()
     mapping = dict(backbone_map or {})
@@ -178,7 +189,7 @@ def run_study(
     backbones: dict[tuple[str, str | None], Backbone] = {}
     for name, weights in groups:  # load every backbone first: missing weights fail before any encoding
         try:
-            backbones[(name, weights)] = create_backbone(name, weights)
+            backbones[(name, weights)] = create_backbone(name, weights, input_norm=input_norm)
         except PosprobeError as err:
             reason = str(err).replace(", or pass --weights random or a checkpoint path", "")  # probe's options
             raise PosprobeError(
@@ -190,11 +201,15 @@ def run_study(
             _level_channels(backbones[(name, weights)], v.levels)  # an unknown level fails before encoding
 
     records, previews, per_image, ran, data = [], {}, {}, {}, {}
+    convergence: dict[tuple[str, str, str], list[Convergence]] = {}
+    curves: dict[tuple[str, str, str], list] = {}
+    schedules: dict[str, Schedule] = {}
     preview_images: dict[str, tuple[list[str], torch.Tensor]] = {}
     for (name, weights), cells in groups.items():
         backbone = backbones[(name, weights)]
         for _, v, r in cells:
-            ran[v.backbone_key] = {"ran_as": name, "weights": backbone.weights_label, "substituted": r.substituted}
+            ran[v.backbone_key] = {"ran_as": name, "weights": backbone.weights_label, "substituted": r.substituted,
+                                   "input": backbone.input_description}  # fmt: skip
         needed = list(dict.fromkeys(t for p, _, _ in cells for t in p.test_sets))
         # Test sets first: they are small, and an unreadable one then fails before the costly training pass.
         tests = {}
@@ -227,6 +242,7 @@ def run_study(
                     readout = Readout(in_ch, k, depth, pad, feat_size, image_size, train_config.readout_width(in_ch))
                 jobs.append(ReadoutJob(setting, readout, targets[p], channels))
             train_readouts(train, jobs, replace(train_config, seed=seed), device, progress)
+            trained = {j: (job.convergence(), loss_curve(job.losses)) for j, job in enumerate(jobs)}
             scored = {}  # (job index, test set) -> SPC, MAE and constant flags per image, the first maps
             for t, enc in tests.items():
                 used = [j for j, job in enumerate(jobs) if any(t in pr.test_sets for pr, _, _ in wanted[job.key])]
@@ -236,6 +252,10 @@ def run_study(
                     scored[(j, t)] = (spearman(pred, y), mae(pred, y), is_constant(pred), pred[:n_preview].clone())
             for j, job in enumerate(jobs):
                 p = job.key[-1]
+                for preset, v, r in wanted[job.key]:
+                    convergence.setdefault((preset.name, v.key, p), []).append(trained[j][0])
+                    curves.setdefault((preset.name, v.key, p), []).append(trained[j][1])
+                    schedules[v.backbone_key] = job.schedule
                 for t, enc in tests.items():
                     users = [(pr, v, r) for pr, v, r in wanted[job.key] if t in pr.test_sets]
                     if not users:
@@ -248,25 +268,38 @@ def run_study(
                             "substituted": r.substituted, "spc_mean": float(spc.double().mean()),
                             "spc_std": float(spc.double().std(correction=0)), "mae_mean": float(err.double().mean()),
                             "mae_std": float(err.double().std(correction=0)), "n": len(enc),
-                            "n_constant": int(const.sum()),
+                            "n_constant": int(const.sum()), "updates": job.schedule.updates,
+                            "convergence": trained[j][0].status,
                         })  # fmt: skip
+                        grid = per_image.setdefault((preset.name, v.key, p, t), {"spc": [], "mae": []})
+                        grid["spc"].append(spc)
+                        grid["mae"].append(err)
                         if seed == 0:
-                            per_image[(preset.name, v.key, p, t)] = spc
                             previews[(preset.name, v.key, p, t)] = first_maps
-    return StudyResult(records, previews, preview_images, ran, data, time.perf_counter() - started, per_image)
+    per_image = {k: {m: torch.stack(v) for m, v in g.items()} for k, g in per_image.items()}  # (S, N) each
+    return StudyResult(records, previews, preview_images, ran, data, time.perf_counter() - started, per_image,
+                       convergence, curves, schedules)  # fmt: skip
 
 
-def aggregate(records: list[dict]) -> list[dict]:
-    """One row per (study, row, pattern, test set): mean over seeds, and the std across seeds."""
+def aggregate(result: StudyResult) -> list[dict]:
+    """One row per (study, row, pattern, test set): means over seeds and images, their 95% intervals
+    (intervals.bootstrap: over test images and seeds), the std across seeds and the seeds' training verdicts."""
     groups: dict[tuple, list[dict]] = {}
-    for r in records:
+    for r in result.records:
         groups.setdefault((r["study"], r["row"], r["pattern"], r["test_set"]), []).append(r)
     out = []
-    for rs in groups.values():
+    for key, rs in groups.items():
         spc = torch.tensor([r["spc_mean"] for r in rs], dtype=torch.float64)
         err = torch.tensor([r["mae_mean"] for r in rs], dtype=torch.float64)
-        first = {k: v for k, v in rs[0].items() if k not in ("seed", "spc_mean", "spc_std", "mae_mean", "mae_std")}
-        out.append({**first, "seeds": len(rs), "spc": float(spc.mean()), "mae": float(err.mean()),
+        grid = result.per_image[key]
+        spc_ci, mae_ci = bootstrap(grid["spc"]), bootstrap(grid["mae"])
+        first = {k: v for k, v in rs[0].items()
+                 if k not in ("seed", "spc_mean", "spc_std", "mae_mean", "mae_std", "convergence")}  # fmt: skip
+        statuses = [r["convergence"] for r in rs]
+        out.append({**first, "seeds": len(rs), "spc": spc_ci.mean, "spc_lo": spc_ci.lo, "spc_hi": spc_ci.hi,
+                    "mae": mae_ci.mean, "mae_lo": mae_ci.lo, "mae_hi": mae_ci.hi,
                     "spc_seed_std": float(spc.std(correction=0)), "mae_seed_std": float(err.std(correction=0)),
-                    "spc_image_std": rs[0]["spc_std"], "n_constant": rs[0]["n_constant"]})  # fmt: skip
+                    "spc_image_std": rs[0]["spc_std"], "n_constant": rs[0]["n_constant"],
+                    "converged_seeds": sum(s == "converged" for s in statuses),
+                    "convergence": "; ".join(sorted(set(statuses)))})  # fmt: skip
     return out

@@ -1,0 +1,96 @@
+"""Uncertainty of every reported score: bootstrap intervals over test images and seeds, and the paired test
+behind each direction verdict.
+
+A score is a mean over test images of a readout trained with one seed, or over several seeds. Both are
+samples: other images, or another initialisation and batch order, would give another number. The interval
+resamples both at once (a two-way bootstrap: seeds with replacement, images with replacement, the mean of
+the resampled grid), so it is as wide as either source of variation makes it. With one seed it is the
+ordinary bootstrap over images; with one image (a synthetic input) it is over seeds alone; with one of each
+there is no interval (NaN), and nothing is claimed from such a cell.
+
+A direction of the paper ("SPC rises along a -> b -> c") is tested step by step on the *paired*
+differences b - a (same test images, same seeds), so the spread shared by both cells cancels:
+a step is *up* when its 95% interval lies above 0, *down* when below, *unresolved* otherwise, and
+*unconverged* when a readout of either cell did not converge in some seed (convergence.py): its score then
+measures the optimiser, not the features, and decides nothing. The direction is **reproduced** when every
+step is up, **not reproduced** when a step is down, **inconclusive** otherwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LEVEL = 0.95
+RESAMPLES = 2000
+
+TEST = (f"each step's mean SPC difference (same images, same seeds) with a {LEVEL:.0%} two-way bootstrap "
+        f"interval over test images and seeds ({RESAMPLES:,} resamples); a step is up when the interval lies above "
+        "0, down when below, unresolved otherwise, and decides nothing when a readout of either cell did not converge "
+        "in some seed; reproduced = every step up, not reproduced = a step down, inconclusive = otherwise")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean and its bootstrap interval."""
+
+    mean: float
+    lo: float
+    hi: float
+
+    def __str__(self) -> str:
+        if math.isnan(self.lo):
+            return f"{self.mean:.3f}"
+        return f"{self.mean:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
+
+
+def _as_grid(values: torch.Tensor) -> torch.Tensor:
+    """(N,) per-image values of one seed or (S, N) of several -> (S, N) float64."""
+    v = values.detach().double().cpu()
+    return v[None] if v.dim() == 1 else v
+
+
+def bootstrap(values: torch.Tensor, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> Interval:
+    """Mean of (S, N) seed x image values (or (N,)) and its two-way percentile bootstrap interval.
+
+    Seeded, so the same values always get the same interval.
+    """
+    grid = _as_grid(values)  # (S, N)
+    s, n = grid.shape
+    mean = float(grid.mean())
+    if s * n == 0 or not math.isfinite(mean):
+        return Interval(mean, math.nan, math.nan)
+    if s == 1 and n == 1:
+        return Interval(mean, math.nan, math.nan)
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(s, (resamples, s), generator=gen) if s > 1 else torch.zeros(resamples, 1, dtype=torch.long)
+    cols = torch.randint(n, (resamples, n), generator=gen) if n > 1 else torch.zeros(resamples, 1, dtype=torch.long)
+    # mean over the resampled grid = mean over resampled rows of each row's mean over resampled columns
+    picked = grid[rows[:, :, None], cols[:, None, :]]  # (R, S', N')
+    means = picked.mean((1, 2))
+    tail = (1 - level) / 2
+    lo, hi = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return Interval(mean, lo, hi)
+
+
+def step_direction(before: torch.Tensor, after: torch.Tensor) -> tuple[str, Interval]:
+    """'up', 'down' or 'unresolved' for the paired difference after - before, with its interval."""
+    a, b = _as_grid(before), _as_grid(after)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need the same seeds and images; got {tuple(a.shape)} and {tuple(b.shape)}")
+    diff = bootstrap(b - a)
+    if diff.lo > 0:
+        return "up", diff
+    if diff.hi < 0:
+        return "down", diff
+    return "unresolved", diff
+
+
+def verdict(steps: list[str]) -> str:
+    """'reproduced', 'not reproduced' or 'inconclusive' from the steps of one direction."""
+    if any(s == "down" for s in steps):
+        return "not reproduced"
+    if steps and all(s == "up" for s in steps):
+        return "reproduced"
+    return "inconclusive"
