@@ -114,8 +114,9 @@ def test_direction_verdicts_are_three_way_from_paired_differences():
     assert check_direction(Direction("rises", ("a", "b", "c"), ("H",)), result, [], "s")[0] == "not reproduced"
     assert check_direction(Direction("rises", ("b", "d"), ("H",)), result, [], "s")[0] == "inconclusive"
     assert check_direction(Direction("rises", ("x", "y"), ("H",)), result, [], "s")[0] == "not checked"
-    # a step whose readout did not converge in a seed decides nothing, even a clear fall
-    result.convergence[("s", "c", "H")] = [check_convergence([0.1] * 20, make_target("H", 8, 8))] * 3
+    # a step whose readout did not finish training in a seed decides nothing, even a clear fall
+    still_falling = check_convergence([0.1 - 0.004 * i for i in range(20)], make_target("H", 8, 8))
+    result.convergence[("s", "c", "H")] = [still_falling] * 3
     said, detail = check_direction(Direction("rises", ("a", "b", "c"), ("H",)), result, [], "s")
     assert said == "inconclusive" and "(unconverged: Δ -0.29" in detail
 

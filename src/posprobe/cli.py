@@ -241,20 +241,26 @@ def reproduce_cmd(
 
 
 def _study_verdicts(result) -> dict:
-    """'table2b vgg16/k7 G seed 1' -> Convergence, for every readout a study trained."""
-    return {f"{study} {row} {pattern} seed {i}": c
-            for (study, row, pattern), cs in result.convergence.items() for i, c in enumerate(cs)}  # fmt: skip
+    """'vgg16/k7 G' -> each seed's Convergence, for every readout a study trained (rows shared by tables once)."""
+    return {f"{row} {pattern}": cs for (_, row, pattern), cs in result.convergence.items()}
 
 
 def _warn_unconverged(verdicts: dict) -> None:
-    """One line on stderr per readout that did not converge (convergence.RULE), so no score passes unread."""
+    """One line on stderr per readout that did not finish training or draws a flat map (convergence.RULE), so
+    no such score passes unread. verdicts: name -> Convergence, or name -> each seed's Convergence."""
     from .convergence import RULE
 
-    bad = {name: c for name, c in verdicts.items() if not c.ok}
-    for name, c in bad.items():
-        print(f"posprobe: warning: {name} did not converge: {c.describe()}", file=sys.stderr)
-    if bad:
-        print(f"posprobe: the rule: {RULE}; try --steps or --lr", file=sys.stderr)
+    told = False
+    for name, cs in verdicts.items():
+        cs = cs if isinstance(cs, list) else [cs]
+        odd = [(i, c) for i, c in enumerate(cs) if c.status != "converged"]
+        if odd:
+            seeds = f" (seed {', '.join(str(i) for i, _ in odd)} of {len(cs)})" if len(cs) > 1 else ""
+            kind = "did not finish training" if any(not c.finished for _, c in odd) else "draws a flat map"
+            print(f"posprobe: warning: {name} {kind}{seeds}: {odd[0][1].describe()}", file=sys.stderr)
+            told = True
+    if told:
+        print(f"posprobe: the rule: {RULE}; the loss curves are in the run directory", file=sys.stderr)
 
 
 def _feature_cache(use: bool, cache_dir: Optional[Path], max_gb: float) -> FeatureCache | None:
@@ -366,10 +372,7 @@ def layer_curve_cmd(
         extra += [facts["pos_embed"]] if facts["pos_embed"] else []
         print(f"{label}: {facts['weights']}" + "".join(f"; {e}" for e in extra))
     print(format_curve_table(curve.rows))
-    for r in curve.rows:
-        if r["convergence"] != "converged":
-            print(f"posprobe: warning: {r['curve']} {r['level']} {r['pattern']} did not converge ({r['convergence']}); "
-                  "loss curves in metrics.json", file=sys.stderr)  # fmt: skip
+    _warn_unconverged(curve.convergence)
     print(f"wrote {out}")
 
 

@@ -1,15 +1,17 @@
 """Has a readout finished training? A rule on its training-loss curve, stated once and applied everywhere.
 
-A readout that has not converged reads out less position than its features hold, so its score is not a
-measurement of the features. Two failures are told apart from a converged readout:
+A readout that has not finished training reads out less position than its features hold, so its score is
+not a measurement of the features. The rule:
 
 - **still falling**: the mean loss over the last tenth of the updates is more than ``STILL_FALLING`` (5%)
-  below the mean over the tenth before it: more updates would still lower it;
-- **constant-map plateau**: the final loss (mean over the last tenth) is at least ``PLATEAU`` (90%) of the
-  loss of the best constant map, the target's own variance: the readout draws (almost) a flat map, an
-  optimisation failure rather than an absence of position (a readout on position-free features also lands
-  there, which is why the flag is a warning to read, not an error);
-- **diverged**: a non-finite loss.
+  below the mean over the tenth before it: more updates would still lower it. Not finished.
+- **diverged**: a non-finite loss. Not finished.
+- **flat map**: finished, but the final loss (mean over the last tenth) is at least ``PLATEAU`` (90%) of the
+  loss of the best constant map, the target's own variance: the readout draws (almost) a constant map.
+  Either the features carry no position it can read (what a control such as PosENet without padding should
+  do) or its training collapsed early (the authors' lr 0.1 does that to some wide readouts); the loss
+  curves tell which. Flagged, never hidden, but a measurement like any other.
+- **converged** otherwise.
 
 Both windows lie after the lr decay of every profile (at two thirds), so the step size is the same in both.
 """
@@ -25,24 +27,30 @@ STILL_FALLING = 0.05
 PLATEAU = 0.9
 CURVE_POINTS = 100  # points of a stored loss curve (window means)
 
-RULE = (f"a readout is flagged *still falling* when its mean training loss over the last tenth of the updates "
-        f"is more than {STILL_FALLING:.0%} below the mean over the tenth before, *at a constant-map plateau* when "
-        f"that final loss is at least {PLATEAU:.0%} of the loss of the best constant map (the target's variance), "
-        "*diverged* when a loss is not finite")  # fmt: skip
+RULE = (f"a readout has not finished training when its mean training loss over the last tenth of the updates is "
+        f"more than {STILL_FALLING:.0%} below the mean over the tenth before (*still falling*) or a loss is not finite "
+        f"(*diverged*); a finished readout draws a *flat map* when that final loss is at least {PLATEAU:.0%} of the "
+        "loss of the best constant map (the target's variance): no position it can read, as a control should, or a "
+        "training collapse (see its loss curve)")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Convergence:
     """The verdict on one readout's loss curve."""
 
-    status: str  # converged | still falling | constant-map plateau | diverged | too short to tell
+    status: str  # converged | flat map | still falling | diverged | too short to tell
     final_loss: float  # mean over the last tenth of the updates
     late_drop: float  # relative fall from the tenth before the last to the last
     constant_loss: float  # MSE of the best constant map
 
     @property
-    def ok(self) -> bool:
-        return self.status == "converged"
+    def finished(self) -> bool:
+        """Training ran to its end: the score measures the features (a flat map included)."""
+        return self.status in ("converged", "flat map")
+
+    @property
+    def flat(self) -> bool:
+        return self.status == "flat map"
 
     def to_dict(self) -> dict:
         return {"status": self.status, "final_loss": self.final_loss, "late_drop": self.late_drop,
@@ -71,10 +79,10 @@ def check_convergence(losses: Sequence[float], target: torch.Tensor) -> Converge
     a, b = round(0.8 * n), round(0.9 * n)
     before, last = float(values[a:b].mean()), float(values[b:].mean())
     drop = (before - last) / max(last, 1e-12)
-    if last >= PLATEAU * const:
-        status = "constant-map plateau"
-    elif drop > STILL_FALLING:
+    if drop > STILL_FALLING:
         status = "still falling"
+    elif last >= PLATEAU * const:
+        status = "flat map"
     else:
         status = "converged"
     return Convergence(status, last, drop, const)

@@ -11,7 +11,7 @@ there is no interval (NaN), and nothing is claimed from such a cell.
 A direction of the paper ("SPC rises along a -> b -> c") is tested step by step on the *paired*
 differences b - a (same test images, same seeds), so the spread shared by both cells cancels:
 a step is *up* when its 95% interval lies above 0, *down* when below, *unresolved* otherwise, and
-*unconverged* when a readout of either cell did not converge in some seed (convergence.py): its score then
+*unconverged* when a readout of either cell did not finish training in some seed (convergence.py): its score then
 measures the optimiser, not the features, and decides nothing. The direction is **reproduced** when every
 step is up, **not reproduced** when a step is down, **inconclusive** otherwise.
 """
@@ -27,7 +27,7 @@ RESAMPLES = 2000
 
 TEST = (f"each step's mean SPC difference (same images, same seeds) with a {LEVEL:.0%} two-way bootstrap "
         f"interval over test images and seeds ({RESAMPLES:,} resamples); a step is up when the interval lies above "
-        "0, down when below, unresolved otherwise, and decides nothing when a readout of either cell did not converge "
+        "0, down when below, unresolved otherwise, and decides nothing when a readout of either cell did not finish "
         "in some seed; reproduced = every step up, not reproduced = a step down, inconclusive = otherwise")  # fmt: skip
 
 

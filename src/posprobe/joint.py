@@ -60,6 +60,7 @@ class MapLoss:
 
 PREDICT_CHUNK = 5  # readouts per pass in predict_each: one Table 1 column's patterns
 MAX_TAP_OUTPUTS = 16  # conv_parts: parts stored aligned take the 1x1 form up to this many outputs
+MIN_TAP_CHANNELS = 64  # ... and from this many channels (below, its upsampling products cost more than the conv)
 
 
 @functools.lru_cache(maxsize=64)
@@ -88,7 +89,7 @@ def conv_parts(batch: FeatureBatch, weight: torch.Tensor, bias: torch.Tensor | N
     y = None
     for part in batch.parts:
         x, w = part.values(), weight[:, part.lo : part.hi]
-        if not part.native and q > MAX_TAP_OUTPUTS:
+        if not part.native and (q > MAX_TAP_OUTPUTS or x.shape[1] < MIN_TAP_CHANNELS):
             t = F.conv2d(x, w, None, padding=padding)
         else:
             b, c, h, wd = x.shape

@@ -9,7 +9,7 @@ readouts train in one pass. "all" is the paper's last column: one readout over e
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from .backbones.padding import check_padding_mode
 from .backbones.pos_embed import check_pos_embed_mode
 from .backbones.registry import parse_layers
 from .cache import encode_images
-from .convergence import RULE, loss_curve
+from .convergence import RULE, Convergence, loss_curve
 from .errors import PosprobeError
 from .joint import predict_each
 from .metrics import is_constant, mae, spearman
@@ -104,6 +104,7 @@ class LayerCurve:
     losses: dict[str, list[tuple[int, float]]]  # "curve | level | pattern" -> loss curve (convergence.loss_curve)
     data: dict[str, dict]
     seconds: dict[str, float]
+    convergence: dict[str, Convergence] = field(default_factory=dict)  # same keys: the training verdict
 
 
 def _level_slices(backbone: Backbone) -> list[tuple[str, torch.Tensor]]:
@@ -131,7 +132,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
     train_set, test_set = config.image_sets()
     cache = config.feature_cache()
     targets = {p: make_target(p, config.image_size, config.image_size) for p in patterns}
-    rows, resolved, losses, data = [], {}, {}, {}
+    rows, resolved, losses, data, verdicts = [], {}, {}, {}, {}
     for c in curves:
         backbone = backbones[c.label]
         # the test set first: it is small, and an unreadable one then fails before the costly training pass
@@ -177,6 +178,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
                 "convergence": job.convergence().status,
             })  # fmt: skip
             losses[f"{c.label} | {level} | {p}"] = loss_curve(job.losses)
+            verdicts[f"{c.label} | {level} | {p}"] = job.convergence()
         resolved[c.label] = {
             "backbone": c.backbone, "weights": backbone.weights_label, "input_norm": backbone.input_norm,
             "interpolation": backbone.interpolation, "levels": [asdict(lv) for lv in backbone.levels],
@@ -185,7 +187,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
             "pos_embed": backbone.pos_embed_note, "input": backbone.input_description,
             "schedule": jobs[0].schedule.to_dict(),
         }  # fmt: skip
-    return LayerCurve(config, rows, resolved, losses, data, {"total": time.perf_counter() - started})
+    return LayerCurve(config, rows, resolved, losses, data, {"total": time.perf_counter() - started}, verdicts)
 
 
 def format_curve_table(rows: list[dict]) -> str:

@@ -31,9 +31,9 @@ def _signed(value: float | None) -> str:
 
 
 def _ours(r: dict) -> str:
-    """'SPC [lo, hi] / MAE', and a mark when a seed's readout did not converge."""
+    """'SPC [lo, hi] / MAE', marked ⚠ when a seed's readout did not finish training, ◌ when one drew a flat map."""
     spc = Interval(r["spc"], r["spc_lo"], r["spc_hi"])
-    flag = " ⚠" if r["converged_seeds"] < r["seeds"] else ""
+    flag = " ⚠" if r["unfinished_seeds"] else " ◌" if r["flat_seeds"] else ""
     return f"{spc} / {r['mae']:.3f}{flag}"
 
 
@@ -86,14 +86,16 @@ def check_direction(direction: Direction, result: StudyResult, rows: list[dict],
             continue
         grids = [result.per_image[k]["spc"] for k in keys]  # (S, N) each, same seeds and images
         words = [f"{direction.chain[0].rsplit('/', 1)[-1]} {float(grids[0].double().mean()):.3f}"]
-        converged = [all(c.ok for c in result.convergence.get((study, row, pattern), [])) for row in direction.chain]
-        for key, before, after, ok in zip(direction.chain[1:], grids, grids[1:], zip(converged, converged[1:])):
+        trained = [result.convergence.get((study, row, pattern), []) for row in direction.chain]
+        for key, before, after, cells in zip(direction.chain[1:], grids, grids[1:], zip(trained, trained[1:])):
             step, diff = step_direction(before, after)
-            if not all(ok):
+            if not all(c.finished for cs in cells for c in cs):
                 step = "unconverged"
             steps.append(step)
-            words.append(f"{key.rsplit('/', 1)[-1]} {float(after.double().mean()):.3f} "
-                         f"({step}: Δ {diff.mean:+.3f} [{diff.lo:+.3f}, {diff.hi:+.3f}])")  # fmt: skip
+            flat = sum(c.flat for c in cells[1])
+            words.append(f"{key.rsplit('/', 1)[-1]} {float(after.double().mean()):.3f}"
+                         + (f" ◌ flat map in {flat}/{len(cells[1])} seeds" if flat else "")
+                         + f" ({step}: Δ {diff.mean:+.3f} [{diff.lo:+.3f}, {diff.hi:+.3f}])")  # fmt: skip
         parts.append(f"{pattern}: " + " → ".join(words))
         ran = [r for r in rows if r["study"] == study and r["row"] in direction.chain and r["pattern"] == pattern]
         stand_ins.update(f"{r['row']} ran as {r['backbone']}" for r in ran if r["substituted"])
@@ -104,26 +106,40 @@ def check_direction(direction: Direction, result: StudyResult, rows: list[dict],
 
 
 def training_section(result: StudyResult, rows: list[dict], loss_figure: str | None) -> list[str]:
-    """What training ran (updates, distinct images) and which readouts did not converge, with the rule."""
+    """What training ran (updates, distinct images), which readouts did not finish or draw a flat map, and the rule."""
     lines = ["", "## Training", ""]
     for key, sched in result.schedules.items():
         lines.append(f"- `{key}`: {sched.describe()}")
-    flagged = []
+    unfinished, flat = {}, {}
     for (study, row, pattern), verdicts in result.convergence.items():
-        bad = [f"seed {i}: {c.describe()}" for i, c in enumerate(verdicts) if not c.ok]
+        label = next((r["label"] for r in rows if r["study"] == study and r["row"] == row), row)
+        key = f"{label} ({_ran_as(result, rows, study, row)}) · {pattern}"  # rows shared by tables: listed once
+        bad = [f"seed {i}: {c.describe()}" for i, c in enumerate(verdicts) if not c.finished]
         if bad:
-            label = next((r["label"] for r in rows if r["study"] == study and r["row"] == row), row)
-            flagged.append(f"- {study} · {label} · {pattern}: " + "; ".join(bad))
+            unfinished[key] = "; ".join(bad)
+        seeds = [str(i) for i, c in enumerate(verdicts) if c.flat]
+        if seeds:
+            flat[key] = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)} of {len(verdicts)}"
     total = sum(len(v) for v in result.convergence.values())
     lines += ["", f"Convergence rule: {RULE}.", ""]
-    if flagged:
-        lines += [f"**{len(flagged)} readout setting(s) did not converge in every seed** (marked ⚠ in the tables; "
-                  "their scores understate what the features hold):", "", *sorted(set(flagged))]  # fmt: skip
+    if unfinished:
+        lines += [f"**{len(unfinished)} readout(s) did not finish training in every seed** (⚠ in the tables; their "
+                  "scores understate what the features hold, and no verdict step rests on them):", "",
+                  *[f"- {k}: {v}" for k, v in sorted(unfinished.items())], ""]  # fmt: skip
     else:
-        lines.append(f"Every readout converged ({total} readout trainings, all seeds).")
+        lines += [f"Every readout finished training ({total} readout trainings, all seeds).", ""]
+    if flat:
+        lines += [f"{len(flat)} readout(s) draw a flat map (◌ in the tables) in some seeds: their features carry "
+                  "no position they can read, as a control's should not, or their training collapsed early (a loss "
+                  "that falls to the dashed line within a few updates and stays there):", "",
+                  *[f"- {k}: {v}" for k, v in sorted(flat.items())]]  # fmt: skip
     if loss_figure:
         lines += ["", f"![training loss curves]({loss_figure})"]
     return lines
+
+
+def _ran_as(result: StudyResult, rows: list[dict], study: str, row: str) -> str:
+    return next((r["backbone"] for r in rows if r["study"] == study and r["row"] == row), "?")
 
 
 def render(result: StudyResult, presets: Sequence[StudyPreset], header: dict, figures: dict[str, list[str]],
@@ -135,7 +151,8 @@ def render(result: StudyResult, presets: Sequence[StudyPreset], header: dict, fi
     lines = [f"# posprobe reproduce: {names}", "",
              f"Cells are SPC [95% interval] / MAE: means over test images and seeds, the interval a two-way bootstrap "
              f"{spread}; ours beside the values printed in Islam, Jia & Bruce, ICLR 2020; ΔSPC = ours − paper; "
-             "`n/p`: the paper prints no value for this cell; ⚠: a seed's readout did not converge (see Training). "
+             "`n/p`: the paper prints no value for this cell; ⚠: a seed's readout did not finish training, ◌: one drew a "
+             "flat map (see Training). "
              "SPC is the Spearman correlation between predicted and target map (1 = perfect, 0 = no position "
              "information); a constant prediction scores 0. MAE is the mean absolute difference (0 = perfect). "
              "A single synthetic image with one seed has no interval. Per-image spreads, MAE intervals, counts of "

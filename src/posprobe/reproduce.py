@@ -96,7 +96,7 @@ def write_loss_curves(result: StudyResult, path, image_size: int) -> str | None:
             continue
         seen.add((title, pattern))
         panels.setdefault(title, {})[pattern] = curves
-        if not all(c.ok for c in result.convergence[(study, row, pattern)]):
+        if not all(c.finished and not c.flat for c in result.convergence[(study, row, pattern)]):
             flagged.add((title, pattern))
     if not panels:
         return None

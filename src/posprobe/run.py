@@ -174,15 +174,15 @@ def _with_interval(mean: float, lo: float, hi: float) -> str:
 
 def format_table(rows: list[dict], convergence: dict | None = None) -> str:
     """Compact text table: one line per target and test set, SPC and MAE with their 95% intervals over test
-    images; a readout that did not converge is marked (convergence: pattern -> Convergence)."""
+    images; a readout that did not converge or draws a flat map says so (convergence: pattern -> Convergence)."""
     lines = [f"{'pattern':<8}{'test set':<16}{'SPC [95% interval]':<25}{'MAE [95% interval]':<25}{'n':>5}{'const':>7}"]
     for r in rows:
         pattern = f"{r['pattern']} lin" if r.get("readout") == "linear" else r["pattern"]
-        bad = convergence and r.get("readout", "pem") == "pem" and not convergence[r["pattern"]].ok
+        status = convergence[r["pattern"]].status if convergence and r.get("readout", "pem") == "pem" else "converged"
         lines.append(
             f"{pattern:<8}{r['test_set'][:15]:<16}{_with_interval(r['spc_mean'], r['spc_lo'], r['spc_hi']):<25}"
             f"{_with_interval(r['mae_mean'], r['mae_lo'], r['mae_hi']):<25}{r['n']:>5}{r['n_constant']:>7}"
-            + ("  not converged" if bad else "")
+            + ("" if status == "converged" else f"  {status}")
         )  # fmt: skip
     return "\n".join(lines)
 
@@ -231,7 +231,7 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
                    tmp / "readouts.pt")  # fmt: skip
         loss_curves_plot(tmp / "loss_curves.png", {panel: {k: [c] for k, c in curves.items()}},
                          {k: constant_map_loss(t) for k, t in probe.targets.items()},
-                         {(panel, k) for k, c in probe.convergence_.items() if not c.ok},
+                         {(panel, k) for k, c in probe.convergence_.items() if not c.finished or c.flat},
                          probe.schedule_.milestones)  # fmt: skip
         pred_dir = tmp / "predictions"
         pred_dir.mkdir()

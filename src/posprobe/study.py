@@ -300,6 +300,6 @@ def aggregate(result: StudyResult) -> list[dict]:
                     "mae": mae_ci.mean, "mae_lo": mae_ci.lo, "mae_hi": mae_ci.hi,
                     "spc_seed_std": float(spc.std(correction=0)), "mae_seed_std": float(err.std(correction=0)),
                     "spc_image_std": rs[0]["spc_std"], "n_constant": rs[0]["n_constant"],
-                    "converged_seeds": sum(s == "converged" for s in statuses),
-                    "convergence": "; ".join(sorted(set(statuses)))})  # fmt: skip
+                    "unfinished_seeds": sum(s not in ("converged", "flat map") for s in statuses),
+                    "flat_seeds": statuses.count("flat map"), "convergence": "; ".join(sorted(set(statuses)))})  # fmt: skip
     return out
