@@ -241,8 +241,14 @@ def reproduce_cmd(
 
 
 def _study_verdicts(result) -> dict:
-    """'vgg16/k7 G' -> each seed's Convergence, for every readout a study trained (rows shared by tables once)."""
-    return {f"{row} {pattern}": cs for (_, row, pattern), cs in result.convergence.items()}
+    """'vgg16/k7 G' -> each seed's Convergence, once per trained readout (rows sharing it named together)."""
+    from .study import distinct_trainings
+
+    out = {}
+    for places, pattern, verdicts in distinct_trainings(result):
+        rows = list(dict.fromkeys(row for _, row in places))
+        out[f"{rows[0]} {pattern}" + (f" (= {', '.join(rows[1:])})" if len(rows) > 1 else "")] = verdicts
+    return out
 
 
 def _warn_unconverged(verdicts: dict) -> None:
@@ -256,8 +262,7 @@ def _warn_unconverged(verdicts: dict) -> None:
         odd = [(i, c) for i, c in enumerate(cs) if c.status != "converged"]
         if odd:
             seeds = f" (seed {', '.join(str(i) for i, _ in odd)} of {len(cs)})" if len(cs) > 1 else ""
-            kind = "did not finish training" if any(not c.finished for _, c in odd) else "draws a flat map"
-            print(f"posprobe: warning: {name} {kind}{seeds}: {odd[0][1].describe()}", file=sys.stderr)
+            print(f"posprobe: warning: {name}{seeds}: {odd[0][1].describe()}", file=sys.stderr)
             told = True
     if told:
         print(f"posprobe: the rule: {RULE}; the loss curves are in the run directory", file=sys.stderr)

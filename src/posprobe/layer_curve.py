@@ -215,6 +215,7 @@ def write_layer_curve(curve: LayerCurve, out: Path, overwrite: bool = False) -> 
                                           "convergence_rule": RULE, "seconds": curve.seconds})  # fmt: skip
         write_json(tmp / "environment.json", environment(curve.config.device))
         points: dict[str, dict[str, list[tuple[float, str, float]]]] = {}
+        bars: dict[str, dict[str, list[tuple[float, float]]]] = {}
         together: dict[str, dict[str, float]] = {}
         for r in curve.rows:
             if r["level"] == ALL:
@@ -222,9 +223,11 @@ def write_layer_curve(curve: LayerCurve, out: Path, overwrite: bool = False) -> 
             else:
                 points.setdefault(r["curve"], {}).setdefault(r["pattern"], []).append(
                     (float(r["depth"]), r["level"], r["spc_mean"]))  # fmt: skip
+                bars.setdefault(r["curve"], {}).setdefault(r["pattern"], []).append((r["spc_lo"], r["spc_hi"]))
         cfg = curve.config
         stand_ins = {label for label, r in curve.resolved.items() if "stand-in" in str(r["weights"])}
         layer_curve_plot(tmp / "layer_curve.png", points, together,
                          title=f"SPC of one level at a time on {curve.rows[0]['test_set']} "
-                               f"({cfg.image_size} px, readout k={cfg.kernel_size})", stand_ins=stand_ins)  # fmt: skip
+                               f"({cfg.image_size} px, readout k={cfg.kernel_size})", stand_ins=stand_ins,
+                         intervals=bars)  # fmt: skip
     return out

@@ -91,6 +91,7 @@ def layer_curve_plot(
     together: Mapping[str, Mapping[str, float]] | None = None,
     title: str = "",
     stand_ins: Collection[str] = (),
+    intervals: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]] | None = None,
 ) -> None:
     """SPC against depth, one panel per pattern and one line per curve (backbone / padding / pos-embed).
 
@@ -99,6 +100,7 @@ def layer_curve_plot(
     With one curve the x ticks name its levels; with several, depth is the tap's relative position.
     stand_ins: the curves whose weights stand in for the paper's; their legend entries say "(stand-in)", as the
     reports' tables do, so the figure alone never passes one off as the paper's network.
+    intervals[curve][pattern]: the 95% interval (lo, hi) of each point, drawn as an error bar.
     """
     patterns = list(dict.fromkeys(p for by_pattern in points.values() for p in by_pattern))
     fig, axes = plt.subplots(1, len(patterns), figsize=(4.2 * len(patterns), 3.6), squeeze=False)
@@ -109,6 +111,11 @@ def layer_curve_plot(
             colour = colours[k % len(colours)]
             label = f"{curve} (stand-in)" if curve in stand_ins else curve
             ax.plot([d for d, _, _ in pts], [s for _, _, s in pts], "o-", color=colour, label=label, markersize=4)
+            bars = (intervals or {}).get(curve, {}).get(pattern)
+            if bars:
+                x, y = [d for d, _, _ in pts], [s for _, _, s in pts]
+                ax.errorbar(x, y, yerr=[[v - lo for v, (lo, _) in zip(y, bars)], [hi - v for v, (_, hi) in zip(y, bars)]],
+                            fmt="none", ecolor=colour, elinewidth=0.8, capsize=2)  # fmt: skip
             if together and pattern in together.get(curve, {}):
                 ax.axhline(together[curve][pattern], color=colour, linestyle="--", linewidth=0.8)
         if len(points) == 1:
@@ -120,7 +127,7 @@ def layer_curve_plot(
         ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.0)
         ax.axhline(0.0, color="grey", linewidth=0.5)
         ax.set_title(f"pattern {pattern}", fontsize=9)
-        ax.set_ylabel("SPC (dashed: all levels)")
+        ax.set_ylabel("SPC (bars: 95% interval; dashed: all levels)" if intervals else "SPC (dashed: all levels)")
     axes[0][0].legend(fontsize=7, loc="lower right")
     if title:
         fig.suptitle(title, fontsize=10)
@@ -133,14 +140,15 @@ def loss_curves_plot(
     path: Path,
     panels: Mapping[str, Mapping[str, Sequence[Sequence[tuple[int, float]]]]],
     constant_losses: Mapping[str, float],
-    flagged: Collection[tuple[str, str]] = (),
+    flagged: Mapping[tuple[str, str], str] | None = None,
     decay_at: Sequence[int] = (),
 ) -> None:
     """Training loss against SGD updates: one panel per readout setting, a colour per pattern, a line per seed.
 
     panels[title][pattern] = each seed's [(update, mean loss over the window)]; the dashed line in the pattern's
     colour is the loss of the best constant map (a readout that ends near it draws a flat map); the grey
-    vertical line marks the lr decay; (title, pattern) pairs in ``flagged`` are drawn thicker and named.
+    vertical line marks the lr decay; flagged[(title, pattern)] = a convergence status other than converged
+    ("flat map", "still falling", ...): drawn thicker and named in the panel's title.
     """
     n = len(panels)
     cols = min(4, n)
@@ -148,10 +156,11 @@ def loss_curves_plot(
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.5 * rows), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, by_pattern) in zip(axes.flat, panels.items()):
-        bad = []
+        bad: dict[str, list[str]] = {}
         for i, (pattern, seeds) in enumerate(by_pattern.items()):
             colour = colours[i % len(colours)]
-            thick = (title, pattern) in flagged
+            status = (flagged or {}).get((title, pattern))
+            thick = status is not None
             for s, curve in enumerate(seeds):
                 if curve:
                     x, y = zip(*curve)
@@ -160,12 +169,12 @@ def loss_curves_plot(
             if pattern in constant_losses:
                 ax.axhline(constant_losses[pattern], color=colour, ls="--", lw=0.7)
             if thick:
-                bad.append(pattern)
+                bad.setdefault(status, []).append(pattern)
         for d in decay_at:
             ax.axvline(d, color="0.6", lw=0.7)
         ax.set_yscale("log")
-        ax.set_title(title + (f"\nnot converged: {', '.join(bad)}" if bad else ""), fontsize=8,
-                     color="firebrick" if bad else "black")  # fmt: skip
+        notes = "; ".join(f"{status}: {', '.join(ps)}" for status, ps in bad.items())
+        ax.set_title(title + (f"\n{notes}" if notes else ""), fontsize=8, color="firebrick" if bad else "black")
         ax.tick_params(labelsize=7)
         ax.set_xlabel("SGD update", fontsize=7)
         ax.legend(fontsize=6, loc="upper right")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from .convergence import RULE
 from .intervals import TEST, Interval, step_direction, verdict
 from .paper import paper_cell
-from .study import Direction, StudyPreset, StudyResult, aggregate
+from .study import Direction, StudyPreset, StudyResult, aggregate, distinct_trainings
 
 NOT_PRINTED = "n/p"
 
@@ -111,9 +111,9 @@ def training_section(result: StudyResult, rows: list[dict], loss_figure: str | N
     for key, sched in result.schedules.items():
         lines.append(f"- `{key}`: {sched.describe()}")
     unfinished, flat = {}, {}
-    for (study, row, pattern), verdicts in result.convergence.items():
-        label = next((r["label"] for r in rows if r["study"] == study and r["row"] == row), row)
-        key = f"{label} ({_ran_as(result, rows, study, row)}) · {pattern}"  # rows shared by tables: listed once
+    labels = {(r["study"], r["row"]): f"{r['label']} ({r['backbone']})" for r in rows}
+    for places, pattern, verdicts in distinct_trainings(result):
+        key = " = ".join(dict.fromkeys(labels[p] for p in places)) + f" · {pattern}"
         bad = [f"seed {i}: {c.describe()}" for i, c in enumerate(verdicts) if not c.finished]
         if bad:
             unfinished[key] = "; ".join(bad)
@@ -130,16 +130,13 @@ def training_section(result: StudyResult, rows: list[dict], loss_figure: str | N
         lines += [f"Every readout finished training ({total} readout trainings, all seeds).", ""]
     if flat:
         lines += [f"{len(flat)} readout(s) draw a flat map (◌ in the tables) in some seeds: their features carry "
-                  "no position they can read, as a control's should not, or their training collapsed early (a loss "
+                  "(almost) no position they can read, which is what a control should show, or their training "
+                  "collapsed early (a loss "
                   "that falls to the dashed line within a few updates and stays there):", "",
                   *[f"- {k}: {v}" for k, v in sorted(flat.items())]]  # fmt: skip
     if loss_figure:
         lines += ["", f"![training loss curves]({loss_figure})"]
     return lines
-
-
-def _ran_as(result: StudyResult, rows: list[dict], study: str, row: str) -> str:
-    return next((r["backbone"] for r in rows if r["study"] == study and r["row"] == row), "?")
 
 
 def render(result: StudyResult, presets: Sequence[StudyPreset], header: dict, figures: dict[str, list[str]],

@@ -14,7 +14,7 @@ from .plots import loss_curves_plot
 from .presets import PRESETS, get_preset
 from .report import render, result_rows
 from .rundir import atomic_run_dir, environment, write_csv, write_json
-from .study import StudyPreset, StudyResult, run_study
+from .study import StudyPreset, StudyResult, distinct_trainings, run_study
 from .targets import make_target
 from .train import TrainConfig, is_official
 
@@ -88,16 +88,14 @@ def run_reproduce(presets: Sequence[StudyPreset], out: Path, train_config: Train
 def write_loss_curves(result: StudyResult, path, image_size: int) -> str | None:
     """loss_curves.png: one panel per readout setting (rows shared by several tables drawn once); its name."""
     panels: dict[str, dict[str, list]] = {}
-    flagged, seen = set(), set()
+    flagged: dict[tuple[str, str], str] = {}
     labels = {(r["study"], r["row"]): f"{r['label']} ({r['backbone']})" for r in result.records}
-    for (study, row, pattern), curves in result.curves.items():
-        title = labels[(study, row)]
-        if (title, pattern) in seen:
-            continue
-        seen.add((title, pattern))
-        panels.setdefault(title, {})[pattern] = curves
-        if not all(c.finished and not c.flat for c in result.convergence[(study, row, pattern)]):
-            flagged.add((title, pattern))
+    for places, pattern, verdicts in distinct_trainings(result):
+        title = labels[places[0]]  # a readout shared by several tables is drawn once
+        panels.setdefault(title, {})[pattern] = result.curves[(*places[0], pattern)]
+        odd = [c.status for c in verdicts if c.status != "converged"]
+        if odd:
+            flagged[(title, pattern)] = odd[0]
     if not panels:
         return None
     patterns = {p for by in panels.values() for p in by}

@@ -231,7 +231,7 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
                    tmp / "readouts.pt")  # fmt: skip
         loss_curves_plot(tmp / "loss_curves.png", {panel: {k: [c] for k, c in curves.items()}},
                          {k: constant_map_loss(t) for k, t in probe.targets.items()},
-                         {(panel, k) for k, c in probe.convergence_.items() if not c.finished or c.flat},
+                         {(panel, k): c.status for k, c in probe.convergence_.items() if c.status != "converged"},
                          probe.schedule_.milestones)  # fmt: skip
         pred_dir = tmp / "predictions"
         pred_dir.mkdir()

@@ -281,6 +281,16 @@ def run_study(
                        convergence, curves, schedules)  # fmt: skip
 
 
+def distinct_trainings(result: StudyResult) -> list[tuple[list[tuple[str, str]], str, list[Convergence]]]:
+    """([(study, row), ...], pattern, each seed's verdict) once per trained readout: rows of several tables that
+    share a readout (Table 1's PosENet is Table 4's padding 0) share one entry."""
+    seen: dict[tuple[int, ...], tuple[list[tuple[str, str]], str, list[Convergence]]] = {}
+    for (study, row, pattern), verdicts in result.convergence.items():
+        key = tuple(id(c) for c in verdicts)  # a shared readout's verdicts are the same objects
+        seen.setdefault(key, ([], pattern, verdicts))[0].append((study, row))
+    return list(seen.values())
+
+
 def aggregate(result: StudyResult) -> list[dict]:
     """One row per (study, row, pattern, test set): means over seeds and images, their 95% intervals
     (intervals.bootstrap: over test images and seeds), the std across seeds and the seeds' training verdicts."""
