@@ -144,8 +144,10 @@ def test_lr_drops_at_the_milestone_epoch():
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
-def test_lr_schedule_steps_per_epoch_not_per_batch():
-    """5 batches per epoch: a milestone at 2 must not bite after the second batch."""
+def test_counting_epochs_the_decay_falls_at_an_epoch_boundary_not_a_batch():
+    """5 batches per epoch: a decay at half of 2 epochs falls after update 5, never mid-epoch."""
+    assert small_config(epochs=2, decay_at=(0.5,)).schedule(40).milestones == (5,)
+    assert small_config(epochs=3, decay_at=(0.5,)).schedule(40).milestones == (10,)  # round(1.5) = 2 epochs
     feats = position_features(40)
     late = train_one(seeded_readout(0), "H", small_config(epochs=2, decay_at=(1.0,), lr_gamma=0.0), feats)
     never = train_one(seeded_readout(0), "H", small_config(epochs=2, decay_at=(25.0,)), feats)
@@ -191,8 +193,10 @@ def test_literal_epochs_are_the_authors_code(epochs, milestone):
 
 
 def test_steps_override_and_exclusive_with_epochs():
-    assert get_profile("official", steps=120).schedule(64).updates == max(120, 15 * 2)
-    assert get_profile("quick", steps=120).schedule(64).updates == 120
+    """--steps N runs exactly N updates, also on a set where the profile's 15-epoch floor would be more."""
+    assert get_profile("official", steps=120).schedule(64).updates == 120
+    assert get_profile("official", steps=500).schedule(10553).updates == 500
+    assert get_profile("official").schedule(20000).updates == 15 * 625  # the profile's own floor stays
     with pytest.raises(PosprobeError, match="not both"):
         get_profile("official", steps=100, epochs=3)
 

@@ -34,8 +34,8 @@ Profile = Annotated[str, typer.Option(help="Training profile: official (the pape
                                       "optimiser) or quick (500 updates, deep readouts at most 32 wide).")]
 Epochs = Annotated[Optional[int], typer.Option(help="Exactly this many passes over the training set, as the authors' "
                                                "code (instead of the profile's update count; lr decay at 2/3).")]
-Steps = Annotated[Optional[int], typer.Option(help="SGD updates instead of the profile's (a small training set is "
-                                              "cycled, reshuffled every pass; lr decay at 2/3).")]
+Steps = Annotated[Optional[int], typer.Option(help="Exactly this many SGD updates instead of the profile's (a small "
+                                              "training set is cycled, reshuffled every pass; lr decay at 2/3).")]
 Lr = Annotated[Optional[float], typer.Option(help="Override the profile's learning rate.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Override the profile's batch size.")]
 ReadoutWidth = Annotated[Optional[int], typer.Option(help="Channels of a deep readout's intermediate layers, at "
@@ -50,7 +50,7 @@ UseCache = Annotated[bool, typer.Option("--cache/--no-cache", help="Keep each im
 CacheDir = Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: $POSPROBE_CACHE or "
                                                   "~/.cache/posprobe).")]
 CacheMaxGb = Annotated[float, typer.Option(help="A set whose features would exceed this many GB is streamed "
-                                           "(encoder re-run every epoch) instead of cached.")]
+                                           "(encoder re-run every pass) instead of cached.")]
 
 
 def _train_config(profile: str, epochs=None, lr=None, batch_size=None, seed: int = 0, readout_width=None, steps=None):
@@ -202,11 +202,14 @@ def reproduce_cmd(
     train: TrainDir = None,
     test: TestDir = None,
     profile: Profile = "official",
-    seeds: int = typer.Option(1, help="Repeat every readout with seeds 0..N-1 and report the spread."),
+    seeds: int = typer.Option(1, help="Repeat every readout with seeds 0..N-1: intervals and verdicts over images "
+                              "and seeds (use 3 or more when a direction matters)."),
     backbone_map: list[str] = typer.Option([], help="PAPER=BACKBONE[:WEIGHTS], e.g. vgg16=vgg16_hed (repeatable), "
                                            "or 'auto': bundled stand-ins where the paper's weights are missing."),
     epochs: Epochs = None,
     steps: Steps = None,
+    lr: Lr = None,
+    batch_size: BatchSize = None,
     readout_width: ReadoutWidth = None,
     input_norm: InputNorm = "paper",
     crops_per_photo: CropsPerPhoto = 8,
@@ -229,7 +232,8 @@ def reproduce_cmd(
     entries = [e.strip() for m in backbone_map for e in m.split(",") if e.strip()]
     auto = "auto" in entries
     mapping = parse_backbone_map([e for e in entries if e != "auto"])
-    config = _train_config(profile, epochs=epochs, readout_width=readout_width, steps=steps)
+    config = _train_config(profile, epochs=epochs, lr=lr, batch_size=batch_size, readout_width=readout_width,
+                           steps=steps)  # fmt: skip
     train_set, test_sets = build_image_sets(str(train) if train else None, str(test) if test else None, presets,
                                             crops_per_photo=crops_per_photo)  # fmt: skip
     report, result = run_reproduce(presets, out, config, profile, train_set, test_sets, seeds, mapping, auto,

@@ -40,7 +40,7 @@ class Convergence:
 
     status: str  # converged | flat map | still falling | diverged | too short to tell
     final_loss: float  # mean over the last tenth of the updates
-    late_drop: float  # relative fall from the tenth before the last to the last
+    late_drop: float  # fall from the tenth before the last to the last, relative to the former
     constant_loss: float  # MSE of the best constant map
 
     @property
@@ -78,7 +78,7 @@ def check_convergence(losses: Sequence[float], target: torch.Tensor) -> Converge
         return Convergence("too short to tell", final, math.nan, const)
     a, b = round(0.8 * n), round(0.9 * n)
     before, last = float(values[a:b].mean()), float(values[b:].mean())
-    drop = (before - last) / max(last, 1e-12)
+    drop = (before - last) / max(before, 1e-12)
     if drop > STILL_FALLING:
         status = "still falling"
     elif last >= PLATEAU * const:

@@ -6,8 +6,8 @@ detection, not ImageNet) for VGG16, EfficientNet-Lite0 (real ImageNet weights) f
 
 What fits 15 minutes on 2 CPU cores with every readout trained to convergence and three seeds: Table 1,
 Table 2(b) without the 5x5 row (the paper prints none), Table 4 and Figs. 4-7. Table 2(a) is left to
-``posprobe reproduce table2a``: its deep readouts cost ~1.7 s per update at 32 channels on 2 cores, so 500
-updates x 3 seeds alone would take over 40 minutes.
+``posprobe reproduce table2a``: its six deep readouts cost ~0.27 s per update each at 32 channels on 2 cores
+(~1.7 s per update of the table), so 500 updates x 3 seeds alone would take over 40 minutes.
 """
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ def training_section(result: StudyResult, rows: list[dict], loss_figure: str | N
         seeds = [str(i) for i, c in enumerate(verdicts) if c.flat]
         if seeds:
             flat[key] = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)} of {len(verdicts)}"
-    total = sum(len(v) for v in result.convergence.values())
+    total = sum(len(v) for _, _, v in distinct_trainings(result))
     lines += ["", f"Convergence rule: {RULE}.", ""]
     if unfinished:
         lines += [f"**{len(unfinished)} readout(s) did not finish training in every seed** (⚠ in the tables; their "

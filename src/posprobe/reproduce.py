@@ -51,8 +51,9 @@ def run_reproduce(presets: Sequence[StudyPreset], out: Path, train_config: Train
     env = environment(device)
     header = {
         "Data": data_label,
-        "Profile": f"`{profile}`: {train_config.describe(images=len(train_images))}"
-        + (" (the authors' settings)" if is_official(train_config) else " (not the authors' settings)"),
+        "Profile": f"`{profile}`: {train_config.describe()}"
+        + (" (the paper's schedule, the authors' optimiser)" if is_official(train_config)
+           else " (not the paper's schedule)"),
         "Seeds": f"{seeds} (readout init and batch order)",
         "Features": (f"feature cache {cache.root} (float16; levels beyond its range stored divided by a power of two)"
                      if cache is not None else "encoded in memory (float32)"),
@@ -100,7 +101,7 @@ def write_loss_curves(result: StudyResult, path, image_size: int) -> str | None:
         return None
     patterns = {p for by in panels.values() for p in by}
     constants = {p: constant_map_loss(make_target(p, image_size, image_size)) for p in patterns}
-    decay = sorted({m for s in result.schedules.values() for m in s.milestones})
+    decay = sorted({m for s in result.schedules.values() for m in s.milestones if m < s.updates})
     loss_curves_plot(path, panels, constants, flagged, decay)
     return path.name
 

@@ -232,7 +232,7 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
         loss_curves_plot(tmp / "loss_curves.png", {panel: {k: [c] for k, c in curves.items()}},
                          {k: constant_map_loss(t) for k, t in probe.targets.items()},
                          {(panel, k): c.status for k, c in probe.convergence_.items() if c.status != "converged"},
-                         probe.schedule_.milestones)  # fmt: skip
+                         [m for m in probe.schedule_.milestones if m < probe.schedule_.updates])  # fmt: skip
         pred_dir = tmp / "predictions"
         pred_dir.mkdir()
         for name, (ids, images) in run.previews.items():

@@ -140,7 +140,8 @@ PROFILES: dict[str, TrainConfig] = {
 
 
 def is_official(config: TrainConfig) -> bool:
-    """Whether a schedule is the authors' own (any seed), so reports never claim it when an option changed it."""
+    """Whether a schedule is the ``official`` profile (the paper's updates, the authors' optimiser; any seed), so
+    reports never claim it when an option changed it."""
     return replace(config, seed=0) == replace(PROFILES["official"], seed=0)
 
 
@@ -153,6 +154,8 @@ def get_profile(name: str, **overrides) -> TrainConfig:
         raise PosprobeError("give --steps (SGD updates) or --epochs (passes over the training set), not both")
     if "epochs" in changes:  # literal epochs: the authors' code
         changes["steps"] = None
+    elif "steps" in changes:  # exactly these updates: no floor of passes over a large set
+        changes["epochs"] = 1
     return replace(PROFILES[name], **changes)
 
 

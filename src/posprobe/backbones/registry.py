@@ -186,7 +186,7 @@ class Backbone(nn.Module):
         spec: BackboneSpec,
         extractor: nn.Module,
         weights: str,
-        input_norm: str = "none",
+        input_norm: str = "paper",
         *,
         padding: PaddingReport | None = None,
         pos_embed: str | None = None,
@@ -202,9 +202,14 @@ class Backbone(nn.Module):
         if input_norm == "paper" and weights == "random":
             input_norm = "none"  # the authors' [0, 1]: random weights expect no normalisation
         self.input_norm = input_norm
-        mean, std = {"none": ((0.0,) * 3, (1.0,) * 3), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-                     "paper": ((0.0,) * 3, tuple(w / r for w, r in zip(spec.norm[1], IMAGENET_STD)) if spec.norm else
-                               (1.0,) * 3)}.get(input_norm, spec.norm)  # fmt: skip
+        if input_norm == "none":
+            mean, std = (0.0,) * 3, (1.0,) * 3
+        elif input_norm == "imagenet":
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        elif input_norm == "paper":  # x * (ImageNet std / the weights' std): the authors' mismatch, carried over
+            mean, std = (0.0,) * 3, tuple(w / r for w, r in zip(spec.norm[1], IMAGENET_STD))
+        else:
+            mean, std = spec.norm
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -309,7 +314,7 @@ def create_backbone(
     name: str,
     weights: str | Path | None = None,
     seed: int = 0,
-    input_norm: str = "none",
+    input_norm: str = "paper",
     *,
     layers: str | Sequence[str] | None = None,
     padding: str | None = None,
