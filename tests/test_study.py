@@ -156,7 +156,11 @@ def test_every_cell_of_every_preset_is_produced_and_reported(tmp_path):
     for name in ("report.md", "results.csv", "results.json", "fig-padding.png", "fig-content-loss.png",
                  "fig-qualitative_H.png", "fig-qualitative_G.png", "fig-qualitative_HS.png"):
         assert (out / name).is_file(), name
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    saved = json.loads((out / "results.json").read_text())
+    rows = saved["rows"]
+    first = saved["per_image"][0]
+    assert len(first["spc"]) == 1 and len(first["spc"][0]) == len(tests[first["test_set"]])  # (seeds, images)
+    assert (out / "loss_curves.png").is_file() and saved["schedules"] and saved["convergence"]
     vgg_h = next(r for r in rows if (r["study"], r["row"], r["pattern"], r["test_set"]) == ("table1", "vgg16", "H", "natural"))
     assert vgg_h["paper_spc"] == 0.742 and vgg_h["diff_spc"] == pytest.approx(vgg_h["spc"] - 0.742)
     assert "stand-in" in report and "n/p" in report

@@ -79,6 +79,10 @@ def run_reproduce(presets: Sequence[StudyPreset], out: Path, train_config: Train
                             for (st, row, p), cs in result.convergence.items() for i, c in enumerate(cs)],
             "loss_curves": [{"study": st, "row": row, "pattern": p, "seed": i, "curve": curve}
                             for (st, row, p), cs in result.curves.items() for i, curve in enumerate(cs)],
+            "per_image": [{"study": st, "row": row, "pattern": p, "test_set": t,  # (seeds, images): re-test anything
+                           "spc": [[round(float(v), 6) for v in seed] for seed in g["spc"]],
+                           "mae": [[round(float(v), 6) for v in seed] for seed in g["mae"]]}
+                          for (st, row, p, t), g in result.per_image.items()],
             "environment": env,
         })  # fmt: skip
         report = render(result, presets, header, figures, loss_figure)
