@@ -167,7 +167,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
             level, p = job.key
             i = next((k for k, lv in enumerate(backbone.levels) if lv.name == level), None)
             lv = backbone.levels[i] if i is not None else None
-            summary = summaries[job.key]
+            summary, verdict = summaries[job.key], job.convergence()
             rows.append({
                 "curve": c.label, "backbone": c.backbone, "padding": c.padding or "model", "pos_embed": c.pos_embed,
                 "level": level, "index": i if i is not None else "",
@@ -175,10 +175,10 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
                 "channels": lv.channels if lv else backbone.channels, "stride": lv.stride if lv else "",
                 "size": f"{shapes[i][1]}x{shapes[i][2]}" if i is not None else "",
                 "pattern": p, "test_set": test.name, **summary, "updates": job.schedule.updates,
-                "convergence": job.convergence().status,
+                "convergence": verdict.status,
             })  # fmt: skip
             losses[f"{c.label} | {level} | {p}"] = loss_curve(job.losses)
-            verdicts[f"{c.label} | {level} | {p}"] = job.convergence()
+            verdicts[f"{c.label} | {level} | {p}"] = verdict
         resolved[c.label] = {
             "backbone": c.backbone, "weights": backbone.weights_label, "input_norm": backbone.input_norm,
             "interpolation": backbone.interpolation, "levels": [asdict(lv) for lv in backbone.levels],

@@ -16,6 +16,7 @@ from .data import SYNTHETIC, synthetic_images, train_and_test_images
 from .errors import PosprobeError
 from .features import EncodedSet
 from .convergence import RULE, constant_map_loss, loss_curve
+from .intervals import Interval
 from .plots import loss_curves_plot, prediction_grid
 from .probe import PositionProbe, Scores
 from .readout import check_readout_config
@@ -168,10 +169,6 @@ def execute(config: ProbeRunConfig, progress: bool = True) -> ProbeRun:
     return run
 
 
-def _with_interval(mean: float, lo: float, hi: float) -> str:
-    return f"{mean:.3f}" + ("" if lo != lo else f" [{lo:.3f}, {hi:.3f}]")  # lo != lo: NaN, one image
-
-
 def format_table(rows: list[dict], convergence: dict | None = None) -> str:
     """Compact text table: one line per target and test set, SPC and MAE with their 95% intervals over test
     images; a readout that did not converge or draws a flat map says so (convergence: pattern -> Convergence)."""
@@ -180,8 +177,8 @@ def format_table(rows: list[dict], convergence: dict | None = None) -> str:
         pattern = f"{r['pattern']} lin" if r.get("readout") == "linear" else r["pattern"]
         status = convergence[r["pattern"]].status if convergence and r.get("readout", "pem") == "pem" else "converged"
         lines.append(
-            f"{pattern:<8}{r['test_set'][:15]:<16}{_with_interval(r['spc_mean'], r['spc_lo'], r['spc_hi']):<25}"
-            f"{_with_interval(r['mae_mean'], r['mae_lo'], r['mae_hi']):<25}{r['n']:>5}{r['n_constant']:>7}"
+            f"{pattern:<8}{r['test_set'][:15]:<16}{str(Interval(r['spc_mean'], r['spc_lo'], r['spc_hi'])):<25}"
+            f"{str(Interval(r['mae_mean'], r['mae_lo'], r['mae_hi'])):<25}{r['n']:>5}{r['n_constant']:>7}"
             + ("" if status == "converged" else f"  {status}")
         )  # fmt: skip
     return "\n".join(lines)

@@ -305,7 +305,7 @@ def aggregate(result: StudyResult) -> list[dict]:
         spc_ci, mae_ci = bootstrap(grid["spc"]), bootstrap(grid["mae"])
         first = {k: v for k, v in rs[0].items()
                  if k not in ("seed", "spc_mean", "spc_std", "mae_mean", "mae_std", "convergence")}  # fmt: skip
-        statuses = [r["convergence"] for r in rs]
+        statuses = [r["convergence"] for r in rs]  # each seed's convergence.Convergence.status
         out.append({**first, "seeds": len(rs), "spc": spc_ci.mean, "spc_lo": spc_ci.lo, "spc_hi": spc_ci.hi,
                     "mae": mae_ci.mean, "mae_lo": mae_ci.lo, "mae_hi": mae_ci.hi,
                     "spc_seed_std": float(spc.std(correction=0)), "mae_seed_std": float(err.std(correction=0)),
