@@ -116,7 +116,7 @@ class TrainConfig:
         elif self.steps is None:
             length = f"{self.epochs} epochs"
         else:
-            length = f"{self.steps:,} SGD updates (at least {self.epochs} epochs)"
+            length = f"{self.steps:,} SGD updates" + (f" (at least {self.epochs} epochs)" if self.epochs > 1 else "")
         decay = ", ".join(f"{f:.3g}" for f in self.decay_at)
         width = "C -> C" if self.max_readout_width is None else f"at most {self.max_readout_width} channels"
         return (f"{length}, SGD lr {self.lr} (x{self.lr_gamma} after {decay} of training), momentum "
