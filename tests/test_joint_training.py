@@ -182,6 +182,7 @@ def test_float16_features_train_like_their_float32_values():
     job_a, job_b = ReadoutJob("H", a, make_target("H", OUT, OUT)), ReadoutJob("H", b, make_target("H", OUT, OUT))
     train_readouts(half, [job_a], config(), progress=False)
     train_readouts(rounded, [job_b], config(), progress=False)
+    # exact on any CPU: both runs feed the same float32 values through the same shapes, hence the same kernels
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
