@@ -59,7 +59,9 @@ def _grid(path: Path, rows: list[tuple[str, torch.Tensor, list[tuple[str, torch.
 def _spc_note(result: StudyResult, preset: StudyPreset, key: str, pattern: str, test_set: str, i: int) -> str:
     grid = result.per_image.get((preset.name, key, pattern, test_set))
     spc = grid["spc"][0] if grid is not None else None  # seed 0's, whose maps the figures show
-    return f"\nSPC {float(spc[i]):.2f}" if spc is not None and i < len(spc) else ""
+    verdicts = result.convergence.get((preset.name, key, pattern))
+    flat = " ◌ flat map" if verdicts and verdicts[0].flat else ""  # as the report marks it
+    return f"\nSPC {float(spc[i]):.2f}{flat}" if spc is not None and i < len(spc) else ""
 
 
 def qualitative(result: StudyResult, preset: StudyPreset, out_dir: Path) -> list[Path]:
