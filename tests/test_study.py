@@ -17,7 +17,7 @@ from posprobe.report import check_direction
 from posprobe.reproduce import run_reproduce
 from posprobe.targets import make_target
 from posprobe.study import (Direction, StudyPreset, StudyResult, Variant, parse_backbone_map, resolve_backbone,
-                            run_study)
+                            run_study, unsettled_seeds)
 from posprobe.train import TrainConfig
 
 PAPER_MD = Path(__file__).resolve().parents[2] / "shared" / "paper" / "PAPER.md"
@@ -130,6 +130,21 @@ def test_a_paired_step_is_resolved_where_unpaired_spreads_overlap():
     b = a + 0.02
     result = _result_with({"a": a, "b": b})
     assert check_direction(Direction("rises", ("a", "b"), ("H",)), result, [], "s")[0] == "reproduced"
+
+
+def test_seeds_that_disagree_are_flagged_unless_a_flat_or_unfinished_seed_explains_it():
+    g = torch.Generator().manual_seed(2)
+    content = torch.rand(1, 12, generator=g)
+    settled = content + 0.01 * torch.randn(3, 12, generator=g)
+    unsettled = content + torch.tensor([[0.0], [0.08], [-0.08]])  # seed means differ: std .065
+    result = _result_with({"a": settled, "b": unsettled, "c": unsettled})
+    converged = check_convergence([0.05] * 20, make_target("H", 8, 8))
+    flat = check_convergence([make_target("H", 8, 8).var().item()] * 20, make_target("H", 8, 8))
+    result.convergence.update({("s", r, "H"): [converged] * 3 for r in ("a", "b")})
+    result.convergence[("s", "c", "H")] = [converged, flat, converged]
+    spread = unsettled_seeds(result)
+    assert list(spread) == [("s", "b", "H", "natural")]
+    assert spread[("s", "b", "H", "natural")] == pytest.approx(float(unsettled.mean(dim=1).std(correction=0)))
 
 
 def _tiny_sets(n_train: int = 4, size: int = 64):

@@ -191,6 +191,7 @@ def demo_cmd(
                               progress=not quiet, cache=_feature_cache(cache, cache_dir, cache_max_gb), seeds=seeds)  # fmt: skip
     print(report)
     _warn_unconverged(_study_verdicts(result))
+    _warn_unsettled(result)
     print(f"wrote {out}")
 
 
@@ -241,6 +242,7 @@ def reproduce_cmd(
                               cache=_feature_cache(cache, cache_dir, cache_max_gb), input_norm=input_norm)  # fmt: skip
     print(report)
     _warn_unconverged(_study_verdicts(result))
+    _warn_unsettled(result)
     print(f"wrote {out}")
 
 
@@ -270,6 +272,16 @@ def _warn_unconverged(verdicts: dict) -> None:
             told = True
     if told:
         print(f"posprobe: the rule: {RULE}; the loss curves are in the run directory", file=sys.stderr)
+
+
+def _warn_unsettled(result) -> None:
+    """One stderr line per cell whose finished readouts still disagree across seeds (marked ± in the report)."""
+    from .intervals import SEED_SPREAD_LIMIT
+    from .study import unsettled_seeds
+
+    for (study, row, pattern, test_set), sd in sorted(unsettled_seeds(result).items()):
+        print(f"posprobe: warning: {study} {row} {pattern} ({test_set}): seeds disagree, SPC sd {sd:.3f} > "
+              f"{SEED_SPREAD_LIMIT} (± in the report; a longer schedule settles it)", file=sys.stderr)
 
 
 def _feature_cache(use: bool, cache_dir: Optional[Path], max_gb: float) -> FeatureCache | None:

@@ -26,6 +26,9 @@ import torch
 
 LEVEL = 0.95
 RESAMPLES = 2000
+# Seeds whose mean SPCs differ by more than this (std across seeds) measured the optimiser's luck as much as the
+# features: such a cell is marked, since its training, although finished by convergence.RULE, has not settled.
+SEED_SPREAD_LIMIT = 0.03
 
 TEST = (f"each step's mean SPC difference (same images, same seeds) with a {LEVEL:.0%} two-way bootstrap "
         f"interval over test images and seeds ({RESAMPLES:,} resamples); a step is up when the interval lies above "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .convergence import RULE
-from .intervals import TEST, Interval, step_direction, verdict
+from .intervals import SEED_SPREAD_LIMIT, TEST, Interval, step_direction, verdict
 from .paper import paper_cell
 from .study import Direction, StudyPreset, StudyResult, aggregate, distinct_trainings
 
@@ -31,9 +31,11 @@ def _signed(value: float | None) -> str:
 
 
 def _ours(r: dict) -> str:
-    """'SPC [lo, hi] / MAE', marked ⚠ when a seed's readout did not finish training, ◌ when one drew a flat map."""
+    """'SPC [lo, hi] / MAE', marked ⚠ when a seed's readout did not finish training, ◌ when one drew a flat map,
+    ± when the seeds' SPCs disagree by more than SEED_SPREAD_LIMIT."""
     spc = Interval(r["spc"], r["spc_lo"], r["spc_hi"])
     flag = " ⚠" if r["unfinished_seeds"] else " ◌" if r["flat_seeds"] else ""
+    flag += " ±" if r["seed_unstable"] else ""
     return f"{spc} / {r['mae']:.3f}{flag}"
 
 
@@ -134,6 +136,13 @@ def training_section(result: StudyResult, rows: list[dict], loss_figure: str | N
                   "collapsed early (a loss "
                   "that falls to the dashed line within a few updates and stays there):", "",
                   *[f"- {k}: {v}" for k, v in sorted(flat.items())]]  # fmt: skip
+    unstable = sorted({f"{r['label']} ({r['backbone']}) · {r['pattern']}: seed sd {r['spc_seed_std']:.3f}"
+                       for r in rows if r["seed_unstable"]})
+    if unstable:
+        lines += ["", f"{len(unstable)} readout(s) finished training but their seeds disagree by more than "
+                  f"{SEED_SPREAD_LIMIT} SPC (std across seeds; ± in the tables): a longer schedule (the official "
+                  "profile) settles them; until then read their cells through the interval, which includes the "
+                  "seed spread:", "", *[f"- {u}" for u in unstable]]  # fmt: skip
     if loss_figure:
         lines += ["", f"![training loss curves]({loss_figure})"]
     return lines
@@ -149,7 +158,7 @@ def render(result: StudyResult, presets: Sequence[StudyPreset], header: dict, fi
              f"Cells are SPC [95% interval] / MAE: means over test images and seeds, the interval a two-way bootstrap "
              f"{spread}; ours beside the values printed in Islam, Jia & Bruce, ICLR 2020; ΔSPC = ours − paper; "
              "`n/p`: the paper prints no value for this cell; ⚠: a seed's readout did not finish training, ◌: one drew a "
-             "flat map (see Training). "
+             f"flat map, ±: the seeds' SPCs differ by more than {SEED_SPREAD_LIMIT} (see Training). "
              "SPC is the Spearman correlation between predicted and target map (1 = perfect, 0 = no position "
              "information); a constant prediction scores 0. MAE is the mean absolute difference (0 = perfect). "
              "A single synthetic image with one seed has no interval. Per-image spreads, MAE intervals, counts of "

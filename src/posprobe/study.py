@@ -17,7 +17,7 @@ from .backbones import Backbone, create_backbone, get_backbone_spec
 from .cache import FeatureCache, encode_images
 from .convergence import Convergence, loss_curve
 from .errors import PosprobeError
-from .intervals import bootstrap
+from .intervals import SEED_SPREAD_LIMIT, bootstrap
 from .joint import predict_each
 from .metrics import is_constant, mae, spearman
 from .readout import Readout, check_readout_config
@@ -291,13 +291,27 @@ def distinct_trainings(result: StudyResult) -> list[tuple[list[tuple[str, str]],
     return list(seen.values())
 
 
+def unsettled_seeds(result: StudyResult) -> dict[tuple, float]:
+    """(study, row, pattern, test set) -> std across seeds of mean SPC, for every cell whose finished, non-flat
+    readouts still disagree by more than SEED_SPREAD_LIMIT (flat and unfinished seeds are flagged as such)."""
+    out = {}
+    for key, grid in result.per_image.items():
+        verdicts = result.convergence.get(key[:3], [])
+        if grid["spc"].shape[0] < 2 or not all(c.finished and not c.flat for c in verdicts):
+            continue
+        sd = float(grid["spc"].double().mean(dim=1).std(correction=0))  # (S, N) -> each seed's mean -> std
+        if sd > SEED_SPREAD_LIMIT:
+            out[key] = sd
+    return out
+
+
 def aggregate(result: StudyResult) -> list[dict]:
     """One row per (study, row, pattern, test set): means over seeds and images, their 95% intervals
     (intervals.bootstrap: over test images and seeds), the std across seeds and the seeds' training verdicts."""
     groups: dict[tuple, list[dict]] = {}
     for r in result.records:
         groups.setdefault((r["study"], r["row"], r["pattern"], r["test_set"]), []).append(r)
-    out = []
+    out, unsettled = [], unsettled_seeds(result)
     for key, rs in groups.items():
         spc = torch.tensor([r["spc_mean"] for r in rs], dtype=torch.float64)
         err = torch.tensor([r["mae_mean"] for r in rs], dtype=torch.float64)
@@ -311,5 +325,6 @@ def aggregate(result: StudyResult) -> list[dict]:
                     "spc_seed_std": float(spc.std(correction=0)), "mae_seed_std": float(err.std(correction=0)),
                     "spc_image_std": rs[0]["spc_std"], "n_constant": rs[0]["n_constant"],
                     "unfinished_seeds": sum(s not in ("converged", "flat map") for s in statuses),
-                    "flat_seeds": statuses.count("flat map"), "convergence": "; ".join(sorted(set(statuses)))})  # fmt: skip
+                    "flat_seeds": statuses.count("flat map"), "convergence": "; ".join(sorted(set(statuses))),
+                    "seed_unstable": key in unsettled})  # fmt: skip
     return out
