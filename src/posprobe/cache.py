@@ -55,6 +55,17 @@ PREPROCESSING = "PIL RGB, bilinear resize to image_size, /255 -> [0,1], then the
 GB = 1e9
 
 
+_EXTRACTING: dict = {}  # the entry this process is extracting now: {"entry": Path, "done": int, "total": int}
+
+
+def extraction_in_progress() -> tuple[int, int, Path] | None:
+    """(images stored, images in the set, entry folder) of the extraction running in this process, if any:
+    what an interrupted run can tell the user the cache keeps for the next run to resume from."""
+    if not _EXTRACTING:
+        return None
+    return _EXTRACTING["done"], _EXTRACTING["total"], _EXTRACTING["entry"]
+
+
 def default_cache_dir() -> Path:
     """$POSPROBE_CACHE, else ~/.cache/posprobe."""
     env = os.environ.get("POSPROBE_CACHE")
@@ -355,9 +366,11 @@ class FeatureCache:
                     # leaves its dirty pages to the kernel, so no msync per batch (which made writes synchronous)
                     mm[at : at + len(rows)] = rows
                 _write_json_atomic(prog_path, record)
+                _EXTRACTING.update(entry=d, done=record["done"], total=n)
 
             writer = ThreadPoolExecutor(max_workers=1)  # file writes overlap the encoder's next batch
             pending = None
+            _EXTRACTING.update(entry=d, done=start, total=n)
             try:
                 for idx, parts, failed in encode_batches(backbone, images, fs, batch_size, device, num_workers, start):
                     if strict and failed:
@@ -410,6 +423,7 @@ class FeatureCache:
             finally:
                 writer.shutdown(wait=True)  # an interrupted run still records every batch it wrote
                 bar.close()
+                _EXTRACTING.clear()
             mm.flush()  # on disk before the manifest declares the entry complete
             del mm
             if not kept:
