@@ -422,8 +422,7 @@ class FeatureCache:
                 raise
             finally:
                 writer.shutdown(wait=True)  # an interrupted run still records every batch it wrote
-                bar.close()
-                _EXTRACTING.clear()
+                bar.close()  # on an exception _EXTRACTING keeps what was stored, for the interrupted run's message
             mm.flush()  # on disk before the manifest declares the entry complete
             del mm
             if not kept:
@@ -445,6 +444,7 @@ class FeatureCache:
             }  # fmt: skip
             _write_json_atomic(d / "manifest.json", manifest)
             prog_path.unlink(missing_ok=True)
+            _EXTRACTING.clear()
         self._check_strict(self.load(key, images), strict)
 
     # -- housekeeping ---------------------------------------------------------------------------------------
