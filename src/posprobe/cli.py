@@ -397,7 +397,7 @@ def layer_curve_cmd(
     print(f"wrote {out}")
 
 
-cache_app = typer.Typer(no_args_is_help=True, help="The feature cache: list entries, total size, clear.")
+cache_app = typer.Typer(no_args_is_help=True, help="The feature cache: list entries, total size, verify, clear.")
 app.add_typer(cache_app, name="cache")
 
 
@@ -413,7 +413,8 @@ def cache_ls_cmd(cache_dir: CacheDir = None) -> None:
     rows = []
     for e in entries:
         m = e.manifest or {}
-        state = "old format" if e.outdated else "complete" if e.complete else f"partial {e.rows_done}"
+        state = (f"damaged ({e.damage})" if e.damage else "old format" if e.outdated else "complete" if e.complete
+                 else f"partial {e.rows_done}")  # fmt: skip
         shape = f"{m['rows']}x{m['channels']}x{m['feat_size']}^2" if m else "-"
         rows.append((e.key[:12], state, str(m.get("backbone", "-")), str(m.get("weights", "-")),
                      str(m.get("image_set", "-")), shape, f"{e.bytes / GB:.2f}"))  # fmt: skip
@@ -435,8 +436,9 @@ def cache_du_cmd(cache_dir: CacheDir = None) -> None:
     cache = FeatureCache(cache_dir)
     entries = cache.entries()
     done = [e for e in entries if e.complete and not e.outdated]
-    partial = [e for e in entries if not e.complete]
+    partial = [e for e in entries if not e.complete and not e.damage]
     outdated = [e for e in entries if e.outdated]
+    damaged = [e for e in entries if e.damage]
     existing = next(p for p in (cache.root, *cache.root.parents) if p.exists())
     free = shutil.disk_usage(existing).free / GB
     print(f"{sum(e.bytes for e in entries) / GB:.2f} GB in {cache.root}: {len(done)} complete entries "
@@ -444,7 +446,39 @@ def cache_du_cmd(cache_dir: CacheDir = None) -> None:
           f"({sum(e.bytes for e in partial) / GB:.2f} GB)"
           + (f", {len(outdated)} of an older format, never read ({sum(e.bytes for e in outdated) / GB:.2f} GB; "
              "'posprobe cache clear --partial' removes them)" if outdated else "")
+          + (f", {len(damaged)} damaged ({sum(e.bytes for e in damaged) / GB:.2f} GB; 'posprobe cache clear "
+             "--damaged' removes them)" if damaged else "")
           + f"; {free:.1f} GB free")  # fmt: skip
+
+
+@cache_app.command("verify")
+def cache_verify_cmd(
+    keys: Optional[list[str]] = typer.Argument(None, help="Key prefixes to verify (as 'cache ls' shows them); "
+                                               "default: every complete entry."),
+    cache_dir: CacheDir = None,
+) -> None:
+    """Read every complete entry whole against its checksums; damaged ones are moved aside (exit 1 if any)."""
+    from .cache import GB, FeatureCache
+
+    cache = FeatureCache(cache_dir, log=None)
+    _known_keys(cache, keys)
+    results = cache.verify(keys or None)
+    for e, damage in results:
+        print(f"{e.key[:12]}  {'DAMAGED: ' + damage if damage else 'ok'}  ({e.bytes / GB:.2f} GB)")
+    bad = sum(damage is not None for _, damage in results)
+    print(f"verified {len(results)} entr{'y' if len(results) == 1 else 'ies'} in {cache.root}: "
+          + (f"{bad} damaged, moved to {cache.root / 'damaged'} ('posprobe cache clear --damaged' removes them)"
+             if bad else "all match their checksums"))  # fmt: skip
+    if bad:
+        raise typer.Exit(1)
+
+
+def _known_keys(cache, keys: Optional[list[str]]) -> None:
+    """Refuse a key prefix that matches no entry, naming where to look."""
+    known = [e.key for e in cache.entries()]
+    for k in keys or []:
+        if not any(key.startswith(k) for key in known):
+            raise PosprobeError(f"no cache entry starts with '{k}'; run 'posprobe cache ls' to list them")
 
 
 @cache_app.command("clear")
@@ -452,19 +486,17 @@ def cache_clear_cmd(
     keys: Optional[list[str]] = typer.Argument(None, help="Key prefixes to remove (as 'cache ls' shows them); "
                                                "default: every entry."),
     partial: bool = typer.Option(False, "--partial", help="Only entries that cannot be used: extractions that did "
-                                 "not finish, and entries of an older cache format."),
+                                 "not finish, damaged entries, and entries of an older cache format."),
+    damaged: bool = typer.Option(False, "--damaged", help="Only damaged entries (moved aside, or whose manifest "
+                                 "or file size is wrong; 'cache verify' checks the data itself)."),
     cache_dir: CacheDir = None,
 ) -> None:
     """Remove cache entries (entries another process is writing are left alone)."""
     from .cache import GB, FeatureCache
 
     cache = FeatureCache(cache_dir)
-    if keys:
-        known = [e.key for e in cache.entries()]
-        for k in keys:
-            if not any(key.startswith(k) for key in known):
-                raise PosprobeError(f"no cache entry starts with '{k}'; run 'posprobe cache ls' to list them")
-    removed, freed, busy = cache.clear(keys or None, incomplete_only=partial)
+    _known_keys(cache, keys)
+    removed, freed, busy = cache.clear(keys or None, incomplete_only=partial, damaged_only=damaged)
     print(f"removed {removed} entr{'y' if removed == 1 else 'ies'} ({freed / GB:.2f} GB) from {cache.root}")
     if busy:
         print(f"left {len(busy)} entr{'y' if len(busy) == 1 else 'ies'} in use by another process: "
