@@ -40,26 +40,47 @@ def to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()  # HWC -> CHW
 
 
+def display_name(name: str | Path) -> str:
+    """A file name as valid UTF-8 text for CSV, JSON, reports and messages.
+
+    A name that is not valid UTF-8 on disk (b'caf\\xe9.png') comes from os.listdir with its bad bytes as lone
+    surrogates ('caf\\udce9.png'), which no UTF-8 writer accepts; here those bytes read as escapes: 'caf\\\\xe9.png'.
+    Valid names come back unchanged.
+    """
+    name = str(name)
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no byte decoded to: escape it as it is
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class FolderImages(Dataset):
     """Every image under ``root`` (recursive, sorted), decoded lazily."""
 
     def __init__(self, root: str | Path, image_size: int = 224, name: str | None = None):
         self.root = Path(root).expanduser()
         if not self.root.exists():
-            raise PosprobeError(f"image folder not found: {self.root}")
+            raise PosprobeError(f"image folder not found: {display_name(self.root)}")
         if not self.root.is_dir():
-            raise PosprobeError(f"expected a folder of images, got a file: {self.root}")
+            raise PosprobeError(f"expected a folder of images, got a file: {display_name(self.root)}")
         self.paths = sorted(
             p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
         )
         if not self.paths:
             raise PosprobeError(
-                f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under {self.root}"
+                f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under {display_name(self.root)}"
             )
         self.image_size = image_size
         self.name = name or self.root.name
+        # ids are the names as os.listdir gives them (a non-UTF-8 name keeps its surrogate escapes, so it still
+        # opens); whatever writes them out passes them through display_name
         self.ids = [str(p.relative_to(self.root)) for p in self.paths]
-        self.description = f"folder {self.root} ({len(self.paths)} files)"
+        self.description = f"folder {display_name(self.root)} ({len(self.paths)} files)"
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -56,12 +56,14 @@ def atomic_run_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def _jsonable(obj):
+    from .data import display_name  # a file name that is not UTF-8 (caf\xe9.png) is written escaped
+
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {display_name(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
+    if isinstance(obj, (str, Path)):
+        return display_name(obj)
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     if isinstance(obj, (np.floating, np.integer)):
@@ -72,17 +74,22 @@ def _jsonable(obj):
 
 
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
+    """JSON in UTF-8; strings holding the surrogate escapes of a non-UTF-8 file name are written escaped."""
+    path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n", encoding="utf-8")
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
+    """CSV in UTF-8; strings holding the surrogate escapes of a non-UTF-8 file name are written escaped."""
+    from .data import display_name
+
     if not rows:
-        path.write_text("")
+        path.write_text("", encoding="utf-8")
         return
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    cell = lambda v: display_name(v) if isinstance(v, (str, Path)) else v  # noqa: E731
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=[display_name(k) for k in rows[0]])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({display_name(k): cell(v) for k, v in row.items()} for row in rows)
 
 
 def git_commit() -> str | None:
