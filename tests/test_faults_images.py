@@ -128,3 +128,52 @@ def test_prediction_grid_labels_a_non_utf8_name(tmp_path):
     target = {"H": torch.zeros(8, 8)}
     prediction_grid(tmp_path / "p.png", target, [(CAFE, torch.zeros(3, 8, 8))], {"H": torch.zeros(1, 8, 8)})
     assert (tmp_path / "p.png").is_file()
+
+
+# ---- images over PIL's pixel limits ------------------------------------------------------------------------
+
+
+def test_a_400_megapixel_image_is_refused_with_its_size_and_the_limit(tmp_path, rng):
+    save_image(tmp_path / "imgs" / "ok.png", rng.integers(0, 256, (20, 20, 3)))
+    (tmp_path / "imgs" / "x.png").write_bytes(png_header(20000, 20000))
+    ds = FolderImages(tmp_path / "imgs", image_size=16)
+    i = ds.ids.index("x.png")
+    with pytest.warns(UserWarning) as caught:
+        assert ds[i] is None
+    message = str(caught[0].message)
+    assert "x.png: 400 megapixels, over the decompression-bomb limit of 179 megapixels" in message
+    assert ds.unreadable_reason("x.png") == "400 megapixels, over the decompression-bomb limit of 179 megapixels"
+    assert ds.unreadable_reason("ok.png") is None
+
+
+def test_a_144_megapixel_image_is_read_with_a_warning_naming_it(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "big.png").write_bytes(png_header(12000, 12000))  # a header only: decoding then fails
+    ds = FolderImages(tmp_path / "imgs", image_size=16)
+    with pytest.warns(UserWarning, match=r"big\.png: 12000x12000 = 144 megapixels, over PIL's decompression-bomb "
+                                         r"warning threshold of 89 megapixels; read anyway"):  # fmt: skip
+        ds[0]
+
+
+def test_over_the_limit_is_refused_and_between_is_decoded_under_a_lowered_limit(tmp_path, rng, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # refused over 2000 pixels, a warning over 1000
+    save_image(tmp_path / "imgs" / "huge.png", rng.integers(0, 256, (50, 50, 3)))  # 2500 pixels
+    save_image(tmp_path / "imgs" / "large.png", rng.integers(0, 256, (40, 40, 3)))  # 1600 pixels
+    save_image(tmp_path / "imgs" / "small.png", rng.integers(0, 256, (20, 20, 3)))
+    ds = FolderImages(tmp_path / "imgs", image_size=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decoded = {i: ds[k] for k, i in enumerate(ds.ids)}
+    assert decoded["huge.png"] is None
+    assert decoded["large.png"].shape == (3, 16, 16) and decoded["small.png"] is not None
+    messages = [str(w.message) for w in caught]
+    assert any("huge.png: 0.0025 megapixels, over the decompression-bomb limit of 0.002 megapixels" in m
+               for m in messages), messages  # fmt: skip
+    assert any("large.png: 40x40" in m and "read anyway" in m for m in messages), messages
+    assert not any("DecompressionBomb" in w.category.__name__ for w in caught)  # PIL's nameless warning: replaced
+
+    backbone = create_backbone("posenet", weights="random")
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(PosprobeError, match=r"huge\.png.*--strict"):
+        warnings.simplefilter("always")
+        encode(backbone, ds, feat_size=4, batch_size=8, strict=True, num_workers=0, progress=False)
+    assert any("huge.png: 0.0025 megapixels, over the decompression-bomb limit" in str(w.message) for w in caught)

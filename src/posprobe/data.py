@@ -7,6 +7,8 @@ can skip it and name it in a warning (or fail under ``strict``).
 from __future__ import annotations
 
 import importlib.util
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,59 @@ def display_name(name: str | Path) -> str:
         return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+class UnreadableImage(Exception):
+    """Why one image file cannot be decoded: the decoder's error, or a refusal over PIL's pixel limit."""
+
+    def __init__(self, reason: str, too_large: bool = False):
+        super().__init__(reason)
+        self.reason, self.too_large = reason, too_large
+
+
+def _megapixels(pixels: float) -> str:
+    return f"{pixels / 1e6:,.0f}" if pixels >= 1e6 else f"{pixels / 1e6:.2g}"
+
+
+def _open_image(path: Path) -> Image.Image:
+    """Image.open, with PIL's decompression-bomb warning and error turned into messages that name the file.
+
+    PIL's own limits stand (Image.MAX_IMAGE_PIXELS, 89 Mpx by default): an image over twice the limit is refused
+    (UnreadableImage); one between the limit and twice it is read, with a warning naming it and its size.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{_megapixels(int(found.group(1)))} megapixels" if found else "too many pixels"
+        refused = f"{_megapixels(2 * limit)} megapixels" if limit else "PIL's limit"
+        raise UnreadableImage(f"{size}, over the decompression-bomb limit of {refused}", too_large=True) from None
+    except Image.DecompressionBombWarning:
+        pass
+    with warnings.catch_warnings():  # between the limit and twice it: PIL reads it, with a warning we name
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(path)
+    w, h = img.size
+    warnings.warn(f"{display_name(path)}: {w}x{h} = {_megapixels(w * h)} megapixels, over PIL's decompression-bomb "
+                  f"warning threshold of {_megapixels(limit)} megapixels; read anyway (slow and memory-hungry; "
+                  f"images over {_megapixels(2 * limit)} megapixels are refused)")  # fmt: skip
+    return img
+
+
+def decode_image(path: str | Path, image_size: int) -> torch.Tensor:
+    """One image file -> (3, S, S) float32 in [0, 1]; raises UnreadableImage."""
+    try:
+        with _open_image(Path(path)) as img:
+            return to_tensor(img, image_size)
+    except UnreadableImage:
+        raise
+    except Image.DecompressionBombError as err:  # raised while decoding (a frame or tile over the limit)
+        raise UnreadableImage(f"over the decompression-bomb limit: {err}", too_large=True) from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise UnreadableImage(str(err) or type(err).__name__) from None
+
+
 class FolderImages(Dataset):
     """Every image under ``root`` (recursive, sorted), decoded lazily."""
 
@@ -87,10 +142,26 @@ class FolderImages(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor | None:
         try:
-            with Image.open(self.paths[i]) as img:
-                return to_tensor(img, self.image_size)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            return decode_image(self.paths[i], self.image_size)
+        except UnreadableImage as err:
+            if err.too_large:  # the caller's skip warning names the file but cannot say why: this one does
+                # (warned from this module: the CLI drops UserWarnings attributed to torch's loader code)
+                warnings.warn(f"{display_name(self.paths[i])}: {err.reason}; not read (downscale it to use it)")
             return None
+
+    def unreadable_reason(self, image: int | str) -> str | None:
+        """Why image ``image`` (an index or an id) cannot be read, decoding it again; None if it now reads.
+
+        For messages about skipped images: __getitem__ runs in loader worker processes, so a reason found there
+        cannot be kept on the dataset."""
+        i = self.ids.index(image) if isinstance(image, str) else image
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # its warnings were given when it was first decoded
+                decode_image(self.paths[i], self.image_size)
+        except UnreadableImage as err:
+            return err.reason
+        return None
 
 
 class TensorImages(Dataset):
