@@ -177,3 +177,24 @@ def test_over_the_limit_is_refused_and_between_is_decoded_under_a_lowered_limit(
         warnings.simplefilter("always")
         encode(backbone, ds, feat_size=4, batch_size=8, strict=True, num_workers=0, progress=False)
     assert any("huge.png: 0.0025 megapixels, over the decompression-bomb limit" in str(w.message) for w in caught)
+
+
+# ---- EXIF orientation ----------------------------------------------------------------------------------------
+
+
+def test_an_exif_rotated_jpeg_decodes_upright(tmp_path):
+    yy, xx = np.mgrid[0:64, 0:32]
+    upright = np.stack([yy * 4, xx * 8, np.full_like(yy, 128)], axis=-1).astype(np.uint8)  # 64 tall, 32 wide
+    stored = Image.fromarray(upright).rotate(90, expand=True)  # as a camera held sideways stores it: 32 x 64
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    (tmp_path / "imgs").mkdir()
+    stored.save(tmp_path / "imgs" / "phone.jpg", quality=100, exif=exif.tobytes())
+    with Image.open(tmp_path / "imgs" / "phone.jpg") as img:
+        assert img.size == (64, 32) and img.getexif()[0x0112] == 6
+
+    decoded = FolderImages(tmp_path / "imgs", image_size=32)[0]
+    reference = to_tensor(Image.fromarray(upright), 32)
+    sideways = to_tensor(stored, 32)
+    assert (decoded - reference).abs().mean() < 0.02
+    assert (decoded - sideways).abs().mean() > 0.1  # what was decoded before: the stored, sideways pixels

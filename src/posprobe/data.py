@@ -2,7 +2,8 @@
 
 Every source is a torch Dataset of (3, S, S) float32 RGB tensors in [0, 1] (S = image size), with an
 ``ids`` list naming each item. A folder item that cannot be decoded comes back as ``None`` so the encoder
-can skip it and name it in a warning (or fail under ``strict``).
+can skip it and name it in a warning (or fail under ``strict``). Images are decoded upright: an EXIF Orientation
+tag is applied, as every photo viewer does.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .errors import PosprobeError, unknown_choice
@@ -101,11 +102,17 @@ def _open_image(path: Path) -> Image.Image:
     return img
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """The image as viewers show it: an EXIF Orientation tag (a phone photo taken sideways) applied, in place."""
+    ImageOps.exif_transpose(img, in_place=True)
+    return img
+
+
 def decode_image(path: str | Path, image_size: int) -> torch.Tensor:
-    """One image file -> (3, S, S) float32 in [0, 1]; raises UnreadableImage."""
+    """One image file -> (3, S, S) float32 in [0, 1], upright (EXIF orientation applied); raises UnreadableImage."""
     try:
         with _open_image(Path(path)) as img:
-            return to_tensor(img, image_size)
+            return to_tensor(upright(img), image_size)
     except UnreadableImage:
         raise
     except Image.DecompressionBombError as err:  # raised while decoding (a frame or tile over the limit)
@@ -277,7 +284,7 @@ def bundled_train_set(image_size: int = 224, crops_per_photo: int = 8, seed: int
     for path in bundled_train_photos():
         with Image.open(path) as img:
             img.draft("RGB", (img.width // 2, img.height // 2))  # JPEG DCT scaling: faster, still > 224 px
-            img = img.convert("RGB")
+            img = upright(img).convert("RGB")
             for c, crop in enumerate(random_square_crops(img, crops_per_photo, rng)):
                 images.append(to_tensor(crop, image_size))
                 ids.append(f"{path.stem}#crop{c}")
@@ -294,7 +301,7 @@ def bundled_test_set(image_size: int = 224) -> TensorImages:
     images = []
     for p in paths:
         with Image.open(p) as img:
-            images.append(to_tensor(img, image_size))
+            images.append(to_tensor(upright(img), image_size))
     return TensorImages(
         torch.stack(images), [p.stem for p in paths], "photos",
         f"{len(paths)} classic photos from scikit-image, scikit-learn and matplotlib",
