@@ -120,8 +120,6 @@ def test_probe_cli_without_cache_runs_end_to_end_on_non_utf8_names(tmp_path, rng
     assert config["resolved"]["train_set"]["n"] == 6  # the five plain names and caf\xe9.png
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, UnicodeEncodeError, ValueError),
-                   reason="plots.prediction_grid hands the image id to matplotlib unescaped; it needs display_name")
 def test_prediction_grid_labels_a_non_utf8_name(tmp_path):
     from posprobe.plots import prediction_grid
 

@@ -448,7 +448,8 @@ class FeatureCache:
     @staticmethod
     def _check_strict(encoded: EncodedSet, strict: bool) -> None:
         if encoded.skipped and strict:
-            raise PosprobeError(f"unreadable image in {encoded.name}: {encoded.skipped[0]} (--strict stops at the first)")
+            raise PosprobeError(f"unreadable image in {encoded.name}: {unreadable_list(encoded.skipped[:1])} "
+                                "(--strict stops at the first)")
         if encoded.skipped:
             import warnings
 
@@ -519,7 +520,8 @@ class FeatureCache:
                 for idx, parts, failed in encode_batches(backbone, images, fs, batch_size, device, num_workers, start):
                     if strict and failed:
                         raise PosprobeError(f"unreadable image in {getattr(images, 'name', 'images')}: "
-                                            f"{ids[failed[0]]} (--strict stops at the first)")  # fmt: skip
+                                            f"{unreadable_list([ids[failed[0]]], images)} (--strict stops at the "
+                                            "first)")  # fmt: skip
                     rows = None
                     if parts is not None:
                         # (b, h * w * c) per part: the channels_last data read as NHWC rows, a view

@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .data import display_name  # noqa: E402
 from .plots import _show  # noqa: E402
 from .study import StudyPreset, StudyResult  # noqa: E402
 from .targets import make_target  # noqa: E402
@@ -33,7 +34,7 @@ def _grid(path: Path, rows: list[tuple[str, torch.Tensor, list[tuple[str, torch.
     fig, axes = plt.subplots(len(rows), cols, figsize=(width, 2.3 * len(rows) + 0.4), squeeze=False)
     shown = None
     for i, (label, image, cells) in enumerate(rows):
-        _show(axes[i][0], image, label[:24])
+        _show(axes[i][0], image, display_name(label)[:24])
         for j, (name, m, note) in enumerate(cells, start=1):
             if m is None:
                 axes[i][j].axis("off")

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .data import display_name  # noqa: E402
+
 
 def _show(ax, img: torch.Tensor, title: str = "", cmap: str | None = "gray") -> None:
     """img: (H, W) map in [0, 1] or (3, H, W) RGB."""
@@ -20,7 +22,7 @@ def _show(ax, img: torch.Tensor, title: str = "", cmap: str | None = "gray") -> 
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=8)
+        ax.set_title(display_name(title), fontsize=8)  # an image id may not be valid UTF-8
 
 
 def prediction_grid(
@@ -43,12 +45,12 @@ def prediction_grid(
     for j, name in enumerate(names, start=1):
         _show(axes[0][j], targets[name], f"target {name}")
     for i, (label, image) in enumerate(inputs, start=1):
-        _show(axes[i][0], image, label[:22])
+        _show(axes[i][0], image, display_name(label)[:22])
         for j, name in enumerate(names, start=1):
             spc = f" SPC {float(scores[name][i - 1]):.2f}" if scores else ""
             _show(axes[i][j], predictions[name][i - 1], f"{name}{spc}")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(display_name(title), fontsize=10)  # it names the test folder
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
