@@ -6,8 +6,10 @@ import csv
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,9 +20,57 @@ import torch
 from .errors import PosprobeError
 
 
+# The run directory this process is producing, for an interrupted run's message: {"out": Path, "written": bool}.
+_ACTIVE: dict = {}
+# The hidden names beside OUT while it is written: .OUT.partial-<pid>-<8 random> and, with --overwrite, .OUT.old-<pid>.
+_TMP_SUFFIX = "xxxxxxxx"  # what tempfile.mkdtemp appends to the prefix
+
+
+def _partial_prefix(name: str, pid: int | None = None) -> str:
+    return f".{name}.partial-{os.getpid() if pid is None else pid}-"
+
+
+def _old_name(name: str, pid: int | None = None) -> str:
+    return f".{name}.old-{os.getpid() if pid is None else pid}"
+
+
+def active_out() -> tuple[Path, bool] | None:
+    """(the --out this process checked last, whether it has been moved into place), or None."""
+    return (_ACTIVE["out"], _ACTIVE["written"]) if _ACTIVE else None
+
+
+def _check_names(out: Path, ancestor: Path) -> None:
+    """Every component to create, and the hidden names written beside OUT, fit the file system's limits."""
+    try:
+        name_max = os.pathconf(ancestor, "PC_NAME_MAX")
+        path_max = os.pathconf(ancestor, "PC_PATH_MAX")
+    except (OSError, ValueError):  # no such limit reported here: the filesystem says so when writing
+        return
+    hidden = (_partial_prefix(out.name, 2**22) + _TMP_SUFFIX, _old_name(out.name, 2**22))  # the longest pid
+    missing = [p.name for p in [out, *out.parents] if p != ancestor and ancestor in p.parents]
+    for name in missing[1:]:
+        if name_max and len(os.fsencode(name)) > name_max:
+            raise PosprobeError(f"cannot create output directory {out}: the folder name '{name}' is "
+                                f"{len(os.fsencode(name))} bytes, over this file system's {name_max}")  # fmt: skip
+    longest = max(len(os.fsencode(n)) for n in hidden)
+    if name_max and longest > name_max:
+        raise PosprobeError(f"output name '{out.name}' is too long: {len(os.fsencode(out.name))} bytes, and its "
+                            f"temporary name while written ('{hidden[0]}') {longest}, over this file system's "
+                            f"{name_max}; choose a name of at most {name_max - (longest - len(os.fsencode(out.name)))}"
+                            " bytes")  # fmt: skip
+    full = len(os.fsencode(str(out.parent.absolute() / hidden[0]))) + 64  # room for the files inside
+    if path_max and full > path_max:
+        raise PosprobeError(f"output path {out} is too long: its files' paths would exceed this file system's "
+                            f"{path_max} bytes")  # fmt: skip
+
+
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite``; called before any work starts."""
+    """Refuse an existing output unless ``overwrite``, and any path the file system would refuse (an unwritable
+    or read-only folder, a name too long, its temporary name included); called before any work starts."""
     out = Path(out).expanduser()
+    _ACTIVE.clear()
+    if out.parent.is_dir():
+        _sweep_stale(out)  # first: an --overwrite killed between its renames puts the previous results back
     if out.exists() and not overwrite:
         raise PosprobeError(f"output directory {out} already exists; choose another --out or pass --overwrite")
     if out.exists() and not out.is_dir():
@@ -31,26 +81,96 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     if not ancestor.is_dir():
         raise PosprobeError(f"cannot create output directory {out}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise PosprobeError(f"cannot create output directory {out}: {ancestor} is not writable")
+        why = "is on a read-only file system" if _read_only(ancestor) else "is not writable"
+        raise PosprobeError(f"cannot create output directory {out}: {ancestor} {why}")
+    _check_names(out, ancestor)
+    _ACTIVE.update(out=out, written=False)
     return out
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or a number that is no pid): leave its folder alone
+    return True
+
+
+def _sweep_stale(out: Path) -> None:
+    """Remove the hidden folders that processes which died while writing ``out`` left beside it."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:partial-(\d+)-.+|old-(\d+))")
+    try:
+        siblings = list(out.parent.iterdir())
+    except OSError:
+        return
+    stale = []
+    for p in siblings:
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink():
+            pid = int(m.group(1) or m.group(2))
+            if pid != os.getpid() and not _pid_alive(pid):
+                stale.append(p)
+    if not stale:
+        return
+    for p in stale:
+        if p.name.startswith(f".{out.name}.old-") and not out.exists():
+            p.rename(out)  # an --overwrite killed between its two renames: the previous results go back in place
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    print(f"posprobe: removed {len(stale)} folder(s) left beside {out} by interrupted runs: "
+          + ", ".join(p.name for p in stale), file=sys.stderr)  # fmt: skip
+
+
+def _outside_name(err: OSError, tmp: Path, out: Path) -> OSError:
+    """The error with the temporary folder's path shown as OUT's (the user never named .OUT.partial-...)."""
+    if err.errno is None:
+        return err
+    names = [str(out / Path(f).relative_to(tmp)) if isinstance(f, str) and Path(f).is_relative_to(tmp) else f
+             for f in (err.filename, err.filename2)]  # fmt: skip
+    if names[0] is None:
+        names[0] = str(out)
+    return OSError(err.errno, err.strerror or str(err), names[0], None, names[1])
 
 
 @contextlib.contextmanager
 def atomic_run_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out`` and move it into place only if the block succeeds."""
+    """Yield a temporary directory beside ``out`` and move it into place only if the block succeeds.
+
+    On any exception (an OS error, KeyboardInterrupt, the SIGTERM the CLI turns into one) the temporary folder
+    is removed and an overwritten OUT keeps its previous contents; folders that killed processes left are swept.
+    OS errors name OUT's paths, not the temporary folder's."""
     out = check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(out.name), dir=out.parent))
+    old = None
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:
+            shown = _outside_name(err, tmp, out)
+            if shown is err:
+                raise
+            raise shown from err
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            old = out.with_name(_old_name(out.name))
             out.rename(old)
-            tmp.rename(out)
+        tmp.rename(out)
+        if _ACTIVE.get("out") == out:
+            _ACTIVE["written"] = True
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
     finally:
+        if old is not None and old.exists() and not out.exists():
+            old.rename(out)  # interrupted between the two renames: the previous results stay
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
