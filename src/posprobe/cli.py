@@ -1,17 +1,21 @@
 """The ``posprobe`` command: a thin layer over the library.
 
-Every user error is a PosprobeError, printed as one line on stderr with exit code 2.
+Every user error is a PosprobeError, printed as one line on stderr with exit code 2, and so is every OS error
+(a full disk, a read-only folder, a name too long); SIGINT and SIGTERM print one line and exit 130 and 143
+after the run directory's temporary folder is removed.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 
-from .errors import PosprobeError
+from .errors import PosprobeError, describe_os_error
 
 if TYPE_CHECKING:
     from .cache import FeatureCache
@@ -540,18 +544,75 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"posprobe: warning: {message}", file=sys.stderr)
 
 
+def _interrupted_line() -> str:
+    """What an interrupted command leaves: OUT untouched (or written whole), and what the feature cache kept."""
+    rundir = sys.modules.get("posprobe.rundir")  # not imported: the command had no --out to write yet
+    line = "posprobe: interrupted"
+    active = rundir.active_out() if rundir is not None else None
+    if active is not None:
+        out, written = active
+        line += f": {out} was written whole" if written else f": nothing written to {out}"
+    cache = sys.modules.get("posprobe.cache")  # never imported for a command that had no features to cache
+    progress = getattr(cache, "extraction_in_progress", lambda: None)()
+    if progress is not None:
+        done, total, _ = progress
+        line += f"{'; t' if active is not None else ': t'}he feature cache keeps {done} of {total} images and resumes"
+    return line
+
+
+def _on_signal(received: list):
+    """A SIGINT / SIGTERM handler that raises KeyboardInterrupt, so every ``finally`` and context manager cleans
+    up (atomic_run_dir removes its temporary folder, the cache records its progress) as for Ctrl-C."""
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    return handler
+
+
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors and OS errors become one line on stderr and exit code 2; SIGINT and SIGTERM
+    one line and exit 130 / 143, after the run directory's temporary folder is removed."""
     warnings.showwarning = _one_line_warning
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+    if "posprobe.rundir" in sys.modules:  # called again in one process (tests): no previous command's --out
+        sys.modules["posprobe.rundir"]._ACTIVE.clear()
+    received: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread (an embedding caller): leave them
+            previous[sig] = signal.signal(sig, _on_signal(received))
+
+    def interrupted() -> NoReturn:
+        for sig, old in previous.items():  # a second signal while reporting ends the process as usual
+            signal.signal(sig, old if sig == signal.SIGINT else signal.SIG_DFL)
+        print(_interrupted_line(), file=sys.stderr)
+        sys.exit(128 + (received[0] if received else signal.SIGINT))
+
     try:
-        app()
-    except PosprobeError as err:
-        print(f"posprobe: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("posprobe: interrupted; nothing was written", file=sys.stderr)
-        sys.exit(130)
+        try:
+            app()  # Typer turns KeyboardInterrupt into exit 130 without a word: `received` says which signal came
+        except PosprobeError as err:
+            if received:
+                interrupted()
+            print(f"posprobe: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as err:  # a full disk, a read-only or unwritable folder, a name too long: the user's to fix
+            if received:
+                interrupted()
+            print(f"posprobe: error: {describe_os_error(err)}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:  # raised outside Typer's own handling (while importing, say)
+            interrupted()
+        except SystemExit:
+            if received:
+                interrupted()
+            raise
+    finally:
+        for sig, old in previous.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, old)
 
 
 if __name__ == "__main__":

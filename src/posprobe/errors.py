@@ -1,15 +1,41 @@
 """User-facing errors: one line that says what was expected, what was given and how to list choices.
 
-The CLI prints ``PosprobeError`` messages on stderr and exits with code 2; library users catch them.
+The CLI prints ``PosprobeError`` messages on stderr and exits with code 2; library users catch them. An OS error
+(a full disk, a read-only folder, a name too long) is printed the same way, by ``describe_os_error``.
 """
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 from collections.abc import Iterable
 
 
 class PosprobeError(ValueError):
     """A problem with the user's input or environment that the user can fix."""
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free space there or choose another --out / --cache-dir",
+    errno.EDQUOT: "free space there or choose another --out / --cache-dir",
+    errno.ENAMETOOLONG: "choose a shorter name",
+    errno.EROFS: "choose a writable folder",
+    errno.EACCES: "check the permissions or choose another folder",
+    errno.EPERM: "check the permissions or choose another folder",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OS error: the path(s), the reason and its errno name, and what to do for the usual ones,
+    e.g. "/data/run/metrics.json: No space left on device (ENOSPC); free space there or choose another --out"."""
+    reason = err.strerror or str(err) or type(err).__name__
+    code = errno.errorcode.get(err.errno) if isinstance(err.errno, int) else None
+    reason += f" ({code})" if code else ""
+    paths = [os.fsdecode(f) if isinstance(f, (str, bytes)) else str(f)
+             for f in (err.filename, err.filename2) if f is not None]  # fmt: skip
+    where = " -> ".join(paths)
+    hint = _OS_HINTS.get(err.errno)
+    return (f"{where}: " if where else "") + reason + (f"; {hint}" if hint else "")
 
 
 def unknown_choice(
