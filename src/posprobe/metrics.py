@@ -4,6 +4,11 @@ SPC is Spearman's rank correlation over all pixels with ties given their average
 ``scipy.stats.spearmanr``). A prediction that is constant (up to float rounding) carries no rank
 information: its SPC is defined as 0, as the paper prints ".0" for black/white inputs to PosENet,
 and ``is_constant`` lets callers count such maps.
+
+A map with a NaN or an infinity is no prediction at all: its SPC and MAE are NaN, never a number that could
+pass for a score. ``scipy.stats.spearmanr`` gives NaN for a NaN too (NaN != NaN would otherwise give every NaN
+its own rank and a plausible SPC near 0); for an infinity it ranks it last and returns a number, where a map
+that overflowed is refused here as well.
 """
 from __future__ import annotations
 
@@ -24,6 +29,11 @@ def _flatten(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, to
             f"target shape {tuple(target.shape)} matches neither pred {tuple(pred.shape)} nor its maps"
         )
     return p, t
+
+
+def _finite_rows(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: rows of the flattened prediction and target without a NaN or an infinity."""
+    return torch.isfinite(p).all(1) & torch.isfinite(t).all(1)
 
 
 def is_constant(pred: torch.Tensor) -> torch.Tensor:
@@ -62,7 +72,8 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B,) Spearman correlation of each predicted map with the target; 0 for constant maps.
+    """(B,) Spearman correlation of each predicted map with the target; 0 for constant maps, NaN for a map
+    (or target) with a NaN or an infinity.
 
     pred: (B, H, W); target: (H, W), shared by the batch, or (B, H, W).
     """
@@ -70,10 +81,12 @@ def spearman(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     shared = target.shape == pred.shape[1:]  # one target for the batch: rank it once
     t_ranks = rankdata(t[:1]).expand_as(t) if shared and t.shape[0] > 0 else rankdata(t)
     rho = _pearson(rankdata(p), t_ranks).to(torch.float32)
-    return torch.where(is_constant(p), torch.zeros_like(rho), rho)
+    rho = torch.where(is_constant(p), torch.zeros_like(rho), rho)
+    return torch.where(_finite_rows(p, t), rho, torch.full_like(rho, float("nan")))
 
 
 def mae(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B,) mean absolute difference between each predicted map and the target."""
+    """(B,) mean absolute difference between each predicted map and the target; NaN for a non-finite map."""
     p, t = _flatten(pred.detach(), target.detach().to(pred.device))
-    return (p.double() - t.double()).abs().mean(1).to(torch.float32)
+    err = (p.double() - t.double()).abs().mean(1).to(torch.float32)
+    return torch.where(_finite_rows(p, t), err, torch.full_like(err, float("nan")))  # inf: NaN as well
