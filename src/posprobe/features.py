@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
+from .backbones.registry import NonFiniteFeatures
 from .errors import PosprobeError
 from .parts import FeatureBatch, Part, concat_parts, split_levels
 
@@ -124,6 +125,9 @@ def encode_batches(
 ) -> Iterator[tuple[list[int], list[Part] | None, list[int]]]:
     """Encode images[start:] in order, batch by batch: (indices kept, their parts, indices unreadable).
     Decoding runs in worker processes, overlapped with the encoder.
+
+    A NaN or an infinity in any level stops here, before alignment and before any caller (memory, cache)
+    keeps the batch, with one line naming the level and the images (``Backbone.forward`` finds it).
     """
     backbone, channels_last = prepare_encoder(backbone, device)
     workers = default_workers(images) if num_workers is None else num_workers
@@ -137,7 +141,12 @@ def encode_batches(
         x = batch.to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        yield idx, split_levels(backbone(x), feat_size), failed
+        try:
+            levels = backbone(x)
+        except NonFiniteFeatures as err:
+            ids = getattr(images, "ids", None) or [str(i) for i in range(len(images))]
+            raise err.named([ids[idx[r]] for r in range(len(idx))], getattr(images, "name", "")) from None
+        yield idx, split_levels(levels, feat_size), failed
 
 
 @torch.inference_mode()

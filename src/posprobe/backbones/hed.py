@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from ..errors import PosprobeError
-from .registry import BackboneSpec, register_backbone
+from .registry import BackboneSpec, check_finite_state, register_backbone
 from .torchvision_cnns import VGG16_LEVELS, VGG16_TAPS, TappedModel, remove_conv_padding
 
 CAFFE_MEAN_RGB = (122.67892, 116.66877, 104.00699)
@@ -43,15 +43,18 @@ def load_hed_vgg16(model: nn.Module, path: Path) -> None:
         with h5py.File(path, "r") as f:
             for block, indices in enumerate(_CONV_INDICES, start=1):
                 for j, idx in enumerate(indices):
-                    group = f[f"block{block}/layers/conv2d{'' if j == 0 else f'_{j}'}/vars"]
+                    name = f"block{block}/layers/conv2d{'' if j == 0 else f'_{j}'}/vars"
+                    group = f[name]
                     kernel = torch.from_numpy(group["0"][()]).permute(3, 2, 0, 1)  # (kh,kw,in,out) -> (out,in,kh,kw)
                     if block == 1 and j == 0:
                         kernel = kernel.flip(1)  # BGR-trained first layer -> RGB input
                     conv = model.features[idx]
                     if conv.weight.shape != kernel.shape:
                         raise PosprobeError(f"HED weights {path}: conv {block}.{j} has shape {tuple(kernel.shape)}")
+                    bias = torch.from_numpy(group["1"][()])
+                    check_finite_state({f"{name}/0": kernel, f"{name}/1": bias}, path)
                     conv.weight.data.copy_(kernel)
-                    conv.bias.data.copy_(torch.from_numpy(group["1"][()]))
+                    conv.bias.data.copy_(bias)
     except (OSError, KeyError) as err:
         raise PosprobeError(f"cannot read HED VGG16 weights from {path}: {err}") from None
 

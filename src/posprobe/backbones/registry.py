@@ -23,6 +23,82 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class NonFiniteFeatures(PosprobeError):
+    """A level of the encoder's output (or its input) holds a NaN or an infinity: ``Backbone.forward`` stops
+    at the first such level, so no readout trains on it and no score comes of it. ``rows`` are the batch
+    rows that hold one; ``named`` turns them into image ids (``features.encode_batches`` knows those)."""
+
+    def __init__(self, backbone: str, level: str, rows: list[int], value: str, batch: int):
+        self.backbone, self.level, self.rows, self.value, self.batch = backbone, level, rows, value, batch
+        super().__init__(self._line(f"in rows {_listed([str(r) for r in rows])} of a batch of {batch}"))
+
+    def _line(self, where: str) -> str:
+        what = ("the input images are not finite" if self.level == "<input>"
+                else f"{self.backbone} features are not finite at level '{self.level}'")  # fmt: skip
+        return (f"{what} ({self.value}) {where}: nothing trained on or scored from them; check the weights "
+                "(a checkpoint whose values overflow float32) and the input images")
+
+    def named(self, ids: Sequence[str], set_name: str = "") -> PosprobeError:
+        """The same error naming the images (``ids`` of the batch rows), for the one line a user sees."""
+        images = _listed([str(ids[r]) for r in self.rows if r < len(ids)])
+        return PosprobeError(self._line(f"for image(s) {images}" + (f" of {set_name}" if set_name else "")))
+
+
+def _listed(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def check_finite_levels(levels: Sequence[torch.Tensor], names: Sequence[str], backbone: str,
+                        images: torch.Tensor | None = None) -> None:  # fmt: skip
+    """Raise ``NonFiniteFeatures`` for the first of ``images`` and ``levels`` that holds a NaN or an infinity.
+
+    A sum per tensor and one host sync for them all: a NaN or an infinity makes a sum non-finite, and a finite
+    sum means every value is finite. Only a non-finite sum (or one that overflowed) is checked value by value.
+    Summing reads the levels at memory speed, 5-15x faster than ``isfinite().all()`` (which writes a mask and
+    reduces it). Measured on 2 busy CPU cores, a batch of 16 at 224: 40-50 ms per batch for ResNet-18 (24 MB of
+    levels), VGG16 (392 MB) and ResNet-152 (96 MB), 0.5-4% of their forward passes (1 s, 5.9 s, 8.5 s);
+    ``isfinite().all()`` took 200, 660 and 230 ms."""
+    tensors = ([images] if images is not None else []) + list(levels)
+    labels = (["<input>"] if images is not None else []) + [
+        names[i] if i < len(names) else f"#{i}" for i in range(len(levels))
+    ]
+    sums = torch.stack([_sum(t) for t in tensors])
+    if bool(torch.isfinite(sums).all()):
+        return
+    finite = [bool(torch.isfinite(t).all()) for t in tensors]  # a sum may overflow: the values decide
+    if all(finite):
+        return
+    i = finite.index(False)
+    bad = ~torch.isfinite(tensors[i])
+    rows = bad.flatten(1).any(1).nonzero().flatten().tolist()
+    value = "NaN" if bool(torch.isnan(tensors[i]).any()) else "inf"
+    raise NonFiniteFeatures(backbone, labels[i], rows, value, tensors[i].shape[0])
+
+
+def _sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor's values, in float32 at least (half-precision values overflow float16 sums)."""
+    if not t.is_floating_point():
+        return torch.zeros((), device=t.device)
+    return t.sum(dtype=torch.promote_types(t.dtype, torch.float32)).to(torch.float64)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN and no infinity (a sum first: at memory speed when it does not)."""
+    return bool(torch.isfinite(_sum(t))) or bool(torch.isfinite(t).all())
+
+
+def check_finite_state(state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Refuse a checkpoint that holds a NaN or an infinity, naming the first such tensor (one pass over it)."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite(value):
+            bad = ~torch.isfinite(value)
+            what = "NaN" if bool(torch.isnan(value).any()) else "inf"
+            raise PosprobeError(
+                f"checkpoint {source} holds non-finite values ({int(bad.sum())} {what} of {value.numel()}) in "
+                f"tensor '{key}', the first such tensor; refusing to encode with it"
+            )
+
+
 @dataclass(frozen=True)
 class Level:
     """One tapped feature map: its name in the model, channel count and nominal stride w.r.t. the input."""
@@ -259,12 +335,16 @@ class Backbone(nn.Module):
         return super().train(False)  # frozen: BatchNorm statistics and dropout never change
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The levels of ``images``; a NaN or an infinity in the input or any level raises ``NonFiniteFeatures``
+        naming the first (every encoding path, in memory, cached or streamed, comes through here)."""
         x = (images - self.mean) / self.std
         try:
-            return list(self.extractor(x))
+            levels = list(self.extractor(x))
         except (RuntimeError, AssertionError):
             explained_forward(self.extractor, x[:1], self.name, self.padding)  # raises the one-line reason
             raise
+        check_finite_levels(levels, [lv.name for lv in self.levels], self.name, images)
+        return levels
 
     @torch.inference_mode()
     def level_shapes(self, image_size: int) -> list[tuple[int, int, int]]:
@@ -392,6 +472,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PosprobeError(f"checkpoint {path} does not hold a state dict of tensors")
+    check_finite_state(obj, path)  # a NaN or inf weight would only surface as NaN features, or NaN scores
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 

@@ -30,6 +30,7 @@ from .registry import (
     BackboneSpec,
     LayerInfo,
     Level,
+    check_finite_state,
     explained_forward,
     load_into,
     load_state_dict_file,
@@ -243,6 +244,7 @@ def timm_spec(name: str, side: int | None = None, indices: tuple[int, ...] | Non
                 _load_local(model, weights, label)
         else:
             model = _pretrained(name, weights, side)
+            check_finite_state(model.state_dict(), f"{labels.get(weights, weights)} (as loaded by timm)")
         return TimmTaps(model.eval(), taps, side, label)
 
     def layer_table(image_size: int, padding: str | None) -> list[LayerInfo]:
