@@ -58,6 +58,7 @@ class MapLoss:
         return self.per_image(m).mean()
 
 
+LOSS_CHECK_EVERY = 50  # updates between checks for a non-finite loss off the CPU (one host sync each)
 PREDICT_CHUNK = 5  # readouts per pass in predict_each: one Table 1 column's patterns
 MAX_TAP_OUTPUTS = 16  # conv_parts: parts stored aligned take the 1x1 form up to this many outputs
 MIN_TAP_CHANNELS = 64  # ... and from this many channels (below, its upsampling products cost more than the conv)
@@ -228,7 +229,10 @@ def train_jobs(features, jobs: list, config, device: str | torch.device = "cpu",
     gen = torch.Generator().manual_seed(config.seed)
     bar = tqdm(total=schedule.updates, desc=f"train {len(jobs)} readout(s)", unit="update",
                disable=None if progress else True, leave=False)  # fmt: skip
-    step = 0
+    step = checked = 0
+    # a non-finite loss stops training: on the CPU every update (no sync to wait for), elsewhere every
+    # LOSS_CHECK_EVERY updates and at the end, so the accelerator is never made to wait on each update
+    check_every = 1 if torch.device(device).type == "cpu" else LOSS_CHECK_EVERY
     while step < schedule.updates:  # one pass over the training set, stopped part-way at the last update
         order = torch.randperm(n, generator=gen) if config.shuffle else torch.arange(n)
         order = order[: (schedule.updates - step) * config.batch_size]
@@ -248,12 +252,42 @@ def train_jobs(features, jobs: list, config, device: str | torch.device = "cpu",
             curves[:, step] = stacked.detach()
             step += 1
             bar.update(1)
+            if step - checked >= check_every or step == schedule.updates:
+                _check_losses(curves, checked, step, jobs, config, schedule.updates, bar)
+                checked = step
     bar.close()
     for job, curve in zip(jobs, curves.cpu().tolist()):
         job.losses = curve
         job.schedule = schedule
         job.readout.eval()
     return jobs
+
+
+def _describe(job) -> str:
+    describe = getattr(job, "describe", None)
+    if callable(describe):
+        return describe()
+    key = getattr(job, "key", "?")
+    return " / ".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+
+def _check_losses(curves: torch.Tensor, lo: int, hi: int, jobs: Sequence, config, updates: int, bar) -> None:
+    """Stop training with one line at the first update in [lo, hi) whose loss is not finite: a diverged readout
+    draws NaN maps, and a NaN map must never be scored (NaN != NaN would rank it as a plausible SPC near 0)."""
+    window = curves[:, lo:hi]
+    if bool(torch.isfinite(window).all()):
+        return
+    bar.close()
+    bad = ~torch.isfinite(window).cpu()
+    col = int(bad.any(0).nonzero()[0, 0])
+    j = int(bad[:, col].nonzero()[0, 0])
+    value = float(window[j, col])
+    others = int(bad.any(1).sum()) - 1
+    also = f" ({others} other readout(s) too)" if others else ""
+    raise PosprobeError(
+        f"readout {_describe(jobs[j])} diverged: its training loss became {value} at update {lo + col + 1} of "
+        f"{updates}{also}; lower the learning rate (--lr, now {config.lr:g}), nothing was scored"
+    )
 
 
 @dataclass
@@ -267,11 +301,14 @@ class _Reader:
 @torch.inference_mode()
 def predict_source(readouts: Mapping[str, nn.Module], features, batch_size: int = 64,
                    device: str | torch.device = "cpu",
-                   channels: Mapping[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+                   channels: Mapping[str, torch.Tensor | None] | None = None,
+                   labels: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """(N, S, S) maps of every eval-mode readout, in one pass over ``features`` (any source).
 
     Readouts that training would fuse are evaluated the same way (one convolution, native-size levels). The
     maps are N * S * S * 4 bytes per readout (850 images at 224: 170 MB): predict a few readouts per call.
+    A map with a NaN or an infinity raises one line naming the readout (``labels``, else its key) and the
+    first such image: it would have no score, and must never get a plausible one.
     """
     source = as_source(features)
     keys = list(readouts)
@@ -293,15 +330,35 @@ def predict_source(readouts: Mapping[str, nn.Module], features, batch_size: int 
         for j in single:
             put(j, at, readers[j].readout.forward_aligned(batch.select(readers[j].channels).aligned()))
         at += len(batch)
+    ids = getattr(features, "ids", None)
+    for k, maps in zip(keys, out):
+        check_predictions(maps, (labels or {}).get(k, k), ids)
     return dict(zip(keys, out))
 
 
-def predict_each(readouts: Mapping, features, device: str | torch.device = "cpu",
-                 channels: Mapping | None = None) -> Iterator[tuple[object, torch.Tensor]]:  # fmt: skip
+def check_predictions(maps: torch.Tensor | None, readout, ids: Sequence[str] | None = None) -> None:
+    """Raise one line when ``maps`` (N, S, S) of ``readout`` hold a NaN or an infinity, naming the first image."""
+    if maps is None:
+        return
+    finite = torch.isfinite(maps.flatten(1)).all(1)
+    if bool(finite.all()):
+        return
+    rows = (~finite).nonzero().flatten().tolist()
+    first = ids[rows[0]] if ids is not None and rows[0] < len(ids) else f"#{rows[0]}"
+    name = " / ".join(map(str, readout)) if isinstance(readout, tuple) else str(readout)
+    raise PosprobeError(
+        f"readout {name} predicts non-finite maps for {len(rows)} of {len(maps)} image(s) (first: {first}); "
+        "its weights or the features diverged, so there is nothing to score"
+    )
+
+
+def predict_each(readouts: Mapping, features, device: str | torch.device = "cpu", channels: Mapping | None = None,
+                 labels: Mapping | None = None) -> Iterator[tuple[object, torch.Tensor]]:  # fmt: skip
     """(key, (N, S, S) maps) for every readout, ``PREDICT_CHUNK`` readouts per pass over ``features``: only one
     pass's maps are in memory at a time (35 readouts' maps of PASCAL-S's 850 images would be 6 GB)."""
     keys = list(readouts)
     for i in range(0, len(keys), PREDICT_CHUNK):
         chunk = keys[i : i + PREDICT_CHUNK]
         yield from predict_source({k: readouts[k] for k in chunk}, features, device=device,
-                                  channels={k: (channels or {}).get(k) for k in chunk}).items()  # fmt: skip
+                                  channels={k: (channels or {}).get(k) for k in chunk},
+                                  labels={k: (labels or {}).get(k, k) for k in chunk}).items()  # fmt: skip

@@ -240,14 +240,18 @@ def run_study(
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     readout = Readout(in_ch, k, depth, pad, feat_size, image_size, train_config.readout_width(in_ch))
-                jobs.append(ReadoutJob(setting, readout, targets[p], channels))
+                rows = list(dict.fromkeys(f"{pr.name} {v.key}" for pr, v, _ in wanted[setting]))  # for messages
+                named = ", ".join(rows[:3]) + (f" and {len(rows) - 3} more" if len(rows) > 3 else "")
+                jobs.append(ReadoutJob(setting, readout, targets[p], channels,
+                                       label=f"{p} of {named} (seed {seed})"))  # fmt: skip
             train_readouts(train, jobs, replace(train_config, seed=seed), device, progress)
             trained = {j: (job.convergence(), loss_curve(job.losses)) for j, job in enumerate(jobs)}
             scored = {}  # (job index, test set) -> SPC, MAE and constant flags per image, the first maps
             for t, enc in tests.items():
                 used = [j for j, job in enumerate(jobs) if any(t in pr.test_sets for pr, _, _ in wanted[job.key])]
                 for j, pred in predict_each({j: jobs[j].readout for j in used}, enc, device,
-                                            {j: jobs[j].channels for j in used}):  # fmt: skip
+                                            {j: jobs[j].channels for j in used},
+                                            {j: jobs[j].describe() for j in used}):  # fmt: skip
                     y = targets[jobs[j].key[-1]]
                     scored[(j, t)] = (spearman(pred, y), mae(pred, y), is_constant(pred), pred[:n_preview].clone())
             for j, job in enumerate(jobs):

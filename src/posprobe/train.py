@@ -169,6 +169,13 @@ class ReadoutJob:
     channels: torch.Tensor | None = None  # input channel indices (a subset of levels); None: all
     losses: list[float] = field(default_factory=list)  # training loss of every update
     schedule: Schedule | None = None  # what training ran (set by train_readouts)
+    label: str | None = None  # the readout in words for messages (None: its key)
+
+    def describe(self) -> str:
+        """The readout as a message names it: its label, else its key ('H'; a tuple key joined by ' / ')."""
+        if self.label is not None:
+            return self.label
+        return " / ".join(map(str, self.key)) if isinstance(self.key, tuple) else str(self.key)
 
     def convergence(self) -> Convergence:
         """Whether training finished (``convergence.RULE``)."""
