@@ -240,6 +240,8 @@ def entry_damage(d: Path, key: str | None = None) -> str | None:
         return None
     try:
         expected = manifest["rows"] * manifest["row"] * np.dtype(manifest["dtype"]).itemsize
+        if len(manifest["checksums"]["sha256"]) != math.ceil(manifest["rows"] / manifest["checksums"]["rows_per_chunk"]):
+            return "manifest.json's checksums do not cover features.bin"
         if key is not None and manifest["key"] != key:
             return "manifest.json belongs to another entry"
     except (KeyError, TypeError, ValueError):
@@ -556,6 +558,12 @@ class FeatureCache:
                 del mm
                 for f in (data, prog_path):
                     f.unlink(missing_ok=True)
+                raise
+            except BaseException:
+                writer.shutdown(wait=True)
+                if not prog_path.exists():  # not one image stored: no allocated file left to hold the disk
+                    del mm
+                    data.unlink(missing_ok=True)
                 raise
             finally:
                 writer.shutdown(wait=True)  # an interrupted run still records every batch it wrote

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .backbones.registry import NonFiniteFeatures
 from .errors import PosprobeError
 from .features import EncodedSet, _Indexed, unreadable_list
 from .parts import FeatureBatch, Part, Shape, concat_parts, split_levels
@@ -180,8 +181,11 @@ class StreamedSet:
             x = x.to(device)
             if device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad():  # not inference_mode: the readout's autograd saves these tensors
-                levels = list(backbone(x))
+            try:
+                with torch.no_grad():  # not inference_mode: the readout's autograd saves these tensors
+                    levels = list(backbone(x))
+            except NonFiniteFeatures as err:
+                raise err.named([self.ids[int(i)] for i in idx], self.name) from None
             parts = [Part(p.lo, p.hi, p.data.float(), p.native) for p in split_levels(levels, self.feat_size)]
             yield idx, FeatureBatch(parts, self.feat_size)
 
