@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone
 from .backbones.registry import NonFiniteFeatures
+from .data import display_name
 from .errors import PosprobeError
 from .parts import FeatureBatch, Part, concat_parts, split_levels
 
@@ -107,10 +108,13 @@ def prepare_encoder(backbone: Backbone, device: str | torch.device) -> tuple[Bac
 
 
 def unreadable_list(ids: list[str], images: Dataset | None = None, shown: int = 10) -> str:
-    """'x.jpg, y.png and 3 more (under /data/set)': unreadable images named for a warning or an error."""
-    text = ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+    """'x.jpg (400 megapixels, over ...), y.png and 3 more (under /data/set)': unreadable images named, with the
+    reason where the image set can tell it, for a warning or an error; names that are not UTF-8 escaped."""
+    why = getattr(images, "unreadable_reason", None)
+    named = [display_name(i) + (f" ({r})" if why and (r := why(i)) else "") for i in ids[:shown]]
+    text = ", ".join(named) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
     root = getattr(images, "root", None)
-    return text + (f" (under {root})" if root is not None else "")
+    return text + (f" (under {display_name(root)})" if root is not None else "")
 
 
 @torch.inference_mode()
@@ -175,7 +179,8 @@ def encode(
     for idx, parts, failed in encode_batches(backbone, images, feat_size, batch_size, device, num_workers):
         bad += failed
         if strict and failed:
-            raise PosprobeError(f"unreadable image in {name}: {ids[failed[0]]} (--strict stops at the first)")
+            raise PosprobeError(f"unreadable image in {name}: {unreadable_list([ids[failed[0]]], images)} "
+                                "(--strict stops at the first)")
         if parts is not None:
             # in host memory as it goes, channels_last as the encoder made it (fast gathers and convolutions)
             batches.append([Part(p.lo, p.hi, p.data.to(dtype).cpu(), p.native) for p in parts])
@@ -184,8 +189,9 @@ def encode(
     bar.close()
     skipped = [ids[i] for i in bad]
     if skipped:
+        # stacklevel 1: inference_mode's wrapper would attribute it to torch, whose warnings the CLI silences
         warnings.warn(f"skipped {len(skipped)} unreadable image(s) in {name}: {unreadable_list(skipped, images)}",
-                      stacklevel=2)  # fmt: skip
+                      stacklevel=1)  # fmt: skip
     if not kept:
         raise PosprobeError(f"none of the {len(images)} image(s) in {name} could be read: "
                             + unreadable_list(skipped, images))  # fmt: skip
