@@ -12,24 +12,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from .backbones import Backbone, create_backbone
+from .backbones import create_backbone
 from .backbones.padding import check_padding_mode
 from .backbones.pos_embed import check_pos_embed_mode
 from .backbones.registry import parse_layers
 from .cache import encode_images
 from .convergence import RULE, Convergence, loss_curve
+from .engine import Cell, ReadoutSetting, score_cells, train_cells
 from .errors import PosprobeError
-from .joint import predict_each
-from .metrics import is_constant, mae, spearman
 from .plots import layer_curve_plot
-from .probe import Scores
-from .readout import Readout, check_readout_config
+from .readout import check_readout_config
 from .rundir import atomic_run_dir, environment, write_csv, write_json
 from .run import ReadoutSettings
 from .targets import make_target, resolve_patterns
-from .train import ReadoutJob, train_readouts
 
 ALL = "all"
 
@@ -107,15 +102,6 @@ class LayerCurve:
     convergence: dict[str, Convergence] = field(default_factory=dict)  # same keys: the training verdict
 
 
-def _level_slices(backbone: Backbone) -> list[tuple[str, torch.Tensor]]:
-    """(level name, its channel indices in the concatenated aligned features), in network order."""
-    out, start = [], 0
-    for level in backbone.levels:
-        out.append((level.name, torch.arange(start, start + level.channels)))
-        start += level.channels
-    return out
-
-
 def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCurve:
     """Probe every tapped level of every curve on its own (and all levels together)."""
     check_readout_config(config.feat_size, config.kernel_size, config.depth, config.readout_padding)
@@ -142,50 +128,40 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
                               cache=cache)  # fmt: skip
         data = {"train": {"description": train.description, "n": len(train), "skipped": train.skipped},
                 "test": {"description": test.description, "n": len(test), "skipped": test.skipped}}  # fmt: skip
-        slices = _level_slices(backbone)
-        if config.include_all and len(slices) > 1:
-            slices.append((ALL, None))
-        jobs = []
-        for level, channels in slices:
-            in_channels = backbone.channels if channels is None else len(channels)
-            for p in patterns:
-                with torch.random.fork_rng(devices=[]):  # every readout starts from the same seeded draw
-                    torch.manual_seed(config.seed)
-                    readout = Readout(in_channels, config.kernel_size, config.depth, config.readout_padding,
-                                      config.feat_size, config.image_size,
-                                      config.train.readout_width(in_channels))  # fmt: skip
-                jobs.append(ReadoutJob((level, p), readout, targets[p], channels))
-        train_readouts(train, jobs, config.train, config.device, progress)
+        levels: list[str | None] = [lv.name for lv in backbone.levels]
+        if config.include_all and len(levels) > 1:
+            levels.append(None)  # every level together
+        cells = {Cell(ReadoutSetting(config.kernel_size, config.depth, config.readout_padding,
+                                     None if level is None else (level,)), p, config.seed): level or ALL
+                 for level in levels for p in patterns}  # fmt: skip
+        trained = train_cells(train, list(cells), targets, backbone, config.train, config.feat_size,
+                              config.image_size, config.device, progress,
+                              {cell: f"{level} / {cell.target}" for cell, level in cells.items()})  # fmt: skip
+        scores = score_cells(trained, test, targets, config.device)
         shapes = backbone.level_shapes(config.image_size)
         n_levels = len(backbone.levels)
-        summaries = {}
-        for key, pred in predict_each({job.key: job.readout for job in jobs}, test, config.device,
-                                      {job.key: job.channels for job in jobs}):  # (N, S, S) each  # fmt: skip
-            y = targets[key[1]]
-            summaries[key] = Scores(test.ids, spearman(pred, y), mae(pred, y), is_constant(pred)).summary()
-        for job in jobs:
-            level, p = job.key
+        for cell, level in cells.items():
+            p, done = cell.target, trained[cell]
             i = next((k for k, lv in enumerate(backbone.levels) if lv.name == level), None)
             lv = backbone.levels[i] if i is not None else None
-            summary, verdict = summaries[job.key], job.convergence()
             rows.append({
                 "curve": c.label, "backbone": c.backbone, "padding": c.padding or "model", "pos_embed": c.pos_embed,
                 "level": level, "index": i if i is not None else "",
                 "depth": (i / (n_levels - 1) if n_levels > 1 else 0.0) if i is not None else "",
                 "channels": lv.channels if lv else backbone.channels, "stride": lv.stride if lv else "",
                 "size": f"{shapes[i][1]}x{shapes[i][2]}" if i is not None else "",
-                "pattern": p, "test_set": test.name, **summary, "updates": job.schedule.updates,
-                "convergence": verdict.status,
+                "pattern": p, "test_set": test.name, **scores[cell].summary(), "updates": done.schedule.updates,
+                "convergence": done.convergence.status,
             })  # fmt: skip
-            losses[f"{c.label} | {level} | {p}"] = loss_curve(job.losses)
-            verdicts[f"{c.label} | {level} | {p}"] = verdict
+            losses[f"{c.label} | {level} | {p}"] = loss_curve(done.losses)
+            verdicts[f"{c.label} | {level} | {p}"] = done.convergence
         resolved[c.label] = {
             "backbone": c.backbone, "weights": backbone.weights_label, "input_norm": backbone.input_norm,
             "interpolation": backbone.interpolation, "levels": [asdict(lv) for lv in backbone.levels],
             "level_shapes": shapes, "exact_strides": backbone.spec.exact_strides,
             "backbone_padding": backbone.padding_report.to_dict() if backbone.padding_report else None,
             "pos_embed": backbone.pos_embed_note, "input": backbone.input_description,
-            "schedule": jobs[0].schedule.to_dict(),
+            "schedule": next(iter(trained.values())).schedule.to_dict(),
         }  # fmt: skip
     return LayerCurve(config, rows, resolved, losses, data, {"total": time.perf_counter() - started}, verdicts)
 

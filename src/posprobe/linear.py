@@ -471,7 +471,7 @@ class LinearProbe:
 
     def score(self, images):
         """Per-image SPC and MAE at full resolution for every target (``probe.Scores``)."""
-        from .probe import Scores
+        from .engine import Scores
 
         encoded = self.encode(images)
         ids = list(getattr(encoded, "ids", [str(i) for i in range(len(as_source(encoded)))]))

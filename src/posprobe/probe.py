@@ -7,45 +7,24 @@ those features; ``fit`` and ``score`` also accept an ``EncodedSet`` so callers c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
 from .backbones import Backbone
+from .engine import Cell, ReadoutSetting, Scores, new_readout, score_cells, train_cells
 from .errors import PosprobeError
 from .features import EncodedSet
-from .intervals import bootstrap
 from .joint import predict_source
-from .metrics import is_constant, mae, spearman
 from .readout import Readout, check_readout_config
 from .targets import PATTERNS, probe_targets
-from .train import PROFILES, ReadoutJob, TrainConfig, train_readouts
-
-
-@dataclass
-class Scores:
-    """Per-image scores of one readout on one test set."""
-
-    ids: list[str]
-    spc: torch.Tensor  # (N,)
-    mae: torch.Tensor  # (N,)
-    constant: torch.Tensor  # (N,) bool: prediction carries no rank information (SPC defined as 0)
-
-    def summary(self) -> dict[str, float | int]:
-        """Mean, 95% bootstrap interval over images (NaN for a single image) and population standard
-        deviation over images (0 for a single image)."""
-        spc, err = self.spc.double(), self.mae.double()
-        spc_ci, mae_ci = bootstrap(spc), bootstrap(err)
-        return {
-            "spc_mean": spc_ci.mean, "spc_lo": spc_ci.lo, "spc_hi": spc_ci.hi, "spc_std": float(spc.std(correction=0)),
-            "mae_mean": mae_ci.mean, "mae_lo": mae_ci.lo, "mae_hi": mae_ci.hi, "mae_std": float(err.std(correction=0)),
-            "n": len(self.ids), "n_constant": int(self.constant.sum()),
-        }  # fmt: skip
+from .train import PROFILES, TrainConfig
 
 
 class PositionProbe:
-    """Reads fixed position maps out of a frozen backbone's features with one PEM readout per map."""
+    """Reads fixed position maps out of a frozen backbone's features with one PEM readout per map.
+
+    ``seed`` draws the readouts' initial weights and the batch order (``train_config.seed`` is replaced by it)."""
 
     def __init__(
         self,
@@ -85,11 +64,14 @@ class PositionProbe:
 
     def new_readout(self) -> Readout:
         """A freshly initialised readout; every target's readout starts from the same seeded weights."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            channels = self.backbone.channels
-            return Readout(channels, self.kernel_size, self.depth, self.padding, self.feat_size, self.image_size,
-                           self.train_config.readout_width(channels))  # fmt: skip
+        channels = self.backbone.channels
+        return new_readout(ReadoutSetting(self.kernel_size, self.depth, self.padding), self.seed, channels,
+                           self.feat_size, self.image_size, self.train_config.readout_width(channels))  # fmt: skip
+
+    def cells(self) -> dict[str, Cell]:
+        """Target name -> the engine's cell for it: this probe's readout setting and seed."""
+        setting = ReadoutSetting(self.kernel_size, self.depth, self.padding)
+        return {name: Cell(setting, name, self.seed) for name in self.targets}
 
     def fit(self, images: Dataset | EncodedSet) -> "PositionProbe":
         encoded = self.encode(images)
@@ -99,12 +81,13 @@ class PositionProbe:
                 f"features have {channels} channels; {self.backbone.name} declares "
                 f"{self.backbone.channels}"
             )
-        jobs = [ReadoutJob(name, self.new_readout(), target) for name, target in self.targets.items()]
-        train_readouts(encoded, jobs, self.train_config, self.device, self.progress)
-        self.readouts_ = {job.key: job.readout.cpu() for job in jobs}
-        self.losses_ = {job.key: job.losses for job in jobs}  # every update's training loss
-        self.convergence_ = {job.key: job.convergence() for job in jobs}
-        self.schedule_ = jobs[0].schedule
+        trained = train_cells(encoded, list(self.cells().values()), self.targets, self.backbone, self.train_config,
+                              self.feat_size, self.image_size, self.device, self.progress)  # fmt: skip
+        self.trained_ = {name: trained[cell] for name, cell in self.cells().items()}
+        self.readouts_ = {name: t.readout.cpu() for name, t in self.trained_.items()}
+        self.losses_ = {name: t.losses for name, t in self.trained_.items()}  # every update's training loss
+        self.convergence_ = {name: t.convergence for name, t in self.trained_.items()}
+        self.schedule_ = next(iter(self.trained_.values())).schedule
         self.train_ids_, self.train_skipped_ = encoded.ids, encoded.skipped
         return self
 
@@ -119,9 +102,8 @@ class PositionProbe:
 
     def score(self, images: Dataset | EncodedSet) -> dict[str, Scores]:
         """Per-image SPC and MAE at full resolution for every target."""
-        encoded = self.encode(images)
-        scores = {}
-        for name, pred in self.predict(encoded).items():
-            target = self.targets[name]
-            scores[name] = Scores(encoded.ids, spearman(pred, target), mae(pred, target), is_constant(pred))
-        return scores
+        self._check_fitted()
+        cells = self.cells()
+        scores = score_cells({cells[name]: t for name, t in self.trained_.items()}, self.encode(images),
+                             self.targets, self.device)  # fmt: skip
+        return {name: scores[cell] for name, cell in cells.items()}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import Dataset
@@ -16,13 +16,12 @@ from torch.utils.data import Dataset
 from .backbones import Backbone, create_backbone, get_backbone_spec
 from .cache import FeatureCache, encode_images
 from .convergence import Convergence, loss_curve
+from .engine import Cell, ReadoutSetting, level_channels, score_cells, train_cells
 from .errors import PosprobeError
 from .intervals import SEED_SPREAD_LIMIT, bootstrap
-from .joint import predict_each
-from .metrics import is_constant, mae, spearman
-from .readout import Readout, check_readout_config
+from .readout import check_readout_config
 from .targets import make_target
-from .train import ReadoutJob, Schedule, TrainConfig, train_readouts
+from .train import Schedule, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,10 @@ class Variant:
     def backbone_key(self) -> str:
         """The backbone as the row asks for it: 'vgg16', or 'vgg16:random' when weights are named."""
         return self.backbone if self.weights is None else f"{self.backbone}:{self.weights}"
+
+    @property
+    def setting(self) -> ReadoutSetting:
+        return ReadoutSetting(self.kernel_size, self.depth, self.padding, self.levels)
 
 
 @dataclass(frozen=True)
@@ -133,21 +136,11 @@ class StudyResult:
     schedules: dict[str, Schedule] = field(default_factory=dict)  # Variant.backbone_key -> what training ran
 
 
-def _level_channels(backbone: Backbone, levels: tuple[str, ...] | None) -> torch.Tensor | None:
-    """Channel indices of the chosen levels inside the aligned (concatenated) features."""
-    if levels is None:
-        return None
-    names = [lv.name for lv in backbone.levels]
-    offsets, start = {}, 0
-    for lv in backbone.levels:
-        offsets[lv.name] = (start, start + lv.channels)
-        start += lv.channels
-    idx = []
-    for name in levels:
-        if name not in offsets:
-            raise PosprobeError(f"backbone {backbone.name} has no level '{name}'; its levels: {', '.join(names)}")
-        idx += range(*offsets[name])
-    return torch.tensor(idx)
+def _cell_label(cell: Cell, users: Sequence[tuple[StudyPreset, Variant, ResolvedBackbone]]) -> str:
+    """'G of table1 vgg16, table4 vgg16 (seed 0)': a trained readout named by the table rows that use it."""
+    rows = list(dict.fromkeys(f"{preset.name} {v.key}" for preset, v, _ in users))
+    named = ", ".join(rows[:3]) + (f" and {len(rows) - 3} more" if len(rows) > 3 else "")
+    return f"{cell.target} of {named} (seed {cell.seed})"
 
 
 def run_study(
@@ -198,7 +191,7 @@ def run_study(
             ) from None
         backbones[(name, weights)].level_shapes(image_size)
         for _, v, _ in groups[(name, weights)]:
-            _level_channels(backbones[(name, weights)], v.levels)  # an unknown level fails before encoding
+            level_channels(backbones[(name, weights)], v.levels)  # an unknown level fails before encoding
 
     records, previews, per_image, ran, data = [], {}, {}, {}, {}
     convergence: dict[tuple[str, str, str], list[Convergence]] = {}
@@ -224,62 +217,44 @@ def run_study(
         data["train"] = {"description": train.description, "n": len(train), "skipped": train.skipped}
         for t, e in tests.items():
             data[t] = {"description": e.description, "n": len(e), "skipped": e.skipped}
-        # One readout per distinct (readout setting, pattern): rows of different tables that ask for the same
-        # readout (Table 1's VGG16, Table 2's 1-layer 3x3, Table 4's VGG16) share it.
-        wanted: dict[tuple, list[tuple[StudyPreset, Variant, ResolvedBackbone]]] = {}
-        for preset, v, r in cells:
-            for p in preset.patterns:
-                wanted.setdefault((v.kernel_size, v.depth, v.padding, v.levels, p), []).append((preset, v, r))
-        targets = {p: make_target(p, image_size, image_size) for *_, p in wanted}
+        # One readout per distinct (readout setting, pattern, seed): rows of different tables that ask for the
+        # same readout (Table 1's VGG16, Table 2's 1-layer 3x3, Table 4's VGG16) share it.
+        wanted: dict[Cell, list[tuple[StudyPreset, Variant, ResolvedBackbone]]] = {}
         for seed in range(seeds):
-            jobs = []
-            for setting in wanted:
-                k, depth, pad, levels, p = setting
-                channels = _level_channels(backbone, levels)
-                in_ch = backbone.channels if channels is None else len(channels)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    readout = Readout(in_ch, k, depth, pad, feat_size, image_size, train_config.readout_width(in_ch))
-                rows = list(dict.fromkeys(f"{pr.name} {v.key}" for pr, v, _ in wanted[setting]))  # for messages
-                named = ", ".join(rows[:3]) + (f" and {len(rows) - 3} more" if len(rows) > 3 else "")
-                jobs.append(ReadoutJob(setting, readout, targets[p], channels,
-                                       label=f"{p} of {named} (seed {seed})"))  # fmt: skip
-            train_readouts(train, jobs, replace(train_config, seed=seed), device, progress)
-            trained = {j: (job.convergence(), loss_curve(job.losses)) for j, job in enumerate(jobs)}
-            scored = {}  # (job index, test set) -> SPC, MAE and constant flags per image, the first maps
-            for t, enc in tests.items():
-                used = [j for j, job in enumerate(jobs) if any(t in pr.test_sets for pr, _, _ in wanted[job.key])]
-                for j, pred in predict_each({j: jobs[j].readout for j in used}, enc, device,
-                                            {j: jobs[j].channels for j in used},
-                                            {j: jobs[j].describe() for j in used}):  # fmt: skip
-                    y = targets[jobs[j].key[-1]]
-                    scored[(j, t)] = (spearman(pred, y), mae(pred, y), is_constant(pred), pred[:n_preview].clone())
-            for j, job in enumerate(jobs):
-                p = job.key[-1]
-                for preset, v, r in wanted[job.key]:
-                    convergence.setdefault((preset.name, v.key, p), []).append(trained[j][0])
-                    curves.setdefault((preset.name, v.key, p), []).append(trained[j][1])
-                    schedules[v.backbone_key] = job.schedule
-                for t, enc in tests.items():
-                    users = [(pr, v, r) for pr, v, r in wanted[job.key] if t in pr.test_sets]
-                    if not users:
-                        continue
-                    spc, err, const, first_maps = scored[(j, t)]
-                    for preset, v, r in users:
-                        records.append({
-                            "study": preset.name, "row": v.key, "label": v.label, "pattern": p, "test_set": t,
-                            "seed": seed, "backbone": r.name, "weights": backbone.weights_label,
-                            "substituted": r.substituted, "spc_mean": float(spc.double().mean()),
-                            "spc_std": float(spc.double().std(correction=0)), "mae_mean": float(err.double().mean()),
-                            "mae_std": float(err.double().std(correction=0)), "n": len(enc),
-                            "n_constant": int(const.sum()), "updates": job.schedule.updates,
-                            "convergence": trained[j][0].status,
-                        })  # fmt: skip
-                        grid = per_image.setdefault((preset.name, v.key, p, t), {"spc": [], "mae": []})
-                        grid["spc"].append(spc)
-                        grid["mae"].append(err)
-                        if seed == 0:
-                            previews[(preset.name, v.key, p, t)] = first_maps
+            for preset, v, r in cells:
+                for p in preset.patterns:
+                    wanted.setdefault(Cell(v.setting, p, seed), []).append((preset, v, r))
+        targets = {cell.target: make_target(cell.target, image_size, image_size) for cell in wanted}
+        labels = {cell: _cell_label(cell, users) for cell, users in wanted.items()}
+        trained = train_cells(train, list(wanted), targets, backbone, train_config, feat_size, image_size, device,
+                              progress, labels)  # fmt: skip
+        scored = {}  # (cell, test set) -> Scores
+        for t, enc in tests.items():
+            used = {c: trained[c] for c, users in wanted.items() if any(t in pr.test_sets for pr, _, _ in users)}
+            scored.update({(c, t): sc for c, sc in score_cells(used, enc, targets, device, n_preview).items()})
+        for cell, users in wanted.items():
+            done = trained[cell]
+            for preset, v, r in users:
+                convergence.setdefault((preset.name, v.key, cell.target), []).append(done.convergence)
+                curves.setdefault((preset.name, v.key, cell.target), []).append(loss_curve(done.losses))
+                schedules[v.backbone_key] = done.schedule
+                for t in preset.test_sets:
+                    sc = scored[(cell, t)]
+                    spc, err = sc.spc.double(), sc.mae.double()
+                    records.append({
+                        "study": preset.name, "row": v.key, "label": v.label, "pattern": cell.target, "test_set": t,
+                        "seed": cell.seed, "backbone": r.name, "weights": backbone.weights_label,
+                        "substituted": r.substituted, "spc_mean": float(spc.mean()),
+                        "spc_std": float(spc.std(correction=0)), "mae_mean": float(err.mean()),
+                        "mae_std": float(err.std(correction=0)), "n": len(sc.ids),
+                        "n_constant": int(sc.constant.sum()), "updates": done.schedule.updates,
+                        "convergence": done.convergence.status,
+                    })  # fmt: skip
+                    grid = per_image.setdefault((preset.name, v.key, cell.target, t), {"spc": [], "mae": []})
+                    grid["spc"].append(sc.spc)
+                    grid["mae"].append(sc.mae)
+                    if cell.seed == 0:
+                        previews[(preset.name, v.key, cell.target, t)] = sc.first_maps
     per_image = {k: {m: torch.stack(v) for m, v in g.items()} for k, g in per_image.items()}  # (S, N) each
     return StudyResult(records, previews, preview_images, ran, data, time.perf_counter() - started, per_image,
                        convergence, curves, schedules)  # fmt: skip
