@@ -16,21 +16,22 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .backbones import Backbone, Level, create_backbone, get_backbone_spec, list_backbones, register_backbone
 from .cache import FeatureCache
 from .data import FolderImages, TensorImages, bundled_test_set, bundled_train_set, synthetic_images
+from .engine import Cell, ReadoutSetting, Scores, score_cells, train_cells
 from .errors import PosprobeError
 from .features import EncodedSet, encode
 from .linear import LinearProbe, LinearReadout
 from .metrics import is_constant, mae, spearman
-from .probe import PositionProbe, Scores
+from .probe import PositionProbe
 from .readout import Readout, align
 from .sources import StreamedSet
 from .targets import PATTERNS, load_target_image, make_target
 from .train import PROFILES, TrainConfig, get_profile, train_readouts
 
 __all__ = [
-    "PATTERNS", "PROFILES", "Backbone", "EncodedSet", "FeatureCache", "FolderImages", "Level", "LinearProbe",
-    "LinearReadout", "PositionProbe", "PosprobeError", "Readout", "Scores", "StreamedSet", "TensorImages",
+    "PATTERNS", "PROFILES", "Backbone", "Cell", "EncodedSet", "FeatureCache", "FolderImages", "Level", "LinearProbe",
+    "LinearReadout", "PositionProbe", "PosprobeError", "Readout", "ReadoutSetting", "Scores", "StreamedSet", "TensorImages",
     "TrainConfig", "__version__", "align", "bundled_test_set",
     "bundled_train_set", "create_backbone", "encode", "get_backbone_spec", "get_profile", "is_constant",
-    "list_backbones", "load_target_image", "mae", "make_target", "register_backbone", "spearman",
-    "synthetic_images", "train_readouts",
+    "list_backbones", "load_target_image", "mae", "make_target", "register_backbone", "score_cells",
+    "spearman", "synthetic_images", "train_cells", "train_readouts",
 ]  # fmt: skip

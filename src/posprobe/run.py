@@ -18,7 +18,8 @@ from .features import EncodedSet
 from .convergence import RULE, constant_map_loss, loss_curve
 from .intervals import Interval
 from .plots import loss_curves_plot, prediction_grid
-from .probe import PositionProbe, Scores
+from .engine import Scores
+from .probe import PositionProbe
 from .readout import check_readout_config
 from .rundir import atomic_run_dir, environment, write_csv, write_json
 from .targets import PATTERNS, load_target_image
