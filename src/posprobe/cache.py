@@ -56,6 +56,7 @@ from torch.utils.data import Dataset
 from .errors import PosprobeError
 from .features import EncodedSet, encode, encode_batches, unreadable_list
 from .parts import Part, PartPlan, plan_parts
+from .sources import MemorySource, StreamedSet
 
 CACHE_FORMAT = 3  # 2: channel parts, upsampled levels native, float16 scales; 3: checksums
 DEFAULT_MAX_GB = 32.0
@@ -380,8 +381,6 @@ class FeatureCache:
 
         Without ``allow_stream``, a set too large to cache is encoded in memory (float32) instead.
         """
-        from .sources import StreamedSet
-
         keyed = feature_key(backbone, images, feat_size)
         name = getattr(images, "name", "images")
         if keyed is None:
@@ -555,21 +554,19 @@ class FeatureCache:
                     pending.result()
             except _Overflow:
                 writer.shutdown(wait=True)
-                del mm
                 for f in (data, prog_path):
                     f.unlink(missing_ok=True)
                 raise
             except BaseException:
                 writer.shutdown(wait=True)
                 if not prog_path.exists():  # not one image stored: no allocated file left to hold the disk
-                    del mm
                     data.unlink(missing_ok=True)
                 raise
             finally:
                 writer.shutdown(wait=True)  # an interrupted run still records every batch it wrote
                 bar.close()  # on an exception _EXTRACTING keeps what was stored, for the interrupted run's message
             mm.flush()  # on disk before the manifest declares the entry complete
-            del mm
+            mm = None  # unmapped before the file is truncated
             if not kept:
                 shutil.rmtree(d, ignore_errors=True)
                 raise PosprobeError(f"none of the {n} image(s) in {getattr(images, 'name', 'images')} could be read: "
@@ -713,8 +710,6 @@ def encode_images(backbone, images, feat_size: int = 28, batch_size: int = 16, d
 
     Anything that already is features (an EncodedSet, a feature source or a tensor) passes through.
     """
-    from .sources import MemorySource, StreamedSet
-
     if isinstance(images, (EncodedSet, MemorySource, StreamedSet, torch.Tensor)):
         return images
     if backbone is None:

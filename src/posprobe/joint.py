@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import PosprobeError
-from .readout import Readout
+from .readout import UpsampledHead
 from .parts import FeatureBatch, interp_matrix
 from .sources import as_source
 
@@ -121,9 +121,7 @@ def _fusable_conv(readout: nn.Module) -> nn.Conv2d | None:
 
 def _known(readout: nn.Module) -> bool:
     """Readouts whose ``forward_aligned`` is ``upsample(head(x))`` (so the loss may use the small map)."""
-    from .linear import LinearReadout
-
-    return isinstance(readout, (Readout, LinearReadout))
+    return isinstance(readout, UpsampledHead)
 
 
 @dataclass

@@ -43,10 +43,12 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .cache import encode_images
+from .engine import Scores
 from .errors import PosprobeError, unknown_choice
 from .joint import MapLoss, conv_parts, predict_source
 from .metrics import is_constant, mae, spearman
-from .readout import align, check_readout_config, readout_map_size
+from .readout import UpsampledHead, align, check_readout_config, readout_map_size
 from .parts import FeatureBatch
 from .sources import as_source, memory_budget_bytes
 from .targets import PATTERNS, probe_targets
@@ -57,7 +59,7 @@ DEFAULT_ALPHAS: tuple[float, ...] = (1.0, 1e-1, 1e-2, 1e-3, 1e-4)
 SOLVERS = ("auto", "direct", "cg")
 
 
-class LinearReadout(nn.Module):
+class LinearReadout(UpsampledHead):
     """One k x k convolution C -> 1 with bias, upsampled bilinearly (align_corners=False) to ``out_size``."""
 
     def __init__(self, in_channels: int, kernel_size: int = 3, padding: int = 0, feat_size: int = 28,
@@ -344,7 +346,6 @@ class LinearProbe:
 
     def encode(self, images):
         """Raw images -> features (via the cache when one is set); features pass through."""
-        from .cache import encode_images
 
         return encode_images(self.backbone, images, self.feat_size, self.encode_batch_size, self.device,
                              strict=self.strict, progress=self.progress, cache=self.cache)  # fmt: skip
@@ -471,7 +472,6 @@ class LinearProbe:
 
     def score(self, images):
         """Per-image SPC and MAE at full resolution for every target (``probe.Scores``)."""
-        from .engine import Scores
 
         encoded = self.encode(images)
         ids = list(getattr(encoded, "ids", [str(i) for i in range(len(as_source(encoded)))]))

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .backbones import Backbone
+from .cache import encode_images
 from .engine import Cell, ReadoutSetting, Scores, new_readout, score_cells, train_cells
 from .errors import PosprobeError
 from .features import EncodedSet
@@ -56,8 +57,6 @@ class PositionProbe:
     def encode(self, images: Dataset | EncodedSet, allow_stream: bool = True) -> EncodedSet:
         """Images -> EncodedSet (or a StreamedSet when the cache says the set is too large to keep, unless
         ``allow_stream`` is False: then in memory)."""
-        from .cache import encode_images
-
         return encode_images(self.backbone, images, self.feat_size, self.encode_batch_size, self.device,
                              strict=self.strict, progress=self.progress, cache=self.cache,
                              allow_stream=allow_stream)  # fmt: skip

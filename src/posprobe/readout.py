@@ -50,7 +50,12 @@ def check_readout_config(feat_size: int, kernel_size: int, depth: int, padding: 
         )
 
 
-class Readout(nn.Module):
+class UpsampledHead(nn.Module):
+    """A readout whose ``forward_aligned`` is ``upsample(head(x))``: training may take its loss on the small map
+    and fuse the first convolution of ``head`` with other readouts' (joint.py)."""
+
+
+class Readout(UpsampledHead):
     """PEM readout: list of level tensors -> (B, 1, out_size, out_size) map in [0, 1]."""
 
     def __init__(

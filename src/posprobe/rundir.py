@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import display_name  # a file name that is not UTF-8 (caf\xe9.png) is written escaped
 from .errors import PosprobeError
 
 
@@ -176,8 +177,6 @@ def atomic_run_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def _jsonable(obj):
-    from .data import display_name  # a file name that is not UTF-8 (caf\xe9.png) is written escaped
-
     if isinstance(obj, dict):
         return {display_name(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -200,8 +199,6 @@ def write_json(path: Path, obj) -> None:
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
     """CSV in UTF-8; strings holding the surrogate escapes of a non-UTF-8 file name are written escaped."""
-    from .data import display_name
-
     if not rows:
         path.write_text("", encoding="utf-8")
         return

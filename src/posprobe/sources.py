@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .backbones.registry import NonFiniteFeatures
 from .errors import PosprobeError
-from .features import EncodedSet, _Indexed, unreadable_list
+from .features import EncodedSet, _Indexed, default_workers, unreadable_list
 from .parts import FeatureBatch, Part, Shape, concat_parts, split_levels
 
 
@@ -132,8 +132,6 @@ class StreamedSet:
 
     def __init__(self, backbone, images: Dataset, feat_size: int = 28, device: str | torch.device = "cpu",
                  strict: bool = False, num_workers: int | None = None, encode_batch_size: int = 16):  # fmt: skip
-        from .features import default_workers
-
         self.backbone, self.images, self.feat_size = backbone, images, feat_size
         self.device = torch.device(device)
         self.name = getattr(images, "name", "images")

@@ -19,6 +19,7 @@ import torch
 
 from .convergence import Convergence, check_convergence
 from .errors import PosprobeError, unknown_choice
+from .joint import predict_source, train_jobs
 from .readout import Readout
 
 PAPER_TRAIN_IMAGES = 10_553  # DUT-S train
@@ -197,8 +198,6 @@ def train_readouts(
     passes (``joint.train_jobs``: fused first convolutions, loss on the small map; rewrites that change
     float rounding only).
     """
-    from .joint import train_jobs
-
     return train_jobs(features, jobs, config, device, progress)
 
 
@@ -209,6 +208,4 @@ def predict(readout: Readout, features, batch_size: int = 64, device: str | torc
 
     ``channels`` selects the input channels the readout was trained on (None: all).
     """
-    from .joint import predict_source
-
     return predict_source({"map": readout}, features, batch_size, device, {"map": channels})["map"]
