@@ -1,12 +1,13 @@
 """Shared fixtures. No test downloads anything: POSPROBE_OFFLINE is set before posprobe is imported."""
+
 from __future__ import annotations
 
 import atexit
 import importlib.util
 import os
 import shutil
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["POSPROBE_OFFLINE"] = "1"

@@ -1,4 +1,5 @@
 """Backbones: declared levels, frozen state, seeded random weights, true taps, and weight loading."""
+
 from __future__ import annotations
 
 import math

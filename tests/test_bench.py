@@ -1,12 +1,24 @@
 """The benchmark runs end to end and reports what the issue asks: times, ratios, peak memory."""
+
 from __future__ import annotations
 
 from posprobe.bench import run_bench
 
 
 def test_bench_reports_the_floor_posprobe_and_the_authors_protocol():
-    r = run_bench("resnet18", "random", n_train=6, n_test=2, image_size=32, feat_size=12, epochs=3,
-                  authors_epochs=1, repeats=2, photos=False, log=lambda m: None)  # fmt: skip
+    r = run_bench(
+        "resnet18",
+        "random",
+        n_train=6,
+        n_test=2,
+        image_size=32,
+        feat_size=12,
+        epochs=3,
+        authors_epochs=1,
+        repeats=2,
+        photos=False,
+        log=lambda m: None,
+    )
     assert r.floor.wall_s > 0 and r.posprobe.wall_s > 0 and r.posprobe_warm.wall_s > 0
     assert r.authors.wall_s > r.authors.parts["measured"]  # 1 epoch of 1 pattern, extrapolated to 3 x 5
     assert "extrapolated from 1 epoch(s) x 1 pattern(s)" in r.authors_measured

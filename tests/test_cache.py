@@ -1,4 +1,5 @@
 """The feature cache: content keys, atomic entries, resume after an interruption, streaming fallback, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,9 @@ def test_key_changes_with_every_setting_and_with_the_images(resnet):
     variants = {
         "feat size": feature_key(resnet, images, FEAT + 2),
         "image bytes": feature_key(resnet, TensorImages(changed, images.ids, "noise"), FEAT),
-        "image size": feature_key(resnet, TensorImages(images.images[..., :30, :30].contiguous(), images.ids, "n"), FEAT),
+        "image size": feature_key(
+            resnet, TensorImages(images.images[..., :30, :30].contiguous(), images.ids, "n"), FEAT
+        ),
         "ids": feature_key(resnet, TensorImages(images.images, [f"x{i}" for i in range(6)], "noise"), FEAT),
         "weights seed": feature_key(create_backbone("resnet18", "random", seed=1), images, FEAT),
         "input norm": feature_key(create_backbone("resnet18", "random", seed=0, input_norm="imagenet"), images, FEAT),
@@ -115,8 +118,11 @@ def test_an_entry_keeps_upsampled_levels_at_native_size(tmp_path, resnet):
     cache, _ = quiet_cache(tmp_path)
     got = cache.encode(resnet, images, FEAT, progress=False)
     assert [(p.lo, p.hi, tuple(p.data.shape[1:]), p.native) for p in got.parts] == [
-        (0, 64, (64, 8, 8), True), (64, 192, (128, 4, 4), True), (192, 448, (256, 2, 2), True),
-        (448, 960, (512, 1, 1), True)]  # fmt: skip
+        (0, 64, (64, 8, 8), True),
+        (64, 192, (128, 4, 4), True),
+        (192, 448, (256, 2, 2), True),
+        (448, 960, (512, 1, 1), True),
+    ]
     on_disk = (tmp_path / feature_key(resnet, images, FEAT)[0] / "features.bin").stat().st_size
     assert on_disk == 6 * 2 * (64 * 64 + 128 * 16 + 256 * 4 + 512) < 6 * 2 * 960 * FEAT * FEAT
     assert on_disk == cache.expected_bytes(cache.layout(resnet, SIZE, FEAT), 6, FEAT)
@@ -169,8 +175,9 @@ def test_unreadable_images_are_skipped_and_remembered(tmp_path, rng):
     cache, _ = quiet_cache(tmp_path / "c")
     backbone = create_backbone("posenet")
     with pytest.warns(UserWarning, match="skipped 1"):
-        enc = cache.encode(backbone, FolderImages(tmp_path / "imgs", SIZE), FEAT, batch_size=2, num_workers=0,
-                           progress=False)  # fmt: skip
+        enc = cache.encode(
+            backbone, FolderImages(tmp_path / "imgs", SIZE), FEAT, batch_size=2, num_workers=0, progress=False
+        )
     assert enc.ids == ["0.png", "1.png", "3.png"] and enc.skipped == ["2.png"] and len(enc) == 3
     with pytest.raises(PosprobeError, match="strict"):
         cache.encode(backbone, FolderImages(tmp_path / "imgs", SIZE), FEAT, strict=True, progress=False)
@@ -196,7 +203,9 @@ def test_values_beyond_float16_are_stored_scaled_by_a_power_of_two_not_as_inf(tm
     torch.testing.assert_close(got.features[big], ref[big], rtol=2.0**-11, atol=0)
 
 
-@pytest.mark.parametrize("peak,scale", [(0.0, 1.0), (4094.0, 1.0), (4094.5, 2.0), (8188.0, 2.0), (8189.0, 4.0), (2e8, 2.0**16)])
+@pytest.mark.parametrize(
+    "peak,scale", [(0.0, 1.0), (4094.0, 1.0), (4094.5, 2.0), (8188.0, 2.0), (8189.0, 4.0), (2e8, 2.0**16)]
+)
 def test_part_scale_keeps_sixteen_times_headroom(peak, scale):
     from posprobe.cache import FP16_MAX, part_scale
 
@@ -260,9 +269,30 @@ def test_the_probe_command_caches_features_and_reports_the_linear_probe(tmp_path
     for split, n in (("train", 8), ("test", 3)):
         for i in range(n):
             save_image(tmp_path / split / f"{i}.png", rng.integers(0, 256, (24, 24, 3)))
-    args = ["probe", "--backbone", "posenet", "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
-            "--synthetic", "none", "--image-size", "32", "--feat-size", "12", "--readout-padding", "1",
-            "--epochs", "1", "--pattern", "H,G", "--quiet", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    args = [
+        "probe",
+        "--backbone",
+        "posenet",
+        "--train",
+        str(tmp_path / "train"),
+        "--test",
+        str(tmp_path / "test"),
+        "--synthetic",
+        "none",
+        "--image-size",
+        "32",
+        "--feat-size",
+        "12",
+        "--readout-padding",
+        "1",
+        "--epochs",
+        "1",
+        "--pattern",
+        "H,G",
+        "--quiet",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     runner = CliRunner()
     first = runner.invoke(app, [*args, "--out", str(tmp_path / "run1"), "--readout", "linear"])
     assert first.exit_code == 0, first.output

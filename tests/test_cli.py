@@ -1,4 +1,5 @@
 """The command line: a smoke run of `probe`, and every bad input as one line on stderr with exit code 2."""
+
 from __future__ import annotations
 
 import csv
@@ -11,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from posprobe import cli
-
 from conftest import save_image
+from posprobe import cli
 
 
 def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
@@ -53,26 +53,73 @@ def small_sets(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "train", tmp_path / "test"
 
 
-FAST = ["--backbone", "posenet", "--image-size", "32", "--feat-size", "8", "--epochs", "2", "--batch-size", "4",
-        "--quiet"]  # fmt: skip
+FAST = [
+    "--backbone",
+    "posenet",
+    "--image-size",
+    "32",
+    "--feat-size",
+    "8",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "4",
+    "--quiet",
+]
 
 
 def test_probe_writes_a_complete_run_directory(small_sets, tmp_path, capsys, monkeypatch):
     train, test = small_sets
     out = tmp_path / "run"
-    code, stdout, err = run_cli(["probe", *FAST, "--pattern", "H,G", "--readout-padding", "1",
-                                 "--train", str(train), "--test", str(test), "--out", str(out)],
-                                capsys, monkeypatch)  # fmt: skip
+    code, stdout, err = run_cli(
+        [
+            "probe",
+            *FAST,
+            "--pattern",
+            "H,G",
+            "--readout-padding",
+            "1",
+            "--train",
+            str(train),
+            "--test",
+            str(test),
+            "--out",
+            str(out),
+        ],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, err
     assert "pattern" in stdout and "SPC" in stdout
-    for name in ("config.json", "metrics.json", "metrics.csv", "per_image.csv", "environment.json", "readouts.pt",
-                 "predictions/test.png", "predictions/black.png", "predictions/noise.png"):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "metrics.csv",
+        "per_image.csv",
+        "environment.json",
+        "readouts.pt",
+        "predictions/test.png",
+        "predictions/black.png",
+        "predictions/noise.png",
+    ):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert {r["pattern"] for r in rows} == {"H", "G"}
     assert {r["test_set"] for r in rows} == {"test", "black", "white", "noise"}
-    assert list(rows[0]) == ["pattern", "test_set", "spc_mean", "spc_lo", "spc_hi", "spc_std", "mae_mean", "mae_lo",
-                             "mae_hi", "mae_std", "n", "n_constant"]  # fmt: skip
+    assert list(rows[0]) == [
+        "pattern",
+        "test_set",
+        "spc_mean",
+        "spc_lo",
+        "spc_hi",
+        "spc_std",
+        "mae_mean",
+        "mae_lo",
+        "mae_hi",
+        "mae_std",
+        "n",
+        "n_constant",
+    ]
     assert {r["n"] for r in rows if r["test_set"] == "test"} == {"3"}
     test_h = next(r for r in rows if (r["pattern"], r["test_set"]) == ("H", "test"))
     assert float(test_h["spc_lo"]) <= float(test_h["spc_mean"]) <= float(test_h["spc_hi"])
@@ -80,8 +127,13 @@ def test_probe_writes_a_complete_run_directory(small_sets, tmp_path, capsys, mon
     config = json.loads((out / "config.json").read_text())
     assert config["readout_padding"] == 1 and config["train"]["epochs"] == 2 and config["patterns"] == ["H", "G"]
     assert config["resolved"]["train_set"]["n"] == 6
-    assert config["resolved"]["schedule"] == {"updates": 4, "lr_decay_after_updates": [2], "batches_per_epoch": 2,
-                                              "epochs": 2.0, "distinct_training_images": 6}  # fmt: skip
+    assert config["resolved"]["schedule"] == {
+        "updates": 4,
+        "lr_decay_after_updates": [2],
+        "batches_per_epoch": 2,
+        "epochs": 2.0,
+        "distinct_training_images": 6,
+    }
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["train_loss_curve"]["H"]) == 4 and metrics["convergence"]["H"]["status"] == "too short to tell"
     assert (out / "loss_curves.png").is_file()
@@ -91,25 +143,48 @@ def test_probe_writes_a_complete_run_directory(small_sets, tmp_path, capsys, mon
     assert {"torch", "python", "device", "git_commit"} <= set(env)
 
 
-def test_zero_crops_and_an_output_under_a_file_are_refused_before_any_work(small_sets, tmp_path, capsys,
-                                                                          monkeypatch):  # fmt: skip
+def test_zero_crops_and_an_output_under_a_file_are_refused_before_any_work(small_sets, tmp_path, capsys, monkeypatch):
     _, test = small_sets
-    code, _, err = run_cli(["probe", *FAST, "--crops-per-photo", "0", "--test", str(test), "--out",
-                            str(tmp_path / "run")], capsys, monkeypatch)  # fmt: skip
+    code, _, err = run_cli(
+        ["probe", *FAST, "--crops-per-photo", "0", "--test", str(test), "--out", str(tmp_path / "run")],
+        capsys,
+        monkeypatch,
+    )
     assert_one_line_error(code, err, "--crops-per-photo must be >= 1", "given 0")
     (tmp_path / "afile").write_text("x")
-    code, _, err = run_cli(["reproduce", "table4", "--out", str(tmp_path / "afile" / "sub" / "run")], capsys,
-                           monkeypatch)  # fmt: skip
+    code, _, err = run_cli(
+        ["reproduce", "table4", "--out", str(tmp_path / "afile" / "sub" / "run")], capsys, monkeypatch
+    )
     assert_one_line_error(code, err, "cannot create output directory", "is a file")
 
 
-def test_readout_width_reaches_the_deep_readout_and_zero_lifts_the_profile_cap(small_sets, tmp_path, capsys,
-                                                                              monkeypatch):  # fmt: skip
+def test_readout_width_reaches_the_deep_readout_and_zero_lifts_the_profile_cap(
+    small_sets, tmp_path, capsys, monkeypatch
+):
     train, test = small_sets
     out = tmp_path / "run"
-    code, _, err = run_cli(["probe", *FAST, "--pattern", "H", "--depth", "2", "--readout-width", "2",
-                            "--synthetic", "none", "--train", str(train), "--test", str(test), "--out", str(out)],
-                           capsys, monkeypatch)  # fmt: skip
+    code, _, err = run_cli(
+        [
+            "probe",
+            *FAST,
+            "--pattern",
+            "H",
+            "--depth",
+            "2",
+            "--readout-width",
+            "2",
+            "--synthetic",
+            "none",
+            "--train",
+            str(train),
+            "--test",
+            str(test),
+            "--out",
+            str(out),
+        ],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["train"]["max_readout_width"] == 2
     import torch
@@ -160,8 +235,9 @@ def test_existing_run_directory_is_refused_unless_overwrite(small_sets, tmp_path
         (["--depth", "2", "--readout-width", "-3"], ["--readout-width must be >= 0", "-3"]),
     ],
 )
-def test_bad_settings_are_one_line_errors_and_write_nothing(extra, fragments, small_sets, tmp_path, capsys,
-                                                            monkeypatch):  # fmt: skip
+def test_bad_settings_are_one_line_errors_and_write_nothing(
+    extra, fragments, small_sets, tmp_path, capsys, monkeypatch
+):
     if extra[:2] == ["--device", "cuda:7"]:
         import torch
 
@@ -169,8 +245,9 @@ def test_bad_settings_are_one_line_errors_and_write_nothing(extra, fragments, sm
             pytest.skip("CUDA is available here")
     train, test = small_sets
     out = tmp_path / "run"
-    code, _, err = run_cli(["probe", *FAST, "--train", str(train), "--test", str(test), "--out", str(out), *extra],
-                           capsys, monkeypatch)  # fmt: skip
+    code, _, err = run_cli(
+        ["probe", *FAST, "--train", str(train), "--test", str(test), "--out", str(out), *extra], capsys, monkeypatch
+    )
     assert_one_line_error(code, err, *fragments)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]  # no partial directory left
@@ -187,14 +264,16 @@ def test_missing_empty_and_unreadable_folders(tmp_path, small_sets, capsys, monk
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.jpg").write_bytes(b"not a jpeg at all")
-    code, _, err = run_cli(["probe", *FAST, "--train", str(bad), "--test", str(test), "--out", str(out)],
-                           capsys, monkeypatch)  # fmt: skip
+    code, _, err = run_cli(
+        ["probe", *FAST, "--train", str(bad), "--test", str(test), "--out", str(out)], capsys, monkeypatch
+    )
     assert_one_line_error(code, err, "could be read")
     assert not out.exists()
 
 
-def test_unreadable_images_are_skipped_with_a_warning_or_refused_under_strict(small_sets, tmp_path, capsys,
-                                                                               monkeypatch):  # fmt: skip
+def test_unreadable_images_are_skipped_with_a_warning_or_refused_under_strict(
+    small_sets, tmp_path, capsys, monkeypatch
+):
     train, test = small_sets
     (train / "truncated.png").write_bytes((train / "t0.png").read_bytes()[:60])
     out = tmp_path / "run"
@@ -212,8 +291,9 @@ def test_unreadable_images_are_skipped_with_a_warning_or_refused_under_strict(sm
 def test_missing_imagenet_weights_offline_say_which_file_goes_where(tmp_path, small_sets, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     train, test = small_sets
-    code, _, err = run_cli(["probe", "--backbone", "resnet18", "--train", str(train), "--out", str(tmp_path / "r")],
-                           capsys, monkeypatch)  # fmt: skip
+    code, _, err = run_cli(
+        ["probe", "--backbone", "resnet18", "--train", str(train), "--out", str(tmp_path / "r")], capsys, monkeypatch
+    )
     assert_one_line_error(code, err, "resnet18-f37072fd.pth", str(tmp_path / "torch-home"))
 
 
@@ -221,8 +301,9 @@ def test_reproduce_refuses_unknown_tables_and_missing_weights(tmp_path, capsys, 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     code, _, err = run_cli(["reproduce", "tabel4", "--out", str(tmp_path / "r")], capsys, monkeypatch)
     assert_one_line_error(code, err, "unknown table or figure 'tabel4'", "Did you mean 'table4'")
-    code, _, err = run_cli(["reproduce", "table1", "--backbone-map", "vgg16", "--out", str(tmp_path / "r")],
-                           capsys, monkeypatch)  # fmt: skip
+    code, _, err = run_cli(
+        ["reproduce", "table1", "--backbone-map", "vgg16", "--out", str(tmp_path / "r")], capsys, monkeypatch
+    )
     assert_one_line_error(code, err, "PAPER=BACKBONE")
     code, _, err = run_cli(["reproduce", "table4", "--seeds", "0", "--out", str(tmp_path / "r")], capsys, monkeypatch)
     assert_one_line_error(code, err, "--seeds")
@@ -241,8 +322,12 @@ def test_backbones_lists_every_registered_name(capsys, monkeypatch):
 
 def test_console_script_exit_code_and_stderr():
     """The installed `posprobe` script itself: exit 2 and one line, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "posprobe.cli", "probe", "--backbone", "nope", "--out", "/tmp/x"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "posprobe.cli", "probe", "--backbone", "nope", "--out", "/tmp/x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("posprobe: error: unknown backbone 'nope'")
     assert "Traceback" not in proc.stderr
@@ -254,8 +339,11 @@ def test_cache_ls_shows_a_long_weights_label_whole(tmp_path, capsys, monkeypatch
     for i, (backbone, w) in enumerate([("vgg16_hed", weights), ("tv:resnet18", "random")]):
         entry = tmp_path / (str(i) * 64)  # an entry is a folder named by its 64-hex key
         entry.mkdir()
-        (entry / "manifest.json").write_text(json.dumps({"rows": 4, "channels": 64, "feat_size": 8,
-                                                         "backbone": backbone, "weights": w, "image_set": "setA"}))
+        (entry / "manifest.json").write_text(
+            json.dumps(
+                {"rows": 4, "channels": 64, "feat_size": 8, "backbone": backbone, "weights": w, "image_set": "setA"}
+            )
+        )
     code, out, _ = run_cli(["cache", "ls", "--cache-dir", str(tmp_path)], capsys, monkeypatch)
     assert code == 0
     lines = out.splitlines()

@@ -1,4 +1,5 @@
 """The new commands and options through the console entry point (user errors: one stderr line, exit 2)."""
+
 from __future__ import annotations
 
 import json
@@ -34,18 +35,41 @@ def test_layers_of_a_torchvision_model_show_module_aliases(monkeypatch, capsys):
     assert row.split()[2:] == ["64", "4", "16x16", "layer1", "layer1.1"]
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["layers", "timm:convnxt_atto"], "Did you mean 'convnext_atto'?"),
-    (["layers", "tv:resnet181"], "Did you mean 'resnet18'?"),
-    (["probe", "--out", "{tmp}/run", "--backbone", "tv:resnet18", "--weights", "random", "--layers", "layer5"],
-     "unknown layer of tv:resnet18 'layer5'"),
-    (["probe", "--out", "{tmp}/run", "--backbone", "timm:convnext_atto", "--weights", "random",
-      "--backbone-padding", "valid", "--image-size", "64"], "breaks a residual connection"),
-    (["probe", "--out", "{tmp}/run", "--backbone", "tv:resnet18", "--weights", "random", "--pos-embed", "zero"],
-     "needs a learned absolute position embedding"),
-    (["layer-curve", "--out", "{tmp}/lc", "--backbone", "tv:resnet18", "--backbone-padding", "same"],
-     "unknown backbone padding 'same'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["layers", "timm:convnxt_atto"], "Did you mean 'convnext_atto'?"),
+        (["layers", "tv:resnet181"], "Did you mean 'resnet18'?"),
+        (
+            ["probe", "--out", "{tmp}/run", "--backbone", "tv:resnet18", "--weights", "random", "--layers", "layer5"],
+            "unknown layer of tv:resnet18 'layer5'",
+        ),
+        (
+            [
+                "probe",
+                "--out",
+                "{tmp}/run",
+                "--backbone",
+                "timm:convnext_atto",
+                "--weights",
+                "random",
+                "--backbone-padding",
+                "valid",
+                "--image-size",
+                "64",
+            ],
+            "breaks a residual connection",
+        ),
+        (
+            ["probe", "--out", "{tmp}/run", "--backbone", "tv:resnet18", "--weights", "random", "--pos-embed", "zero"],
+            "needs a learned absolute position embedding",
+        ),
+        (
+            ["layer-curve", "--out", "{tmp}/lc", "--backbone", "tv:resnet18", "--backbone-padding", "same"],
+            "unknown backbone padding 'same'",
+        ),
+    ],
+)
 def test_user_errors_are_one_line_with_exit_code_2(monkeypatch, capsys, tmp_path, args, fragment):
     code, out, err = run_main(monkeypatch, capsys, *[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert code == 2
@@ -56,11 +80,35 @@ def test_user_errors_are_one_line_with_exit_code_2(monkeypatch, capsys, tmp_path
 @pytest.mark.slow
 def test_probe_with_layers_padding_and_input_norm_records_them(monkeypatch, capsys, tmp_path):
     code, out, err = run_main(
-        monkeypatch, capsys, "probe", "--out", str(tmp_path / "run"), "--backbone", "tv:resnet18",
-        "--weights", "random", "--layers", "relu,layer1", "--backbone-padding", "reflect", "--input-norm", "weights",
-        "--image-size", "32", "--feat-size", "8", "--crops-per-photo", "1", "--epochs", "1", "--pattern", "H",
-        "--synthetic", "none", "--quiet",
-    )  # fmt: skip
+        monkeypatch,
+        capsys,
+        "probe",
+        "--out",
+        str(tmp_path / "run"),
+        "--backbone",
+        "tv:resnet18",
+        "--weights",
+        "random",
+        "--layers",
+        "relu,layer1",
+        "--backbone-padding",
+        "reflect",
+        "--input-norm",
+        "weights",
+        "--image-size",
+        "32",
+        "--feat-size",
+        "8",
+        "--crops-per-photo",
+        "1",
+        "--epochs",
+        "1",
+        "--pattern",
+        "H",
+        "--synthetic",
+        "none",
+        "--quiet",
+    )
     assert code == 0, err
     assert "backbone padding reflect: rewrote 5 conv(s), 1 pooling layer(s)" in out
     assert "level sizes at 32x32: relu 16x16, layer1 8x8" in out

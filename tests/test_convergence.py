@@ -1,10 +1,10 @@
 """The convergence rule on hand-built loss curves, and on real training."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
-import torch
 
 from posprobe.convergence import check_convergence, constant_map_loss, loss_curve
 from posprobe.targets import make_target

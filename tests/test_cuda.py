@@ -3,6 +3,7 @@
 Skipped where no GPU is present (CI); run on a GPU machine with ``pytest tests/test_cuda.py``. Tolerances
 allow for TF32 convolutions and a different reduction order, not for a different computation.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -12,11 +13,18 @@ from posprobe.backbones import create_backbone
 from posprobe.cache import FeatureCache
 from posprobe.data import TensorImages, synthetic_images
 from posprobe.features import encode
+from posprobe.joint import predict_source
 from posprobe.metrics import spearman
 from posprobe.probe import PositionProbe
 from posprobe.readout import Readout
 from posprobe.targets import make_target
-from posprobe.train import ReadoutJob, TrainConfig, predict, train_readouts
+from posprobe.train import ReadoutJob, TrainConfig, train_readouts
+
+
+def predict(readout, features, batch_size: int = 64, device="cpu", channels=None) -> torch.Tensor:
+    """(N, S, S) maps of one eval-mode readout (joint.predict_source, for a single readout)."""
+    return predict_source({"map": readout}, features, batch_size, device, {"map": channels})["map"]
+
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -80,9 +88,16 @@ def test_posenet_probe_scores_on_cuda_match_cpu():
     train = _images(16, 2)
     scores = {}
     for device in ("cpu", "cuda"):
-        probe = PositionProbe(create_backbone("posenet"), ["H", "G"], padding=1, feat_size=FEAT, image_size=SIZE,
-                              train_config=TrainConfig(epochs=3, batch_size=8), device=device,
-                              progress=False).fit(train)  # fmt: skip
+        probe = PositionProbe(
+            create_backbone("posenet"),
+            ["H", "G"],
+            padding=1,
+            feat_size=FEAT,
+            image_size=SIZE,
+            train_config=TrainConfig(epochs=3, batch_size=8),
+            device=device,
+            progress=False,
+        ).fit(train)
         scores[device] = probe.score(synthetic_images("noise", SIZE))
     for p in ("H", "G"):
         assert float(scores["cuda"][p].spc.mean()) == pytest.approx(float(scores["cpu"][p].spc.mean()), abs=0.02)

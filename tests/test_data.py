@@ -1,4 +1,5 @@
 """Image sources: user folders (with unreadable files), synthetic inputs, bundled photo sets, and encoding."""
+
 from __future__ import annotations
 
 import io
@@ -25,8 +26,15 @@ from posprobe.data import (
 from posprobe.errors import PosprobeError
 from posprobe.features import encode
 
-READABLE = ["a_rgb.jpg", "b_gray.png", "g_upper.JPEG", "sub/c_rgba.png", "sub/d_palette.png",
-            "sub/deeper/e.bmp", "sub/deeper/f.webp"]  # fmt: skip
+READABLE = [
+    "a_rgb.jpg",
+    "b_gray.png",
+    "g_upper.JPEG",
+    "sub/c_rgba.png",
+    "sub/d_palette.png",
+    "sub/deeper/e.bmp",
+    "sub/deeper/f.webp",
+]
 
 
 def jpeg_bytes(rng: np.random.Generator, size=(48, 64)) -> bytes:

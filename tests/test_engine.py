@@ -1,4 +1,5 @@
 """The engine every command trains and scores through: cells, seeds, levels, scores against scipy."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,10 +23,18 @@ CONFIG = TrainConfig(steps=12, epochs=1, batch_size=4)
 def setup():
     backbone = create_backbone("resnet18", "random", seed=0)
     g = torch.Generator().manual_seed(0)
-    train = encode(backbone, TensorImages(torch.rand(8, 3, SIZE, SIZE, generator=g), [f"t{i}" for i in range(8)],
-                                          "train"), FEAT, progress=False)  # fmt: skip
-    test = encode(backbone, TensorImages(torch.rand(5, 3, SIZE, SIZE, generator=g), [f"s{i}" for i in range(5)],
-                                         "test"), FEAT, progress=False)  # fmt: skip
+    train = encode(
+        backbone,
+        TensorImages(torch.rand(8, 3, SIZE, SIZE, generator=g), [f"t{i}" for i in range(8)], "train"),
+        FEAT,
+        progress=False,
+    )
+    test = encode(
+        backbone,
+        TensorImages(torch.rand(5, 3, SIZE, SIZE, generator=g), [f"s{i}" for i in range(5)], "test"),
+        FEAT,
+        progress=False,
+    )
     targets = {p: make_target(p, SIZE, SIZE) for p in ("H", "G")}
     return backbone, train, test, targets
 
@@ -37,8 +46,11 @@ def train(setup, cells):
 
 def test_a_cell_trains_the_same_alone_or_beside_others(setup):
     one = Cell(ReadoutSetting(kernel_size=3, padding=1), "H", seed=1)
-    others = [Cell(ReadoutSetting(kernel_size=1), "G", seed=1), Cell(ReadoutSetting(levels=("layer2",)), "G", 1),
-              Cell(ReadoutSetting(kernel_size=3, padding=1), "H", seed=2)]  # fmt: skip
+    others = [
+        Cell(ReadoutSetting(kernel_size=1), "G", seed=1),
+        Cell(ReadoutSetting(levels=("layer2",)), "G", 1),
+        Cell(ReadoutSetting(kernel_size=3, padding=1), "H", seed=2),
+    ]
     alone, together = train(setup, [one])[one], train(setup, [one, *others])[one]
     for (name, x), y in zip(alone.readout.state_dict().items(), together.readout.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)  # fused passes: rounding only
@@ -73,6 +85,7 @@ def test_scores_are_scipys_spearman_of_the_predictions(setup):
         pred = predict_source({"m": trained[cell].readout}, test, channels={"m": trained[cell].channels})["m"]
         target = targets[cell.target].flatten().numpy()
         expected = [spearmanr(p.flatten().numpy(), target).statistic for p in pred]
-        torch.testing.assert_close(scores[cell].spc.double(), torch.tensor(expected, dtype=torch.float64),
-                                   rtol=0, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            scores[cell].spc.double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-6
+        )
         assert scores[cell].ids == test.ids and scores[cell].first_maps.shape == (2, SIZE, SIZE)

@@ -1,5 +1,6 @@
 """Faults of the feature cache done for real: damaged bytes, truncated and missing files, a full disk, an
 unwritable folder, a process killed with SIGKILL mid-extraction."""
+
 from __future__ import annotations
 
 import errno
@@ -121,7 +122,9 @@ def test_cache_verify_reads_every_entry_and_exits_1_on_damage(tmp_path, resnet):
     assert bad.exit_code == 1 and f"{entry.name[:12]}  DAMAGED: features.bin fails its checksum" in bad.output
     assert "1 damaged" in bad.output and not entry.exists()
     unknown = runner.invoke(app, ["cache", "verify", "0000", "--cache-dir", str(tmp_path)])
-    assert isinstance(unknown.exception, PosprobeError) and "no cache entry starts with '0000'" in str(unknown.exception)
+    assert isinstance(unknown.exception, PosprobeError) and "no cache entry starts with '0000'" in str(
+        unknown.exception
+    )
 
 
 def test_no_room_for_the_entry_streams_before_the_first_image(tmp_path, resnet, monkeypatch):
@@ -153,11 +156,13 @@ def test_a_disk_that_fills_mid_extraction_stops_in_one_line_and_resumes(tmp_path
         cache.encode(resnet, images, FEAT, batch_size=2, num_workers=0, progress=False)
     monkeypatch.setattr(cache_mod, "_write_json_atomic", real)
     log: list[str] = []
-    resumed = FeatureCache(tmp_path, log=log.append).encode(resnet, images, FEAT, batch_size=2, num_workers=0,
-                                                            progress=False)  # fmt: skip
+    resumed = FeatureCache(tmp_path, log=log.append).encode(
+        resnet, images, FEAT, batch_size=2, num_workers=0, progress=False
+    )
     assert any("resuming an interrupted extraction at image 4 of 8" in m for m in log)
-    fresh = FeatureCache(tmp_path / "fresh", log=None).encode(resnet, images, FEAT, batch_size=2, num_workers=0,
-                                                              progress=False)  # fmt: skip
+    fresh = FeatureCache(tmp_path / "fresh", log=None).encode(
+        resnet, images, FEAT, batch_size=2, num_workers=0, progress=False
+    )
     torch.testing.assert_close(resumed.features, fresh.features, rtol=0, atol=0)
 
 
@@ -219,8 +224,9 @@ KILLED_RUN = textwrap.dedent("""
 
 def test_sigkill_mid_extraction_resumes_to_the_same_entry(tmp_path, resnet):
     env = {**os.environ, "POSPROBE_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                            env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
     deadline = time.monotonic() + 120
     for line in proc.stdout:
         if line.startswith("batch 2") or time.monotonic() > deadline:
@@ -232,11 +238,13 @@ def test_sigkill_mid_extraction_resumes_to_the_same_entry(tmp_path, resnet):
     g = torch.Generator().manual_seed(0)
     images = TensorImages(torch.rand(12, 3, 32, 32, generator=g), [f"im{i}" for i in range(12)], "noise")
     log: list[str] = []
-    resumed = FeatureCache(tmp_path, log=log.append).encode(resnet, images, FEAT, batch_size=2, num_workers=0,
-                                                            progress=False)  # fmt: skip
+    resumed = FeatureCache(tmp_path, log=log.append).encode(
+        resnet, images, FEAT, batch_size=2, num_workers=0, progress=False
+    )
     assert any("resuming an interrupted extraction" in m for m in log)
-    fresh = FeatureCache(tmp_path / "fresh", log=None).encode(resnet, images, FEAT, batch_size=2, num_workers=0,
-                                                              progress=False)  # fmt: skip
+    fresh = FeatureCache(tmp_path / "fresh", log=None).encode(
+        resnet, images, FEAT, batch_size=2, num_workers=0, progress=False
+    )
     torch.testing.assert_close(resumed.features, fresh.features, rtol=0, atol=0)  # same batches, same shapes
     manifest = json.loads((partial.path / "manifest.json").read_text())
     assert len(manifest["checksums"]["sha256"]) >= 1 and np.dtype(manifest["dtype"]) == np.float16

@@ -1,5 +1,6 @@
 """Image files that used to be lost or read wrong: names that are not UTF-8, images over PIL's pixel limits,
 and photos whose EXIF orientation says they are stored sideways."""
+
 from __future__ import annotations
 
 import csv
@@ -48,11 +49,15 @@ def png_bytes(rng: np.random.Generator, size=(24, 24)) -> bytes:
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG that claims width x height pixels and holds none: PIL judges its size from this header alone."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
-        b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 # ---- names that are not UTF-8 ------------------------------------------------------------------------------
@@ -106,8 +111,11 @@ def test_probe_cli_without_cache_runs_end_to_end_on_non_utf8_names(tmp_path, rng
         make_file(test, f"s{i}.png", png_bytes(rng, (30, 30)))
     make_file(test, "zna\udcefve.png", png_bytes(rng, (30, 30)))
     out = tmp_path / "run"
-    code, _, err = run_cli(["probe", *FAST, "--pattern", "H", "--no-cache", "--train", str(train), "--test",
-                            str(test), "--out", str(out)], capsys, monkeypatch)  # fmt: skip
+    code, _, err = run_cli(
+        ["probe", *FAST, "--pattern", "H", "--no-cache", "--train", str(train), "--test", str(test), "--out", str(out)],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, err
     assert "Traceback" not in err
     for path in out.rglob("*"):
@@ -148,8 +156,11 @@ def test_a_144_megapixel_image_is_read_with_a_warning_naming_it(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "big.png").write_bytes(png_header(12000, 12000))  # a header only: decoding then fails
     ds = FolderImages(tmp_path / "imgs", image_size=16)
-    with pytest.warns(UserWarning, match=r"big\.png: 12000x12000 = 144 megapixels, over PIL's decompression-bomb "
-                                         r"warning threshold of 89 megapixels; read anyway"):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"big\.png: 12000x12000 = 144 megapixels, over PIL's decompression-bomb "
+        r"warning threshold of 89 megapixels; read anyway",
+    ):
         ds[0]
 
 
@@ -165,8 +176,9 @@ def test_over_the_limit_is_refused_and_between_is_decoded_under_a_lowered_limit(
     assert decoded["huge.png"] is None
     assert decoded["large.png"].shape == (3, 16, 16) and decoded["small.png"] is not None
     messages = [str(w.message) for w in caught]
-    assert any("huge.png: 0.0025 megapixels, over the decompression-bomb limit of 0.002 megapixels" in m
-               for m in messages), messages  # fmt: skip
+    assert any(
+        "huge.png: 0.0025 megapixels, over the decompression-bomb limit of 0.002 megapixels" in m for m in messages
+    ), messages
     assert any("large.png: 40x40" in m and "read anyway" in m for m in messages), messages
     assert not any("DecompressionBomb" in w.category.__name__ for w in caught)  # PIL's nameless warning: replaced
 

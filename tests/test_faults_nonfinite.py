@@ -7,6 +7,7 @@ on 2 busy CPU cores, batches of 16 at 224: 40-50 ms per batch for ResNet-18, VGG
 forward pass (``isfinite().all()`` per level took 200-660 ms). The checkpoint check (``check_finite_state``) costs
 35 ms for ResNet-152's 233 MB, against 290 ms for torch.load.
 """
+
 from __future__ import annotations
 
 import math
@@ -106,7 +107,8 @@ def test_a_map_with_inf_scores_nan_where_scipy_would_give_a_number():
     spc, err = spearman(pred, target), mae(pred, target)
     assert math.isnan(spc[0]) and math.isnan(err[0])
     assert spc[1].item() == pytest.approx(
-        scipy.stats.spearmanr(pred[1].flatten().numpy(), target.flatten().numpy()).statistic, abs=1e-6)
+        scipy.stats.spearmanr(pred[1].flatten().numpy(), target.flatten().numpy()).statistic, abs=1e-6
+    )
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
@@ -155,8 +157,11 @@ def test_the_cache_never_sees_a_non_finite_batch(overflowing, tmp_path):
 
 def test_streamed_features_are_checked_too(overflowing):
     streamed = StreamedSet(overflowing, images(4), FEAT)
-    job = ReadoutJob("H", PositionProbe(overflowing, ["H"], feat_size=FEAT, image_size=SIZE).new_readout(),
-                     make_target("H", SIZE, SIZE))
+    job = ReadoutJob(
+        "H",
+        PositionProbe(overflowing, ["H"], feat_size=FEAT, image_size=SIZE).new_readout(),
+        make_target("H", SIZE, SIZE),
+    )
     with pytest.raises(PosprobeError, match="level 'layer2'"):
         train_readouts(streamed, [job], TrainConfig(steps=2, epochs=1, batch_size=2), progress=False)
 
@@ -190,8 +195,9 @@ def test_input_images_with_inf_are_named():
 
 def posenet_probe(**config) -> PositionProbe:
     train = TrainConfig(**{"steps": 20, "epochs": 1, "batch_size": 4, **config})
-    return PositionProbe(create_backbone("posenet"), ["H", "G"], feat_size=FEAT, image_size=SIZE, train_config=train,
-                         progress=False)  # fmt: skip
+    return PositionProbe(
+        create_backbone("posenet"), ["H", "G"], feat_size=FEAT, image_size=SIZE, train_config=train, progress=False
+    )
 
 
 def test_a_diverging_loss_stops_training_with_the_update_and_lower_lr_advice():
@@ -222,14 +228,33 @@ def folders(tmp_path):
         save_image(tmp_path / "train" / f"t{i}.png", rng.integers(0, 256, (40, 40, 3)))
     for i in range(2):
         save_image(tmp_path / "test" / f"s{i}.png", rng.integers(0, 256, (40, 40, 3)))
-    return ["--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"), "--synthetic", "none",
-            "--image-size", str(SIZE), "--feat-size", str(FEAT), "--epochs", "2", "--batch-size", "4", "--quiet",
-            "--pattern", "H", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    return [
+        "--train",
+        str(tmp_path / "train"),
+        "--test",
+        str(tmp_path / "test"),
+        "--synthetic",
+        "none",
+        "--image-size",
+        str(SIZE),
+        "--feat-size",
+        str(FEAT),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--pattern",
+        "H",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
 
 
 def test_cli_lr_1e30_exits_2_with_the_update_and_advice(folders, tmp_path, capsys, monkeypatch):
-    code, err = run_cli(["probe", "--backbone", "posenet", "--lr", "1e30", *folders, "--out", str(tmp_path / "o")],
-                        capsys, monkeypatch)  # fmt: skip
+    code, err = run_cli(
+        ["probe", "--backbone", "posenet", "--lr", "1e30", *folders, "--out", str(tmp_path / "o")], capsys, monkeypatch
+    )
     line = one_line_error(code, err)
     assert "readout H diverged" in line and "at update" in line and "lower the learning rate (--lr" in line
     assert not (tmp_path / "o").exists()
@@ -237,8 +262,9 @@ def test_cli_lr_1e30_exits_2_with_the_update_and_advice(folders, tmp_path, capsy
 
 @pytest.mark.parametrize("lr", ["0", "-1", "nan", "inf"])
 def test_cli_lr_must_be_finite_and_positive(folders, tmp_path, capsys, monkeypatch, lr):
-    code, err = run_cli(["probe", "--backbone", "posenet", "--lr", lr, *folders, "--out", str(tmp_path / "o")],
-                        capsys, monkeypatch)  # fmt: skip
+    code, err = run_cli(
+        ["probe", "--backbone", "posenet", "--lr", lr, *folders, "--out", str(tmp_path / "o")], capsys, monkeypatch
+    )
     assert "a finite lr > 0" in one_line_error(code, err)
 
 
@@ -246,13 +272,28 @@ def test_cli_refuses_a_nan_checkpoint(folders, tmp_path, capsys, monkeypatch):
     state = resnet_state()
     state["layer3.1.bn2.bias"][5] = math.nan
     torch.save(state, tmp_path / "nan.pth")
-    code, err = run_cli(["probe", "--backbone", "resnet18", "--weights", str(tmp_path / "nan.pth"), *folders,
-                         "--out", str(tmp_path / "o")], capsys, monkeypatch)  # fmt: skip
+    code, err = run_cli(
+        [
+            "probe",
+            "--backbone",
+            "resnet18",
+            "--weights",
+            str(tmp_path / "nan.pth"),
+            *folders,
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+        monkeypatch,
+    )
     assert "'layer3.1.bn2.bias'" in one_line_error(code, err)
 
 
 def test_cli_non_finite_features_exit_2_naming_the_level(folders, overflowing, tmp_path, capsys, monkeypatch):
-    code, err = run_cli(["probe", "--backbone", "resnet18", "--weights", overflowing.weights, *folders,
-                         "--out", str(tmp_path / "o")], capsys, monkeypatch)  # fmt: skip
+    code, err = run_cli(
+        ["probe", "--backbone", "resnet18", "--weights", overflowing.weights, *folders, "--out", str(tmp_path / "o")],
+        capsys,
+        monkeypatch,
+    )
     line = one_line_error(code, err)
     assert "features are not finite at level 'layer2'" in line and "s0.png" in line

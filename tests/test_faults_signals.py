@@ -4,6 +4,7 @@ The signal tests run the real CLI in a subprocess and send the real signal; they
 for a fixed time) before sending it. Where the window to hit is short (results being written, one batch of an
 extraction stored), the subprocess patches that step to announce itself and pause, so the signal lands there.
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,8 +22,19 @@ import pytest
 
 from posprobe import cli, rundir
 
-FAST = ["--backbone", "posenet", "--image-size", "32", "--feat-size", "8", "--batch-size", "4", "--pattern", "H",
-        "--quiet"]  # fmt: skip
+FAST = [
+    "--backbone",
+    "posenet",
+    "--image-size",
+    "32",
+    "--feat-size",
+    "8",
+    "--batch-size",
+    "4",
+    "--pattern",
+    "H",
+    "--quiet",
+]
 MARKER_TIMEOUT = 180  # seconds: a loaded 2-core machine imports torch slowly
 
 # Runs the console entry point after an optional patch (the argv after "-c" is the command line).
@@ -63,10 +75,19 @@ class Cli:
     """A `posprobe` subprocess whose stderr is read line by line as it comes."""
 
     def __init__(self, args: list[str], tmp_path: Path, patch: str = ""):
-        env = {**os.environ, "POSPROBE_OFFLINE": "1", "POSPROBE_CACHE": str(tmp_path / "cache"),
-               "PYTHONUNBUFFERED": "1"}  # fmt: skip
-        self.proc = subprocess.Popen([sys.executable, "-c", PRELUDE.format(patch=patch), *args], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        env = {
+            **os.environ,
+            "POSPROBE_OFFLINE": "1",
+            "POSPROBE_CACHE": str(tmp_path / "cache"),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PRELUDE.format(patch=patch), *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: list[str] = []
         self._queue: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -143,8 +164,11 @@ def test_sigint_mid_extraction_says_what_the_cache_keeps(tmp_path):
     run.proc.send_signal(signal.SIGINT)
     code, err = run.finish()
     line = assert_interrupted(code, err, 130, out)
-    m = re.fullmatch(rf"posprobe: interrupted: nothing written to {re.escape(str(out))}; the feature cache keeps "
-                     r"(\d+) of (\d+) images and resumes", line)  # fmt: skip
+    m = re.fullmatch(
+        rf"posprobe: interrupted: nothing written to {re.escape(str(out))}; the feature cache keeps "
+        r"(\d+) of (\d+) images and resumes",
+        line,
+    )
     assert m and 0 < int(m[1]) < int(m[2]), line
 
 

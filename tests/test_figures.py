@@ -1,4 +1,5 @@
 """The paper's figures drawn from a small hand-made StudyResult: no training, just what each figure shows."""
+
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -21,10 +22,15 @@ def fake_result(preset: StudyPreset, substituted: bool = False) -> StudyResult:
     images = {t: ([f"photo{i}" for i in range(2)], torch.rand(2, 3, SIZE, SIZE, generator=g)) for t in test_sets}
     images.update({t: ([t], synthetic_images(t, SIZE)[0][None]) for t in test_sets if t in SYNTHETIC})
     patterns = dict.fromkeys((*preset.patterns, "H", "V", "G"))
-    previews = {(preset.name, v.key, p, t): (make_target(p, SIZE, SIZE) + 0.2 * torch.rand(2, SIZE, SIZE, generator=g))
-                for v in preset.variants for p in patterns for t in test_sets}  # fmt: skip
-    backbones = {v.backbone_key: {"ran_as": "resnet18", "weights": "random", "substituted": substituted}
-                 for v in preset.variants}  # fmt: skip
+    previews = {
+        (preset.name, v.key, p, t): (make_target(p, SIZE, SIZE) + 0.2 * torch.rand(2, SIZE, SIZE, generator=g))
+        for v in preset.variants
+        for p in patterns
+        for t in test_sets
+    }
+    backbones = {
+        v.backbone_key: {"ran_as": "resnet18", "weights": "random", "substituted": substituted} for v in preset.variants
+    }
     return StudyResult([], previews, images, backbones, {})
 
 
@@ -70,8 +76,10 @@ def test_layer_curve_legend_marks_stand_ins(monkeypatch, tmp_path):
     seen = []
     close = plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: (seen.append(fig), close(fig)))
-    points = {"vgg16_hed": {"H": [(0.0, "relu1_2", 0.2), (1.0, "relu5_3", 0.7)]},
-              "tv:resnet18": {"H": [(0.0, "relu", 0.1), (1.0, "layer4", 0.8)]}}  # fmt: skip
+    points = {
+        "vgg16_hed": {"H": [(0.0, "relu1_2", 0.2), (1.0, "relu5_3", 0.7)]},
+        "tv:resnet18": {"H": [(0.0, "relu", 0.1), (1.0, "layer4", 0.8)]},
+    }
     layer_curve_plot(tmp_path / "layer_curve.png", points, stand_ins={"vgg16_hed"})
     assert (tmp_path / "layer_curve.png").is_file()
     legend = [t.get_text() for t in seen[0].axes[0].get_legend().get_texts()]

@@ -1,6 +1,7 @@
 """tv:NAME and timm:NAME backbones: layer discovery and selection, the tapped tensors' contract, weights,
 input normalisation from the weights' config, and the ViT position-embedding controls. Random weights,
 64-px inputs; every model is built once per module."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,13 @@ from posprobe.backbones import create_backbone, get_backbone_spec, layer_table
 from posprobe.errors import PosprobeError
 
 SIZE = 64
-MODELS = ["tv:resnet18", "timm:convnext_atto", "timm:efficientnet_b0", "timm:vit_tiny_patch16_224",
-          "timm:swin_tiny_patch4_window7_224"]  # fmt: skip
+MODELS = [
+    "tv:resnet18",
+    "timm:convnext_atto",
+    "timm:efficientnet_b0",
+    "timm:vit_tiny_patch16_224",
+    "timm:swin_tiny_patch4_window7_224",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +41,7 @@ def images(n: int = 2, size: int = SIZE) -> torch.Tensor:
 
 
 # ---- the contract: declared channels and strides are the tensors' -------------------------------------------
+
 
 @pytest.mark.parametrize("name", MODELS)
 def test_declared_levels_match_the_tensors(name, built):
@@ -70,8 +77,12 @@ def test_backbone_is_frozen_and_in_eval_mode(name, built):
 
 def test_timm_defaults_are_stage_ends_for_cnns_and_quarter_blocks_for_vits(built):
     assert [lv.name for lv in built("timm:convnext_atto").levels] == [f"stages.{i}" for i in range(4)]
-    assert [lv.name for lv in built("timm:vit_tiny_patch16_224").levels] == ["blocks.2", "blocks.5", "blocks.8",
-                                                                              "blocks.11"]  # fmt: skip
+    assert [lv.name for lv in built("timm:vit_tiny_patch16_224").levels] == [
+        "blocks.2",
+        "blocks.5",
+        "blocks.8",
+        "blocks.11",
+    ]
     assert [lv.stride for lv in built("timm:efficientnet_b0").levels] == [2, 4, 8, 16, 32]
 
 
@@ -80,6 +91,7 @@ def test_tv_default_taps_are_the_resolution_stage_outputs(built):
 
 
 # ---- the taps are the model's own activations -----------------------------------------------------------------
+
 
 def test_tv_taps_equal_a_manual_run_of_the_torchvision_model(built):
     bb = built("tv:resnet18")  # relu, layer1, layer2, layer3, layer4
@@ -111,6 +123,7 @@ def test_vit_taps_are_the_patch_tokens_on_their_grid_without_the_class_token(bui
 
 # ---- choosing layers -----------------------------------------------------------------------------------------
 
+
 def test_tv_layers_by_module_or_node_name_in_network_order(built):
     bb = built("tv:resnet18", layers="layer4,layer1.0.conv1")
     assert [(lv.name, lv.channels, lv.stride) for lv in bb.levels] == [("layer1.0.conv1", 64, 4), ("layer4", 512, 32)]
@@ -126,8 +139,10 @@ def test_preset_takes_any_node_and_its_own_level_names():
     from posprobe.backbones.registry import select_layers
 
     chosen = select_layers(spec, ["layer3", "layer1.0.conv1"])
-    assert [(lv.name, lv.channels, lv.stride) for lv in chosen.levels] == [("layer1.0.conv1", 64, 4),
-                                                                          ("layer3", 256, 16)]  # fmt: skip
+    assert [(lv.name, lv.channels, lv.stride) for lv in chosen.levels] == [
+        ("layer1.0.conv1", 64, 4),
+        ("layer3", 256, 16),
+    ]
     vgg = select_layers(get_backbone_spec("vgg16"), "features.10,relu4_3")
     assert [(lv.name, lv.channels, lv.stride) for lv in vgg.levels] == [("features.10", 256, 4), ("relu4_3", 512, 8)]
 
@@ -139,9 +154,14 @@ def test_all_layers_of_a_timm_vit_are_its_blocks():
     assert [lv.name for lv in select_layers(spec, "all").levels] == [f"blocks.{i}" for i in range(12)]
 
 
-@pytest.mark.parametrize("name, bad, suggestion", [("tv:resnet18", "layer5", "layer4"),
-                                                  ("timm:convnext_atto", "stage.2", "stages.2"),
-                                                  ("resnet18", "layer_3", "layer3")])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, bad, suggestion",
+    [
+        ("tv:resnet18", "layer5", "layer4"),
+        ("timm:convnext_atto", "stage.2", "stages.2"),
+        ("resnet18", "layer_3", "layer3"),
+    ],
+)
 def test_unknown_layer_lists_and_suggests(name, bad, suggestion):
     with pytest.raises(PosprobeError) as err:
         create_backbone(name, "random", layers=bad, image_size=SIZE)
@@ -159,10 +179,16 @@ def test_repeated_or_empty_layers_are_refused():
 
 # ---- names, weights, preprocessing ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, fragment", [("tv:resnet181", "Did you mean 'resnet18'?"),
-                                            ("timm:convnxt_atto", "Did you mean 'convnext_atto'?"),
-                                            ("tf:resnet18", "unknown backbone family 'tf:'"),
-                                            ("timm:", "names no model")])  # fmt: skip
+
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("tv:resnet181", "Did you mean 'resnet18'?"),
+        ("timm:convnxt_atto", "Did you mean 'convnext_atto'?"),
+        ("tf:resnet18", "unknown backbone family 'tf:'"),
+        ("timm:", "names no model"),
+    ],
+)
 def test_unknown_models_get_one_line_with_a_suggestion(name, fragment):
     with pytest.raises(PosprobeError) as err:
         get_backbone_spec(name)
@@ -240,6 +266,7 @@ def test_fixed_size_model_refuses_another_input_size(built):
 
 
 # ---- ViT position-embedding controls --------------------------------------------------------------------------
+
 
 def test_zeroing_the_position_embedding_keeps_the_class_position(built):
     keep, zero = built("timm:vit_tiny_patch16_224"), built("timm:vit_tiny_patch16_224", pos_embed="zero")

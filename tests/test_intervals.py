@@ -1,5 +1,6 @@
 """Bootstrap intervals and the paired direction test, against independent references (scipy, the normal
 approximation) and hand-built cases."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ from posprobe.intervals import bootstrap, step_direction, verdict
 def test_one_seed_matches_scipys_percentile_bootstrap():
     x = torch.from_numpy(np.random.default_rng(0).normal(0.6, 0.2, 80))
     ours = bootstrap(x)
-    ref = stats.bootstrap((x.numpy(),), np.mean, confidence_level=0.95, method="percentile", n_resamples=4000,
-                          random_state=1).confidence_interval  # fmt: skip
+    ref = stats.bootstrap(
+        (x.numpy(),), np.mean, confidence_level=0.95, method="percentile", n_resamples=4000, random_state=1
+    ).confidence_interval
     assert ours.mean == pytest.approx(float(x.mean()))
     assert ours.lo == pytest.approx(ref.low, abs=0.01) and ours.hi == pytest.approx(ref.high, abs=0.01)
 

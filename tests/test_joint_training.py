@@ -3,6 +3,7 @@
 test_training.py covers joint == alone for readouts of different shapes; here every readout of a Table 1
 column shares one fused convolution, and the features carry upsampled levels kept at native size.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,8 +54,9 @@ def seeded(seed: int, kernel: int = 3, padding: int = 0, in_channels: int = CHAN
     return Readout(in_channels, kernel, 1, padding, FEAT, OUT)
 
 
-def reference_train(features: torch.Tensor, readout: Readout, target: torch.Tensor, cfg: TrainConfig,
-                    channels=None) -> list[float]:  # fmt: skip
+def reference_train(
+    features: torch.Tensor, readout: Readout, target: torch.Tensor, cfg: TrainConfig, channels=None
+) -> list[float]:
     """The authors' loop, written out: full-resolution upsampling and F.mse_loss, one readout at a time, the
     lr decayed once per epoch at the epoch the config names; returns the loss of every update."""
     opt = torch.optim.SGD(readout.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -103,8 +105,7 @@ def test_native_size_convolution_equals_the_convolution_of_aligned_features(kern
 def test_the_convolution_reads_stored_float16_parts_with_their_scale():
     enc = leveled_features(4)
     scales = [2.0**-3, 2.0**5, 1.0]
-    stored = FeatureBatch([Part(p.lo, p.hi, (p.data / s).half(), p.native, s) for p, s in zip(enc.parts, scales)],
-                          FEAT)  # fmt: skip
+    stored = FeatureBatch([Part(p.lo, p.hi, (p.data / s).half(), p.native, s) for p, s in zip(enc.parts, scales)], FEAT)
     w = torch.randn(5, CHANNELS, 3, 3, generator=torch.Generator().manual_seed(2))
     expected = F.conv2d(stored.aligned(), w)
     torch.testing.assert_close(conv_parts(stored, w, None, 0), expected, rtol=1e-4, atol=1e-4)
@@ -114,8 +115,10 @@ def test_the_convolution_reads_stored_float16_parts_with_their_scale():
 def _perturbed(enc: EncodedSet, seed: int) -> EncodedSet:
     """The same features with every value moved by a few float32 roundings (relative 4 x 2^-24)."""
     g = torch.Generator().manual_seed(seed)
-    parts = [Part(p.lo, p.hi, p.data * (1 + 4 * 2.0**-24 * torch.randn(p.data.shape, generator=g)), p.native)
-             for p in enc.parts]  # fmt: skip
+    parts = [
+        Part(p.lo, p.hi, p.data * (1 + 4 * 2.0**-24 * torch.randn(p.data.shape, generator=g)), p.native)
+        for p in enc.parts
+    ]
     return EncodedSet(enc.name, parts, enc.feat_size, enc.ids, enc.skipped)
 
 
@@ -128,8 +131,9 @@ def test_a_fused_table1_column_equals_each_readout_trained_alone_up_to_rounding(
     joint = [ReadoutJob(p, copy.deepcopy(r), make_target(p, OUT, OUT)) for p, r in initial.items()]
     train_readouts(enc, joint, config(), progress=False)
     for job in joint:
-        alone, nudged = (ReadoutJob(job.key, copy.deepcopy(initial[job.key]), make_target(job.key, OUT, OUT))
-                         for _ in range(2))  # fmt: skip
+        alone, nudged = (
+            ReadoutJob(job.key, copy.deepcopy(initial[job.key]), make_target(job.key, OUT, OUT)) for _ in range(2)
+        )
         train_readouts(enc, [alone], config(), progress=False)
         train_readouts(_perturbed(enc, 1), [nudged], config(), progress=False)
         for k, v in job.readout.state_dict().items():
@@ -149,8 +153,9 @@ def test_the_engine_matches_the_authors_loop(kernel, padding):
     r = seeded(3, kernel, padding)
     ref = copy.deepcopy(r)
     job = ReadoutJob("G", r, make_target("G", OUT, OUT))
-    train_readouts(enc, [job, ReadoutJob("H", seeded(4, kernel, padding), make_target("H", OUT, OUT))], config(),
-                   progress=False)  # fmt: skip
+    train_readouts(
+        enc, [job, ReadoutJob("H", seeded(4, kernel, padding), make_target("H", OUT, OUT))], config(), progress=False
+    )
     losses = reference_train(enc.features, ref, make_target("G", OUT, OUT), config())
     assert job.losses == pytest.approx(losses, rel=1e-4)
     for a, b in zip(job.readout.parameters(), ref.parameters()):
@@ -174,10 +179,19 @@ def test_a_level_subset_on_native_levels_matches_the_authors_loop():
 def test_float16_features_train_like_their_float32_values():
     enc = leveled_features()
     scales = [1.0, 4.0, 0.5]  # stored values x scale, as the cache keeps float16 parts
-    half = EncodedSet("h", [Part(p.lo, p.hi, (p.data / s).half(), p.native, s) for p, s in zip(enc.parts, scales)],
-                      FEAT, enc.ids, [])  # fmt: skip
-    rounded = EncodedSet("r", [Part(p.lo, p.hi, ((p.data / s).half().float() * s).contiguous(
-        memory_format=torch.channels_last), p.native) for p, s in zip(enc.parts, scales)], FEAT, enc.ids, [])  # fmt: skip
+    half = EncodedSet(
+        "h", [Part(p.lo, p.hi, (p.data / s).half(), p.native, s) for p, s in zip(enc.parts, scales)], FEAT, enc.ids, []
+    )
+    rounded = EncodedSet(
+        "r",
+        [
+            Part(p.lo, p.hi, ((p.data / s).half().float() * s).contiguous(memory_format=torch.channels_last), p.native)
+            for p, s in zip(enc.parts, scales)
+        ],
+        FEAT,
+        enc.ids,
+        [],
+    )
     a, b = seeded(7), seeded(7)
     job_a, job_b = ReadoutJob("H", a, make_target("H", OUT, OUT)), ReadoutJob("H", b, make_target("H", OUT, OUT))
     train_readouts(half, [job_a], config(), progress=False)

@@ -1,5 +1,6 @@
 """The layer curve: every tapped level probed on its own (and all together), for several backbones and
 paddings on one figure. One tiny end-to-end run (32-px bundled photos, one epoch) and the parsing rules."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,12 @@ def test_entries_take_their_own_layers_or_the_shared_ones():
 def test_curves_are_backbones_times_settings_with_unique_labels():
     config = LayerCurveConfig(backbones=("tv:resnet18", "vgg16@relu1_2"), paddings=("zeros", "valid"))
     labels = [c.label for c in curves_of(config)]
-    assert labels == ["tv:resnet18 (padding zeros)", "tv:resnet18 (padding valid)",
-                      "vgg16@relu1_2 (padding zeros)", "vgg16@relu1_2 (padding valid)"]  # fmt: skip
+    assert labels == [
+        "tv:resnet18 (padding zeros)",
+        "tv:resnet18 (padding valid)",
+        "vgg16@relu1_2 (padding zeros)",
+        "vgg16@relu1_2 (padding valid)",
+    ]
     with pytest.raises(PosprobeError, match="twice"):
         curves_of(LayerCurveConfig(backbones=("vgg16", "vgg16")))
     with pytest.raises(PosprobeError, match="unknown backbone padding 'none'"):
@@ -34,21 +39,34 @@ def test_curves_are_backbones_times_settings_with_unique_labels():
 @pytest.mark.slow
 def test_tiny_layer_curve_scores_every_level_and_writes_its_run(tmp_path):
     config = LayerCurveConfig(
-        backbones=("tv:resnet18@relu,layer1",), weights="random", paddings=("zeros", "circular"), patterns=("H",),
-        image_size=32, feat_size=8, crops_per_photo=1, train=get_profile("quick", epochs=1), profile="quick",
-    )  # fmt: skip
+        backbones=("tv:resnet18@relu,layer1",),
+        weights="random",
+        paddings=("zeros", "circular"),
+        patterns=("H",),
+        image_size=32,
+        feat_size=8,
+        crops_per_photo=1,
+        train=get_profile("quick", epochs=1),
+        profile="quick",
+    )
     curve = run_layer_curve(config, progress=False)
     assert [(r["curve"], r["level"]) for r in curve.rows] == [
-        (c, lv) for c in ("tv:resnet18@relu,layer1 (padding zeros)", "tv:resnet18@relu,layer1 (padding circular)")
+        (c, lv)
+        for c in ("tv:resnet18@relu,layer1 (padding zeros)", "tv:resnet18@relu,layer1 (padding circular)")
         for lv in ("relu", "layer1", "all")
-    ]  # fmt: skip
+    ]
     first = curve.rows[0]
     assert first["depth"] == 0.0 and first["stride"] == 2 and first["size"] == "16x16" and first["n"] == 12
     assert curve.rows[1]["depth"] == 1.0 and curve.rows[2]["channels"] == 128
     assert all(-1.0 <= r["spc_mean"] <= 1.0 for r in curve.rows)
     out = write_layer_curve(curve, tmp_path / "run")
-    assert {p.name for p in out.iterdir()} == {"config.json", "layer_curve.csv", "layer_curve.png", "metrics.json",
-                                               "environment.json"}  # fmt: skip
+    assert {p.name for p in out.iterdir()} == {
+        "config.json",
+        "layer_curve.csv",
+        "layer_curve.png",
+        "metrics.json",
+        "environment.json",
+    }
     saved = json.loads((out / "config.json").read_text())
     circular = saved["resolved"]["tv:resnet18@relu,layer1 (padding circular)"]
     assert circular["backbone_padding"]["mode"] == "circular" and circular["level_shapes"] == [[64, 16, 16], [64, 8, 8]]

@@ -1,4 +1,5 @@
 """The exact linear probe: the closed form is least squares at full resolution, and it beats SGD."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,11 +52,21 @@ def vector(readout: LinearReadout) -> np.ndarray:
 @pytest.mark.parametrize("k,padding,alpha", [(3, 0, 1e-3), (3, 1, 0.0), (1, 0, 0.1)])
 def test_the_closed_form_is_numpys_least_squares(k, padding, alpha):
     feats = position_features(6)
-    probe = LinearProbe(None, ["H", "G"], kernel_size=k, padding=padding, feat_size=FEAT, image_size=OUT,
-                        alphas=(alpha,), solver="direct", progress=False).fit(feats)  # fmt: skip
+    probe = LinearProbe(
+        None,
+        ["H", "G"],
+        kernel_size=k,
+        padding=padding,
+        feat_size=FEAT,
+        image_size=OUT,
+        alphas=(alpha,),
+        solver="direct",
+        progress=False,
+    ).fit(feats)
     for pattern in ("H", "G"):
-        np.testing.assert_allclose(vector(probe.readouts_[pattern]), numpy_ridge(feats, pattern, k, padding, alpha),
-                                   atol=1e-5, rtol=1e-4)  # fmt: skip
+        np.testing.assert_allclose(
+            vector(probe.readouts_[pattern]), numpy_ridge(feats, pattern, k, padding, alpha), atol=1e-5, rtol=1e-4
+        )
 
 
 def full_resolution_mse(readout, feats: torch.Tensor, pattern: str) -> float:
@@ -67,14 +78,14 @@ def full_resolution_mse(readout, feats: torch.Tensor, pattern: str) -> float:
 def test_the_exact_probe_is_no_worse_than_sgd_on_the_same_linear_readout():
     """The closed form is the optimum of the MSE an SGD-trained readout of the same form minimises."""
     feats = position_features(32)
-    exact = LinearProbe(None, ["H", "V", "G", "HS", "VS"], feat_size=FEAT, image_size=OUT, alphas=(1e-9,),
-                        progress=False).fit(feats)  # fmt: skip
+    exact = LinearProbe(
+        None, ["H", "V", "G", "HS", "VS"], feat_size=FEAT, image_size=OUT, alphas=(1e-9,), progress=False
+    ).fit(feats)
     assert exact.solver_ == "direct"
     for pattern in ("H", "V", "G", "HS", "VS"):
         torch.manual_seed(0)
         job = ReadoutJob(pattern, LinearReadout(C, 3, 0, FEAT, OUT), make_target(pattern, OUT, OUT))
-        train_readouts(feats, [job], TrainConfig(epochs=30, lr=0.01, batch_size=8),
-                       progress=False)  # fmt: skip
+        train_readouts(feats, [job], TrainConfig(epochs=30, lr=0.01, batch_size=8), progress=False)
         sgd = full_resolution_mse(job.readout, feats, pattern)
         best = full_resolution_mse(exact.readouts_[pattern], feats, pattern)
         assert best == pytest.approx(exact.train_mse_[pattern], rel=1e-4)  # the reported MSE is the real one
@@ -89,8 +100,9 @@ def test_conjugate_gradients_solve_every_shift():
     shifts = [1.0, 0.1, 1e-3]
     x, res, _ = conjugate_gradients(lambda v: a @ v, b, shifts, tol=1e-11, max_iter=300)
     for i, shift in enumerate(shifts):
-        torch.testing.assert_close(x[i], torch.linalg.solve(a + shift * torch.eye(30, dtype=a.dtype), b),
-                                   rtol=1e-7, atol=1e-8)  # fmt: skip
+        torch.testing.assert_close(
+            x[i], torch.linalg.solve(a + shift * torch.eye(30, dtype=a.dtype), b), rtol=1e-7, atol=1e-8
+        )
     assert float(res.max()) < 1e-11
 
 

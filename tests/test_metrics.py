@@ -1,4 +1,5 @@
 """SPC and MAE against scipy / numpy, including ties and constant predictions."""
+
 from __future__ import annotations
 
 import numpy as np

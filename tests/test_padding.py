@@ -1,5 +1,6 @@
 """Padding surgery: every padded conv / pool / padding layer re-padded with the weights kept, sizes that follow
 the arithmetic, centre-cropped skips in FX graphs and one-line refusals elsewhere."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,9 +16,13 @@ from posprobe.errors import PosprobeError
 def tiny_cnn() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
-        nn.ZeroPad2d(2), nn.Conv2d(4, 4, 5), nn.Conv2d(4, 2, 1),
-    ).eval()  # fmt: skip
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, padding=1),
+        nn.ZeroPad2d(2),
+        nn.Conv2d(4, 4, 5),
+        nn.Conv2d(4, 2, 1),
+    ).eval()
 
 
 def x(size: int = 12) -> torch.Tensor:

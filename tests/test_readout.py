@@ -1,4 +1,5 @@
 """The PEM readout against a reference written here with torch.nn.functional only."""
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,9 @@ def make_levels(batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(batch, c, h, w, generator=g) for c, h, w in LEVEL_SHAPES]
 
 
-def random_params(in_channels: int, kernel: int, depth: int, seed: int = 1,
-                  width: int | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+def random_params(
+    in_channels: int, kernel: int, depth: int, seed: int = 1, width: int | None = None
+) -> list[dict[str, torch.Tensor]]:
     """Weights for each layer (conv weight/bias, BN affine and running stats), all non-trivial."""
     g = torch.Generator().manual_seed(seed)
     width = width or in_channels
@@ -31,14 +33,16 @@ def random_params(in_channels: int, kernel: int, depth: int, seed: int = 1,
     for i in range(depth):
         out = 1 if i == depth - 1 else width
         inputs = in_channels if i == 0 else width
-        params.append({
-            "w": 0.3 * torch.randn(out, inputs, kernel, kernel, generator=g),
-            "b": 0.1 * torch.randn(out, generator=g),
-            "gamma": 1 + 0.2 * torch.randn(out, generator=g),
-            "beta": 0.1 * torch.randn(out, generator=g),
-            "mean": 0.2 * torch.randn(out, generator=g),
-            "var": 0.5 + torch.rand(out, generator=g),
-        })  # fmt: skip
+        params.append(
+            {
+                "w": 0.3 * torch.randn(out, inputs, kernel, kernel, generator=g),
+                "b": 0.1 * torch.randn(out, generator=g),
+                "gamma": 1 + 0.2 * torch.randn(out, generator=g),
+                "beta": 0.1 * torch.randn(out, generator=g),
+                "mean": 0.2 * torch.randn(out, generator=g),
+                "var": 0.5 + torch.rand(out, generator=g),
+            }
+        )
     return params
 
 
@@ -214,9 +218,7 @@ def test_impossible_config_is_refused_at_construction(feat, kernel, depth, paddi
         Readout(8, kernel, depth, padding, feat, 16)
 
 
-@pytest.mark.parametrize(
-    "feat,kernel,depth,padding", [(28, 0, 1, 0), (28, 3, 0, 0), (28, 3, 1, -1), (0, 1, 1, 0)]
-)
+@pytest.mark.parametrize("feat,kernel,depth,padding", [(28, 0, 1, 0), (28, 3, 0, 0), (28, 3, 1, -1), (0, 1, 1, 0)])
 def test_invalid_settings_are_refused(feat, kernel, depth, padding):
     with pytest.raises(PosprobeError):
         check_readout_config(feat, kernel, depth, padding)
@@ -230,8 +232,16 @@ def test_smallest_possible_configs_work(feat, kernel, depth, padding):
 
 @pytest.mark.parametrize(
     "feat,kernel,depth,padding,expected",
-    [(28, 3, 1, 0, 26), (28, 3, 3, 0, 22), (28, 3, 1, 1, 28), (28, 3, 1, 2, 30), (28, 7, 1, 0, 22),
-     (28, 1, 3, 0, 28), (28, 5, 2, 1, 24), (28, 1, 1, 2, 32)],
-)  # fmt: skip
+    [
+        (28, 3, 1, 0, 26),
+        (28, 3, 3, 0, 22),
+        (28, 3, 1, 1, 28),
+        (28, 3, 1, 2, 30),
+        (28, 7, 1, 0, 22),
+        (28, 1, 3, 0, 28),
+        (28, 5, 2, 1, 24),
+        (28, 1, 1, 2, 32),
+    ],
+)
 def test_readout_map_size_arithmetic(feat, kernel, depth, padding, expected):
     assert readout_map_size(feat, kernel, depth, padding) == expected

@@ -1,4 +1,5 @@
 """Streaming: features recomputed from the images on every pass, in memory that does not grow with N."""
+
 from __future__ import annotations
 
 import copy
@@ -54,11 +55,19 @@ def test_streamed_training_and_scoring_equal_the_in_memory_ones(resnet, tmp_path
         for x, y in zip(a.readout.parameters(), b.readout.parameters()):
             torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)
     readouts = {j.key: j.readout for j in in_memory}
-    torch.testing.assert_close(predict_source(readouts, stream, batch_size=5)["G"],
-                               predict_source(readouts, enc)["G"], rtol=1e-4, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        predict_source(readouts, stream, batch_size=5)["G"], predict_source(readouts, enc)["G"], rtol=1e-4, atol=1e-5
+    )
     # the probe streams when the cache refuses the set, and scores the same way
-    probe = PositionProbe(resnet, ["H"], feat_size=FEAT, image_size=SIZE, train_config=cfg, progress=False,
-                          cache=FeatureCache(tmp_path, max_gb=0, log=None))  # fmt: skip
+    probe = PositionProbe(
+        resnet,
+        ["H"],
+        feat_size=FEAT,
+        image_size=SIZE,
+        train_config=cfg,
+        progress=False,
+        cache=FeatureCache(tmp_path, max_gb=0, log=None),
+    )
     assert isinstance(probe.encode(images), StreamedSet)
     scores = probe.fit(images).score(images)["H"]
     ref = PositionProbe(resnet, ["H"], feat_size=FEAT, image_size=SIZE, train_config=cfg, progress=False)
@@ -107,8 +116,14 @@ def test_streaming_memory_does_not_grow_with_the_number_of_images():
     """512 images of 256 x 28 x 28 float32 features would take 411 MB; streaming them takes a batch's worth."""
     if not reset_peak_rss():
         pytest.skip("needs Linux /proc/self/clear_refs to measure peak memory")
-    spec = BackboneSpec("wide-test", "one 3x3 conv to 256 channels", (Level("conv", 256, 1),),
-                        build=lambda w, s: _Wide(), weight_names=("random",), default_weights="random")  # fmt: skip
+    spec = BackboneSpec(
+        "wide-test",
+        "one 3x3 conv to 256 channels",
+        (Level("conv", 256, 1),),
+        build=lambda w, s: _Wide(),
+        weight_names=("random",),
+        default_weights="random",
+    )
     torch.manual_seed(0)
     backbone = Backbone(spec, _Wide(), "random")
     cfg = TrainConfig(epochs=1, batch_size=16)

@@ -1,4 +1,5 @@
 """The reproduce engine: preset structure, paper values, report, and a tiny end-to-end run of every preset."""
+
 from __future__ import annotations
 
 import json
@@ -8,16 +9,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from posprobe.data import TensorImages, synthetic_images
 from posprobe.convergence import check_convergence
+from posprobe.data import TensorImages, synthetic_images
 from posprobe.errors import PosprobeError
 from posprobe.paper import paper_cell, paper_values
 from posprobe.presets import FIGURES, PRESETS, TABLES, get_preset
 from posprobe.report import check_direction
 from posprobe.reproduce import run_reproduce
+from posprobe.study import (
+    Direction,
+    StudyPreset,
+    StudyResult,
+    Variant,
+    parse_backbone_map,
+    resolve_backbone,
+    run_study,
+    unsettled_seeds,
+)
 from posprobe.targets import make_target
-from posprobe.study import (Direction, StudyPreset, StudyResult, Variant, parse_backbone_map, resolve_backbone,
-                            run_study, unsettled_seeds)
 from posprobe.train import TrainConfig
 
 PAPER_MD = Path(__file__).resolve().parents[2] / "shared" / "paper" / "PAPER.md"
@@ -35,7 +44,13 @@ def test_table_shapes_match_the_paper():
     assert sorted(v.depth for v in PRESETS["table2a"].variants) == [1, 1, 2, 2, 3, 3]
     assert sorted({v.kernel_size for v in PRESETS["table2b"].variants}) == [1, 3, 5, 7]
     assert [v.levels for v in PRESETS["table3"].variants] == [
-        ("relu1_2",), ("relu2_2",), ("relu3_3",), ("relu4_3",), ("relu5_3",), None]
+        ("relu1_2",),
+        ("relu2_2",),
+        ("relu3_3",),
+        ("relu4_3",),
+        ("relu5_3",),
+        None,
+    ]
     t4 = {v.key: v for v in PRESETS["table4"].variants}
     assert [t4[f"posenet/pad{p}"].padding for p in (0, 1, 2)] == [0, 1, 2]
     assert t4["vgg16_nopad"].backbone == "vgg16_nopad"
@@ -54,8 +69,11 @@ def test_paper_values_match_paper_md():
 
 
 def test_paper_cells_spot_checks_and_not_printed():
-    assert paper_cell("table1", "vgg16", "H", "natural") == {**paper_cell("table1", "vgg16", "H", "natural"),
-                                                              "spc": 0.742, "mae": 0.149}
+    assert paper_cell("table1", "vgg16", "H", "natural") == {
+        **paper_cell("table1", "vgg16", "H", "natural"),
+        "spc": 0.742,
+        "mae": 0.149,
+    }
     assert paper_cell("table1", "resnet152", "G", "noise")["spc"] == 0.971
     assert paper_cell("table4", "vgg16_nopad", "HS", "natural")["spc"] == 0.011
     assert paper_cell("table2b", "vgg16/k5", "H", "natural") is None  # the paper prints no 5x5 row
@@ -76,8 +94,13 @@ def test_every_table_cell_has_a_paper_value_unless_the_paper_prints_none():
 
 def test_backbone_map_parsing_and_errors():
     assert parse_backbone_map(["vgg16=vgg16_hed", "resnet152=resnet18:random"]) == {
-        "vgg16": ("vgg16_hed", None), "resnet152": ("resnet18", "random")}
-    assert parse_backbone_map(["vgg16=vgg16_hed,resnet152=efficientnet_lite0"])["resnet152"] == ("efficientnet_lite0", None)
+        "vgg16": ("vgg16_hed", None),
+        "resnet152": ("resnet18", "random"),
+    }
+    assert parse_backbone_map(["vgg16=vgg16_hed,resnet152=efficientnet_lite0"])["resnet152"] == (
+        "efficientnet_lite0",
+        None,
+    )
     with pytest.raises(PosprobeError, match="PAPER=BACKBONE"):
         parse_backbone_map(["vgg16"])
     with pytest.raises(PosprobeError, match="Did you mean 'vgg16_hed'"):
@@ -161,22 +184,42 @@ def test_every_cell_of_every_preset_is_produced_and_reported(tmp_path):
     train, tests = _tiny_sets()
     mapping = parse_backbone_map(["vgg16=vgg16:random", "vgg16_nopad=vgg16:random", "resnet152=resnet18:random"])
     presets = list(PRESETS.values())
-    report, result = run_reproduce(presets, tmp_path / "out", TrainConfig(epochs=1, batch_size=2), "quick",
-                                   train, tests, backbone_map=mapping, progress=False, image_size=64,
-                                   feat_size=12, data_label="tiny")  # fmt: skip
+    report, result = run_reproduce(
+        presets,
+        tmp_path / "out",
+        TrainConfig(epochs=1, batch_size=2),
+        "quick",
+        train,
+        tests,
+        backbone_map=mapping,
+        progress=False,
+        image_size=64,
+        feat_size=12,
+        data_label="tiny",
+    )
     produced = {(r["study"], r["row"], r["pattern"], r["test_set"]) for r in result.records}
     expected = {(p.name, v.key, pat, t) for p in presets for v in p.variants for pat in p.patterns for t in p.test_sets}
     assert produced == expected
     out = tmp_path / "out"
-    for name in ("report.md", "results.csv", "results.json", "fig-padding.png", "fig-content-loss.png",
-                 "fig-qualitative_H.png", "fig-qualitative_G.png", "fig-qualitative_HS.png"):
+    for name in (
+        "report.md",
+        "results.csv",
+        "results.json",
+        "fig-padding.png",
+        "fig-content-loss.png",
+        "fig-qualitative_H.png",
+        "fig-qualitative_G.png",
+        "fig-qualitative_HS.png",
+    ):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
     rows = saved["rows"]
     first = saved["per_image"][0]
     assert len(first["spc"]) == 1 and len(first["spc"][0]) == len(tests[first["test_set"]])  # (seeds, images)
     assert (out / "loss_curves.png").is_file() and saved["schedules"] and saved["convergence"]
-    vgg_h = next(r for r in rows if (r["study"], r["row"], r["pattern"], r["test_set"]) == ("table1", "vgg16", "H", "natural"))
+    vgg_h = next(
+        r for r in rows if (r["study"], r["row"], r["pattern"], r["test_set"]) == ("table1", "vgg16", "H", "natural")
+    )
     assert vgg_h["paper_spc"] == 0.742 and vgg_h["diff_spc"] == pytest.approx(vgg_h["spc"] - 0.742)
     assert "stand-in" in report and "n/p" in report
     for preset in presets:
@@ -184,16 +227,25 @@ def test_every_cell_of_every_preset_is_produced_and_reported(tmp_path):
             assert d.claim in report
     assert re.search(r"reproduced|not reproduced", report)
     # rows that ask for the same readout share it: Table 1's VGG16 H equals Table 4's VGG16 H exactly
-    t4_h = next(r for r in rows if (r["study"], r["row"], r["pattern"], r["test_set"]) == ("table4", "vgg16", "H", "natural"))
+    t4_h = next(
+        r for r in rows if (r["study"], r["row"], r["pattern"], r["test_set"]) == ("table4", "vgg16", "H", "natural")
+    )
     assert t4_h["spc"] == vgg_h["spc"]
 
 
 def test_seeds_report_spread_and_a_missing_weight_says_how_to_substitute(tmp_path):
     train, tests = _tiny_sets()
-    preset = StudyPreset("mini", "mini", (Variant("posenet/pad1", "PosENet pad 1", "posenet", padding=1),),
-                         ("H",), ("natural",), paper_table="table4")  # fmt: skip
-    result = run_study([preset], train, tests, TrainConfig(epochs=1, batch_size=2), seeds=2, image_size=64,
-                       progress=False)  # fmt: skip
+    preset = StudyPreset(
+        "mini",
+        "mini",
+        (Variant("posenet/pad1", "PosENet pad 1", "posenet", padding=1),),
+        ("H",),
+        ("natural",),
+        paper_table="table4",
+    )
+    result = run_study(
+        [preset], train, tests, TrainConfig(epochs=1, batch_size=2), seeds=2, image_size=64, progress=False
+    )
     assert sorted(r["seed"] for r in result.records) == [0, 1]
     vgg = StudyPreset("v", "v", (Variant("vgg16", "VGG16", "vgg16"),), ("H",))
     with pytest.raises(PosprobeError, match="--backbone-map auto"):
@@ -205,17 +257,26 @@ def test_a_study_through_the_feature_cache_encodes_once_and_repeats_exactly(tmp_
     from posprobe.cache import FeatureCache
 
     train, tests = _tiny_sets()
-    preset = StudyPreset("mini", "mini", (Variant("posenet/pad1", "PosENet pad 1", "posenet", padding=1),
-                                          Variant("posenet/depth2", "PosENet 2 layers", "posenet", depth=2)),
-                         ("H", "G"), ("natural", "black"))  # fmt: skip
+    preset = StudyPreset(
+        "mini",
+        "mini",
+        (
+            Variant("posenet/pad1", "PosENet pad 1", "posenet", padding=1),
+            Variant("posenet/depth2", "PosENet 2 layers", "posenet", depth=2),
+        ),
+        ("H", "G"),
+        ("natural", "black"),
+    )
     logs: list[str] = []
     cache = FeatureCache(tmp_path / "cache", log=logs.append)
-    first = run_study([preset], train, tests, TrainConfig(epochs=1, batch_size=2), image_size=64, progress=False,
-                      cache=cache)  # fmt: skip
+    first = run_study(
+        [preset], train, tests, TrainConfig(epochs=1, batch_size=2), image_size=64, progress=False, cache=cache
+    )
     assert not any("cache hit" in m for m in logs) and len(cache.entries()) == 3  # train, natural, black
     logs.clear()
-    second = run_study([preset], train, tests, TrainConfig(epochs=1, batch_size=2), image_size=64, progress=False,
-                       cache=cache)  # fmt: skip
+    second = run_study(
+        [preset], train, tests, TrainConfig(epochs=1, batch_size=2), image_size=64, progress=False, cache=cache
+    )
     assert sum("cache hit" in m for m in logs) == 3
     assert [r["spc_mean"] for r in second.records] == [r["spc_mean"] for r in first.records]
 

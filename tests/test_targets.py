@@ -1,4 +1,5 @@
 """Target maps against the formulas of PAPER.md ("Targets"), computed here with numpy."""
+
 from __future__ import annotations
 
 import numpy as np

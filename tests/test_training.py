@@ -1,4 +1,5 @@
 """Training readouts: loss, joint == separate training, the lr schedule, profiles, and the paper's control."""
+
 from __future__ import annotations
 
 import copy
@@ -10,12 +11,19 @@ import torch
 from posprobe.backbones import create_backbone
 from posprobe.data import TensorImages, synthetic_images
 from posprobe.errors import PosprobeError
+from posprobe.features import EncodedSet
+from posprobe.joint import predict_source
 from posprobe.probe import PositionProbe
 from posprobe.readout import Readout
-from posprobe.features import EncodedSet
 from posprobe.sources import MemorySource
 from posprobe.targets import make_target
-from posprobe.train import PROFILES, ReadoutJob, TrainConfig, get_profile, is_official, predict, train_readouts
+from posprobe.train import PROFILES, ReadoutJob, TrainConfig, get_profile, is_official, train_readouts
+
+
+def predict(readout, features, batch_size: int = 64, device="cpu", channels=None) -> torch.Tensor:
+    """(N, S, S) maps of one eval-mode readout (joint.predict_source, for a single readout)."""
+    return predict_source({"map": readout}, features, batch_size, device, {"map": channels})["map"]
+
 
 FEAT, OUT, CHANNELS = 10, 16, 4
 
@@ -89,8 +97,11 @@ def test_training_is_reproducible_and_shuffle_follows_the_seed():
 def test_joint_training_equals_training_each_alone():
     feats = position_features()
     config = small_config(seed=3)
-    specs = [("H", 11, dict(kernel=3, depth=1, padding=0)), ("G", 12, dict(kernel=1, depth=2, padding=0)),
-             ("HS", 13, dict(kernel=5, depth=1, padding=2))]  # fmt: skip
+    specs = [
+        ("H", 11, dict(kernel=3, depth=1, padding=0)),
+        ("G", 12, dict(kernel=1, depth=2, padding=0)),
+        ("HS", 13, dict(kernel=5, depth=1, padding=2)),
+    ]
     initial = [seeded_readout(seed, **kw) for _, seed, kw in specs]
     jobs = [ReadoutJob(p, copy.deepcopy(r), make_target(p, OUT, OUT)) for (p, _, _), r in zip(specs, initial)]
     train_readouts(feats, jobs, config, progress=False)
@@ -109,8 +120,9 @@ def test_job_on_a_channel_subset_equals_a_readout_on_sliced_features():
     sub = Readout(2, 3, 1, 1, FEAT, OUT)
     alone = copy.deepcopy(sub)
     job = ReadoutJob("H", sub, make_target("H", OUT, OUT), channels=channels)
-    train_readouts(feats, [job, ReadoutJob("V", seeded_readout(1), make_target("V", OUT, OUT))], small_config(),
-                   progress=False)  # fmt: skip
+    train_readouts(
+        feats, [job, ReadoutJob("V", seeded_readout(1), make_target("V", OUT, OUT))], small_config(), progress=False
+    )
     ref = train_one(alone, "H", small_config(), feats[:, channels].contiguous())
     for x, y in zip(params(job.readout), params(ref.readout)):  # equal up to float reassociation
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
@@ -172,11 +184,14 @@ def test_official_profile_is_the_authors_optimiser_for_the_papers_number_of_upda
     assert cfg == PROFILES["official"]
 
 
-@pytest.mark.parametrize("images,updates,decay,epochs", [
-    (10553, 4950, 3300, 15.0),  # DUT-S: exactly the authors' 15 epochs of 330 batches, decay after epoch 10
-    (312, 4950, 3300, 4950 / 10),  # the bundled crops: cycled ~495 times
-    (20000, 15 * 625, 6250, 15.0),  # larger than DUT-S: never fewer than the authors' 15 epochs
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "images,updates,decay,epochs",
+    [
+        (10553, 4950, 3300, 15.0),  # DUT-S: exactly the authors' 15 epochs of 330 batches, decay after epoch 10
+        (312, 4950, 3300, 4950 / 10),  # the bundled crops: cycled ~495 times
+        (20000, 15 * 625, 6250, 15.0),  # larger than DUT-S: never fewer than the authors' 15 epochs
+    ],
+)
 def test_the_official_schedule_counts_updates(images, updates, decay, epochs):
     sched = get_profile("official").schedule(images)
     assert (sched.updates, sched.milestones, sched.images) == (updates, (decay,), images)
@@ -213,7 +228,12 @@ def test_a_cycled_set_sees_every_image_once_per_pass_and_stops_at_the_last_updat
                 yield idx, batch
 
     job = ReadoutJob("H", seeded_readout(0), make_target("H", OUT, OUT))
-    train_readouts(Recording(EncodedSet.from_aligned("x", position_features(10), list("abcdefghij"))), [job], small_config(steps=7, epochs=1, batch_size=4), progress=False)
+    train_readouts(
+        Recording(EncodedSet.from_aligned("x", position_features(10), list("abcdefghij"))),
+        [job],
+        small_config(steps=7, epochs=1, batch_size=4),
+        progress=False,
+    )
     assert len(job.losses) == 7 == job.schedule.updates
     assert sorted(sum(seen[0:3], [])) == list(range(10)) == sorted(sum(seen[3:6], []))
     assert [len(b) for b in seen] == [4, 4, 2, 4, 4, 2, 4]
@@ -245,9 +265,21 @@ def test_unknown_profile_is_refused():
         get_profile("oficial")
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(epochs=-1), dict(batch_size=0), dict(lr=0.0), dict(steps=0),
-                                 dict(lr=math.nan), dict(lr=math.inf), dict(weight_decay=math.nan),
-                                 dict(momentum=-1.0), dict(decay_at=(0.0,))])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(epochs=0),
+        dict(epochs=-1),
+        dict(batch_size=0),
+        dict(lr=0.0),
+        dict(steps=0),
+        dict(lr=math.nan),
+        dict(lr=math.inf),
+        dict(weight_decay=math.nan),
+        dict(momentum=-1.0),
+        dict(decay_at=(0.0,)),
+    ],
+)
 def test_invalid_config_is_refused(bad):
     with pytest.raises(PosprobeError):
         TrainConfig(**bad)
@@ -272,8 +304,15 @@ def content_free_train_set() -> TensorImages:
 
 
 def fit_posenet(train_set: TensorImages, padding: int) -> PositionProbe:
-    probe = PositionProbe(create_backbone("posenet"), patterns=["H"], padding=padding, feat_size=28,
-                          image_size=SIZE, train_config=get_profile("official", epochs=15), progress=False)  # fmt: skip
+    probe = PositionProbe(
+        create_backbone("posenet"),
+        patterns=["H"],
+        padding=padding,
+        feat_size=28,
+        image_size=SIZE,
+        train_config=get_profile("official", epochs=15),
+        progress=False,
+    )
     return probe.fit(train_set)
 
 
@@ -325,9 +364,15 @@ def test_probe_refuses_impossible_readout():
 
 def test_probe_trains_a_user_target_under_its_name(content_free_train_set):
     drawn = torch.rand(SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    probe = PositionProbe(create_backbone("posenet"), patterns=["H"], feat_size=8, image_size=SIZE,
-                          train_config=get_profile("official", epochs=1), extra_targets={"mine": drawn},
-                          progress=False).fit(content_free_train_set)  # fmt: skip
+    probe = PositionProbe(
+        create_backbone("posenet"),
+        patterns=["H"],
+        feat_size=8,
+        image_size=SIZE,
+        train_config=get_profile("official", epochs=1),
+        extra_targets={"mine": drawn},
+        progress=False,
+    ).fit(content_free_train_set)
     assert set(probe.readouts_) == {"H", "mine"}
     assert torch.equal(probe.targets["mine"], drawn)
 
@@ -349,8 +394,15 @@ def test_probe_starts_every_target_from_the_same_seeded_readout():
 
 
 def test_probe_score_agrees_with_metrics_on_its_predictions(content_free_train_set):
-    probe = PositionProbe(create_backbone("posenet"), patterns=["H", "G"], padding=1, feat_size=12,
-                          image_size=SIZE, train_config=get_profile("official", epochs=2), progress=False)  # fmt: skip
+    probe = PositionProbe(
+        create_backbone("posenet"),
+        patterns=["H", "G"],
+        padding=1,
+        feat_size=12,
+        image_size=SIZE,
+        train_config=get_profile("official", epochs=2),
+        progress=False,
+    )
     probe.fit(content_free_train_set)
     test = synthetic_images("noise", SIZE, seed=5)
     preds, scores = probe.predict(test), probe.score(test)

@@ -4,6 +4,7 @@ Implements the protocol of Islam, Jia & Bruce, "How Much Position Information Do
 Networks Encode?" (ICLR 2020): a frozen backbone's multi-scale features feed a tiny trainable readout that
 must draw a fixed position map; how well it can is the measure.
 """
+
 __version__ = "0.1.0"
 
 import os as _os
@@ -28,10 +29,41 @@ from .targets import PATTERNS, load_target_image, make_target
 from .train import PROFILES, TrainConfig, get_profile, train_readouts
 
 __all__ = [
-    "PATTERNS", "PROFILES", "Backbone", "Cell", "EncodedSet", "FeatureCache", "FolderImages", "Level", "LinearProbe",
-    "LinearReadout", "PositionProbe", "PosprobeError", "Readout", "ReadoutSetting", "Scores", "StreamedSet", "TensorImages",
-    "TrainConfig", "__version__", "align", "bundled_test_set",
-    "bundled_train_set", "create_backbone", "encode", "get_backbone_spec", "get_profile", "is_constant",
-    "list_backbones", "load_target_image", "mae", "make_target", "register_backbone", "score_cells",
-    "spearman", "synthetic_images", "train_cells", "train_readouts",
-]  # fmt: skip
+    "PATTERNS",
+    "PROFILES",
+    "Backbone",
+    "Cell",
+    "EncodedSet",
+    "FeatureCache",
+    "FolderImages",
+    "Level",
+    "LinearProbe",
+    "LinearReadout",
+    "PositionProbe",
+    "PosprobeError",
+    "Readout",
+    "ReadoutSetting",
+    "Scores",
+    "StreamedSet",
+    "TensorImages",
+    "TrainConfig",
+    "__version__",
+    "align",
+    "bundled_test_set",
+    "bundled_train_set",
+    "create_backbone",
+    "encode",
+    "get_backbone_spec",
+    "get_profile",
+    "is_constant",
+    "list_backbones",
+    "load_target_image",
+    "mae",
+    "make_target",
+    "register_backbone",
+    "score_cells",
+    "spearman",
+    "synthetic_images",
+    "train_cells",
+    "train_readouts",
+]

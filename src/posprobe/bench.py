@@ -11,6 +11,7 @@ Three timings in one process, on the same images and the same prepared encoder:
 
 It reports wall and CPU seconds, the ratios b/a and c/b, and each phase's peak resident memory.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -125,9 +126,12 @@ class BenchResult:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(b_over_a=self.b_over_a, c_over_b=self.c_over_b,
-                   b_over_a_cpu=self.posprobe.cpu_s / self.floor.cpu_s,
-                   c_over_b_cpu=self.authors.cpu_s / self.posprobe.cpu_s)  # fmt: skip
+        out.update(
+            b_over_a=self.b_over_a,
+            c_over_b=self.c_over_b,
+            b_over_a_cpu=self.posprobe.cpu_s / self.floor.cpu_s,
+            c_over_b_cpu=self.authors.cpu_s / self.posprobe.cpu_s,
+        )
         return out
 
     def report(self) -> str:
@@ -151,16 +155,22 @@ class BenchResult:
             f"runs: (a) {a.note}; (b) {b.note}; (b2) {bw.note}",
         ]
         if len(self.run_ratios) > 1:  # how much the ratio moves with the machine's noise
-            lines.append("b/a of each interleaved run pair: " + ", ".join(f"{r:.2f}" for r in self.run_ratios)
-                         + f" (median {statistics.median(self.run_ratios):.2f})")  # fmt: skip
+            lines.append(
+                "b/a of each interleaved run pair: "
+                + ", ".join(f"{r:.2f}" for r in self.run_ratios)
+                + f" (median {statistics.median(self.run_ratios):.2f})"
+            )
         if b.peak_gpu_mb:
-            lines.append(f"peak GPU memory MB: (a) {a.peak_gpu_mb:.0f}, (b) {b.peak_gpu_mb:.0f}, "
-                         f"(b2) {bw.peak_gpu_mb:.0f}, (c) {c.peak_gpu_mb:.0f}")  # fmt: skip
+            lines.append(
+                f"peak GPU memory MB: (a) {a.peak_gpu_mb:.0f}, (b) {b.peak_gpu_mb:.0f}, "
+                f"(b2) {bw.peak_gpu_mb:.0f}, (c) {c.peak_gpu_mb:.0f}"
+            )
         return "\n".join(lines)
 
 
-def bench_images(n_train: int, n_test: int, image_size: int, seed: int = 0, photos: bool = True
-                 ) -> tuple[Dataset, Dataset]:  # fmt: skip
+def bench_images(
+    n_train: int, n_test: int, image_size: int, seed: int = 0, photos: bool = True
+) -> tuple[Dataset, Dataset]:
     """The bundled photos (train crops, test photos) when installed and wanted, else seeded noise images."""
     try:
         if not photos:
@@ -168,21 +178,30 @@ def bench_images(n_train: int, n_test: int, image_size: int, seed: int = 0, phot
         train = bundled_train_set(image_size, crops_per_photo=max(1, -(-n_train // 39)), seed=seed)
         test = bundled_test_set(image_size)
         if len(train) >= n_train and len(test) >= n_test:
-            return (TensorImages(train.images[:n_train], train.ids[:n_train], "bundled-train"),
-                    TensorImages(test.images[:n_test], test.ids[:n_test], "photos"))  # fmt: skip
+            return (
+                TensorImages(train.images[:n_train], train.ids[:n_train], "bundled-train"),
+                TensorImages(test.images[:n_test], test.ids[:n_test], "photos"),
+            )
     except PosprobeError:
         pass
     g = torch.Generator().manual_seed(seed)
-    make = lambda n, name: TensorImages(torch.rand(n, 3, image_size, image_size, generator=g),  # noqa: E731
-                                        [f"{name}{i}" for i in range(n)], name)  # fmt: skip
+    make = lambda n, name: TensorImages(
+        torch.rand(n, 3, image_size, image_size, generator=g),  # noqa: E731
+        [f"{name}{i}" for i in range(n)],
+        name,
+    )
     return make(n_train, "noise-train"), make(n_test, "noise-test")
 
 
 @torch.inference_mode()
 def _forward_only(backbone, images: Dataset, batch_size: int, device: str) -> None:
     backbone, channels_last = prepare_encoder(backbone, device)
-    loader = DataLoader(_Indexed(images), batch_size=batch_size, collate_fn=_collate,
-                        num_workers=default_workers(images) if len(images) > batch_size else 0)  # fmt: skip
+    loader = DataLoader(
+        _Indexed(images),
+        batch_size=batch_size,
+        collate_fn=_collate,
+        num_workers=default_workers(images) if len(images) > batch_size else 0,
+    )
     for _, x, _ in loader:
         x = x.to(device)
         if channels_last:
@@ -190,8 +209,17 @@ def _forward_only(backbone, images: Dataset, batch_size: int, device: str) -> No
         backbone(x)
 
 
-def _authors_epoch(backbone, images: Dataset, readout: Readout, opt, target: torch.Tensor, batch_size: int,
-                   feat_size: int, device: str, gen: torch.Generator) -> None:  # fmt: skip
+def _authors_epoch(
+    backbone,
+    images: Dataset,
+    readout: Readout,
+    opt,
+    target: torch.Tensor,
+    batch_size: int,
+    feat_size: int,
+    device: str,
+    gen: torch.Generator,
+) -> None:
     """One epoch as the authors' code runs it: encoder, alignment and readout step for every batch."""
     backbone, channels_last = prepare_encoder(backbone, device)
     order = torch.randperm(len(images), generator=gen)
@@ -220,19 +248,40 @@ def _authors_test(backbone, images: Dataset, readout: Readout, batch_size: int, 
         readout.forward_aligned(align(backbone(x), feat_size))
 
 
-def run_bench(backbone_name: str = "vgg16", weights: str | None = "random", n_train: int = 64, n_test: int = 12,
-              image_size: int = 224, feat_size: int = 28, epochs: int = 15, authors_epochs: int = 1,
-              authors_patterns: int = 1, encode_batch_size: int = 16, device: str = "cpu", seed: int = 0,
-              repeats: int = 2, photos: bool = True, progress: bool = False, log=print) -> BenchResult:  # fmt: skip
+def run_bench(
+    backbone_name: str = "vgg16",
+    weights: str | None = "random",
+    n_train: int = 64,
+    n_test: int = 12,
+    image_size: int = 224,
+    feat_size: int = 28,
+    epochs: int = 15,
+    authors_epochs: int = 1,
+    authors_patterns: int = 1,
+    encode_batch_size: int = 16,
+    device: str = "cpu",
+    seed: int = 0,
+    repeats: int = 2,
+    photos: bool = True,
+    progress: bool = False,
+    log=print,
+) -> BenchResult:
     """Run (a), (b), (b2) and (c) and return the measurements (see the module docstring).
 
     (a), (b) and (b2) run ``repeats`` times, interleaved, and each keeps its fastest run: on a shared
     machine the minimum is the least disturbed measurement of the same work.
     """
-    if n_train < 1 or n_test < 1 or epochs < 1 or authors_epochs < 1 or repeats < 1 \
-            or not 1 <= authors_patterns <= len(PATTERNS):  # fmt: skip
-        raise PosprobeError("bench needs n_train, n_test, epochs, authors_epochs, repeats >= 1 and 1..5 "
-                            "authors_patterns")  # fmt: skip
+    if (
+        n_train < 1
+        or n_test < 1
+        or epochs < 1
+        or authors_epochs < 1
+        or repeats < 1
+        or not 1 <= authors_patterns <= len(PATTERNS)
+    ):
+        raise PosprobeError(
+            "bench needs n_train, n_test, epochs, authors_epochs, repeats >= 1 and 1..5 authors_patterns"
+        )
     backbone = create_backbone(backbone_name, weights, seed)
     train, test = bench_images(n_train, n_test, image_size, seed, photos)
     tests = {"natural": test, **{k: synthetic_images(k, image_size, seed) for k in SYNTHETIC}}
@@ -249,9 +298,18 @@ def run_bench(backbone_name: str = "vgg16", weights: str | None = "random", n_tr
     def table1_column(cache: FeatureCache, phase: Phase) -> None:
         with measure(phase):
             t0 = _now()
-            probe = PositionProbe(backbone, PATTERNS, feat_size=feat_size, image_size=image_size, train_config=config,
-                                  seed=seed, device=device, encode_batch_size=encode_batch_size, progress=progress,
-                                  cache=cache)  # fmt: skip
+            probe = PositionProbe(
+                backbone,
+                PATTERNS,
+                feat_size=feat_size,
+                image_size=image_size,
+                train_config=config,
+                seed=seed,
+                device=device,
+                encode_batch_size=encode_batch_size,
+                progress=progress,
+                cache=cache,
+            )
             encoded = probe.encode(train)
             t1 = _now()
             probe.fit(encoded)
@@ -262,7 +320,7 @@ def run_bench(backbone_name: str = "vgg16", weights: str | None = "random", n_tr
         phase.parts = {"encode+cache": t1 - t0, "train 5 readouts": t2 - t1, "encode+score tests": t3 - t2}
 
     runs: dict[str, list[Phase]] = {"a": [], "b": [], "b2": []}
-    for r in range(repeats):
+    for _ in range(repeats):
         runs["a"].append(Phase())
         floor_pass(runs["a"][-1])
         log(f"(a) floor {runs['a'][-1].wall_s:.1f} s")
@@ -288,8 +346,9 @@ def run_bench(backbone_name: str = "vgg16", weights: str | None = "random", n_tr
         for pattern in PATTERNS[:authors_patterns]:
             torch.manual_seed(seed)
             readout = Readout(backbone.channels, 3, 1, 0, feat_size, image_size).to(device)
-            opt = torch.optim.SGD(readout.parameters(), lr=config.lr, momentum=config.momentum,
-                                  weight_decay=config.weight_decay)  # fmt: skip
+            opt = torch.optim.SGD(
+                readout.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            )
             target = make_target(pattern, image_size, image_size).to(device)
             t0 = _now()
             for _ in range(authors_epochs):
@@ -303,15 +362,37 @@ def run_bench(backbone_name: str = "vgg16", weights: str | None = "random", n_tr
     full = epochs * len(PATTERNS)
     scale_train, scale_test = full / runs, len(PATTERNS) / authors_patterns
     total = train_s * scale_train + test_s * scale_test
-    authors.parts = {"measured": measured_wall, "per epoch": train_s / runs, "test per pattern": test_s / authors_patterns}
+    authors.parts = {
+        "measured": measured_wall,
+        "per epoch": train_s / runs,
+        "test per pattern": test_s / authors_patterns,
+    }
     authors.cpu_s = measured_cpu * total / max(measured_wall, 1e-9)
     authors.wall_s = total
-    label = (f"extrapolated from {authors_epochs} epoch(s) x {authors_patterns} pattern(s)" if runs < full
-             else "measured in full")  # fmt: skip
+    label = (
+        f"extrapolated from {authors_epochs} epoch(s) x {authors_patterns} pattern(s)"
+        if runs < full
+        else "measured in full"
+    )
     log(f"(c) authors {total:.1f} s ({label})")
-    return BenchResult(backbone_name, backbone.weights_label, len(train), len(test), image_size, feat_size, epochs,
-                       len(PATTERNS), torch.get_num_threads(), floor, cold, warm, authors, label,
-                       _device_name(device), [b.wall_s / a.wall_s for a, b in zip(runs_a, runs_b)])  # fmt: skip
+    return BenchResult(
+        backbone_name,
+        backbone.weights_label,
+        len(train),
+        len(test),
+        image_size,
+        feat_size,
+        epochs,
+        len(PATTERNS),
+        torch.get_num_threads(),
+        floor,
+        cold,
+        warm,
+        authors,
+        label,
+        _device_name(device),
+        [b.wall_s / a.wall_s for a, b in zip(runs_a, runs_b)],
+    )
 
 
 def _device_name(device: str) -> str:

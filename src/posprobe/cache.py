@@ -32,6 +32,7 @@ every epoch (``sources.StreamedSet``) and nothing is written. An entry's file is
 first image (``posix_fallocate``), so a full disk is known at once; a disk that fills anyway (another process
 writing) stops the extraction with one line and a resumable entry.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,8 +65,9 @@ DISK_RESERVE_GB = 2.0  # never leave less than this free
 FP16_MAX = 65504.0
 HEADROOM = 16.0  # a part's later batches may reach 16x its first batch's peak before the entry becomes float32
 # How an image becomes the encoder's input (data.to_tensor + Backbone.forward); part of every key.
-PREPROCESSING = ("PIL, EXIF orientation applied, RGB, bilinear resize to image_size, /255 -> [0,1], then the "
-                 "backbone's input_norm")
+PREPROCESSING = (
+    "PIL, EXIF orientation applied, RGB, bilinear resize to image_size, /255 -> [0,1], then the backbone's input_norm"
+)
 CHUNK_BYTES = 64 * 2**20  # features.bin is checksummed in chunks of whole rows of about this size
 DAMAGED = "damaged"  # the folder under the cache root where damaged entries are moved aside
 GB = 1e9
@@ -164,8 +166,14 @@ def feature_key(backbone, images: Dataset, feat_size: int) -> tuple[str, dict] |
     data = dataset_identity(images)
     if data is None:
         return None
-    identity = {"format": CACHE_FORMAT, "backbone": backbone_identity(backbone), "preprocessing": PREPROCESSING,
-                "image_size": data["image_size"], "feat_size": int(feat_size), "images": data}  # fmt: skip
+    identity = {
+        "format": CACHE_FORMAT,
+        "backbone": backbone_identity(backbone),
+        "preprocessing": PREPROCESSING,
+        "image_size": data["image_size"],
+        "feat_size": int(feat_size),
+        "images": data,
+    }
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest(), identity
 
@@ -241,7 +249,9 @@ def entry_damage(d: Path, key: str | None = None) -> str | None:
         return None
     try:
         expected = manifest["rows"] * manifest["row"] * np.dtype(manifest["dtype"]).itemsize
-        if len(manifest["checksums"]["sha256"]) != math.ceil(manifest["rows"] / manifest["checksums"]["rows_per_chunk"]):
+        if len(manifest["checksums"]["sha256"]) != math.ceil(
+            manifest["rows"] / manifest["checksums"]["rows_per_chunk"]
+        ):
             return "manifest.json's checksums do not cover features.bin"
         if key is not None and manifest["key"] != key:
             return "manifest.json belongs to another entry"
@@ -266,8 +276,10 @@ def verify_entry(d: Path, manifest: dict) -> str | None:
         return None
     per, ids = sums["rows_per_chunk"], manifest["ids"]
     first = ids[bad[0] * per : (bad[0] + 1) * per]
-    return (f"features.bin fails its checksum in {len(bad)} of {len(got)} chunks (first: images "
-            f"{bad[0] * per}-{bad[0] * per + len(first) - 1}, from {first[0]})")
+    return (
+        f"features.bin fails its checksum in {len(bad)} of {len(got)} chunks (first: images "
+        f"{bad[0] * per}-{bad[0] * per + len(first) - 1}, from {first[0]})"
+    )
 
 
 @dataclass
@@ -298,8 +310,12 @@ class FeatureCache:
     ``log``: where the size notes and hits go (default: stderr).
     """
 
-    def __init__(self, root: str | Path | None = None, max_gb: float = DEFAULT_MAX_GB,
-                 log: Callable[[str], None] | None = _stderr):  # fmt: skip
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        max_gb: float = DEFAULT_MAX_GB,
+        log: Callable[[str], None] | None = _stderr,
+    ):
         if max_gb < 0:
             raise PosprobeError(f"--cache-max-gb must be >= 0; given {max_gb}")
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
@@ -336,8 +352,9 @@ class FeatureCache:
             at += h * w * c
         name = getattr(images, "name", manifest["image_set"]) if images is not None else manifest["image_set"]
         description = getattr(images, "description", "") if images is not None else manifest.get("description", "")
-        return EncodedSet(name, parts, manifest["feat_size"], list(manifest["ids"]), list(manifest["skipped"]),
-                          description)  # fmt: skip
+        return EncodedSet(
+            name, parts, manifest["feat_size"], list(manifest["ids"]), list(manifest["skipped"]), description
+        )
 
     @staticmethod
     def _verify_once(d: Path, manifest: dict) -> str | None:
@@ -374,9 +391,18 @@ class FeatureCache:
         return n * itemsize * sum(math.prod(p.shape(feat_size)) for p in plans)
 
     # -- the entry point ------------------------------------------------------------------------------------
-    def encode(self, backbone, images: Dataset, feat_size: int = 28, batch_size: int = 16,
-               device: str | torch.device = "cpu", strict: bool = False, num_workers: int | None = None,
-               progress: bool = True, allow_stream: bool = True):  # fmt: skip
+    def encode(
+        self,
+        backbone,
+        images: Dataset,
+        feat_size: int = 28,
+        batch_size: int = 16,
+        device: str | torch.device = "cpu",
+        strict: bool = False,
+        num_workers: int | None = None,
+        progress: bool = True,
+        allow_stream: bool = True,
+    ):
         """An EncodedSet backed by the cache (made now if absent), or a StreamedSet when it is too large.
 
         Without ``allow_stream``, a set too large to cache is encoded in memory (float32) instead.
@@ -385,8 +411,16 @@ class FeatureCache:
         name = getattr(images, "name", "images")
         if keyed is None:
             self.log(f"{name}: images without a content identity are not cached; encoding in memory")
-            return encode(backbone, images, feat_size, batch_size, device, strict=strict, num_workers=num_workers,
-                          progress=progress)  # fmt: skip
+            return encode(
+                backbone,
+                images,
+                feat_size,
+                batch_size,
+                device,
+                strict=strict,
+                num_workers=num_workers,
+                progress=progress,
+            )
         key, identity = keyed
         hit = self.load(key, images)
         if hit is not None:
@@ -399,48 +433,91 @@ class FeatureCache:
                 pass
         except OSError as err:
             self.log(f"feature cache {self.root} cannot be written ({os_reason(err)}): encoding {name} in memory")
-            return encode(backbone, images, feat_size, batch_size, device, strict=strict, num_workers=num_workers,
-                          progress=progress)  # fmt: skip
+            return encode(
+                backbone,
+                images,
+                feat_size,
+                batch_size,
+                device,
+                strict=strict,
+                num_workers=num_workers,
+                progress=progress,
+            )
         plans = self.layout(backbone, identity["image_size"], feat_size)
         native = [f"{p.hi - p.lo} at {p.native[0]}x{p.native[1]}" for p in plans if p.native]
         kept_native = f" (upsampled levels kept native: {', '.join(native)})" if native else ""
         images_word = f"{len(images)} image{'s' if len(images) != 1 else ''}"
         for dtype in ("float16", "float32"):
             size = self.expected_bytes(plans, len(images), feat_size, np.dtype(dtype).itemsize)
-            self.log(f"feature cache: {backbone.name} x {name}: {images_word} x {backbone.channels} channels at "
-                     f"{feat_size}x{feat_size}{kept_native}, {dtype} = {size / GB:.2f} GB -> {self.entry_dir(key)}")
+            self.log(
+                f"feature cache: {backbone.name} x {name}: {images_word} x {backbone.channels} channels at "
+                f"{feat_size}x{feat_size}{kept_native}, {dtype} = {size / GB:.2f} GB -> {self.entry_dir(key)}"
+            )
             free = shutil.disk_usage(self.root).free
             too_big = size > self.max_gb * GB
-            why = (f"over --cache-max-gb {self.max_gb:g}" if too_big
-                   else f"only {free / GB:.1f} GB free on {self.root}")  # fmt: skip
+            why = f"over --cache-max-gb {self.max_gb:g}" if too_big else f"only {free / GB:.1f} GB free on {self.root}"
             if too_big or free - size < DISK_RESERVE_GB * GB:
                 if allow_stream:
                     self.log(f"{why}: streaming instead (the encoder re-runs every epoch; memory stays constant)")
                     return StreamedSet(backbone, images, feat_size, device, strict, num_workers, batch_size)
                 self.log(f"{why}: encoding in memory instead")
-                return encode(backbone, images, feat_size, batch_size, device, strict=strict,
-                              num_workers=num_workers, progress=progress)  # fmt: skip
+                return encode(
+                    backbone,
+                    images,
+                    feat_size,
+                    batch_size,
+                    device,
+                    strict=strict,
+                    num_workers=num_workers,
+                    progress=progress,
+                )
             try:
-                self._extract(key, identity, backbone, images, feat_size, plans, batch_size, device, strict,
-                              num_workers, progress, dtype)  # fmt: skip
+                self._extract(
+                    key,
+                    identity,
+                    backbone,
+                    images,
+                    feat_size,
+                    plans,
+                    batch_size,
+                    device,
+                    strict,
+                    num_workers,
+                    progress,
+                    dtype,
+                )
                 break
             except _NoSpace as err:  # the file could not be allocated whole: nothing encoded yet
-                self.log(f"the disk holding {self.root} cannot take {size / GB:.2f} GB ({os_reason(err.cause)}): "
-                         + ("streaming instead" if allow_stream else "encoding in memory instead"))
+                self.log(
+                    f"the disk holding {self.root} cannot take {size / GB:.2f} GB ({os_reason(err.cause)}): "
+                    + ("streaming instead" if allow_stream else "encoding in memory instead")
+                )
                 if not (self.entry_dir(key) / "progress.json").exists():  # nothing to resume: no empty entry
                     shutil.rmtree(self.entry_dir(key), ignore_errors=True)
                 if allow_stream:
                     return StreamedSet(backbone, images, feat_size, device, strict, num_workers, batch_size)
-                return encode(backbone, images, feat_size, batch_size, device, strict=strict,
-                              num_workers=num_workers, progress=progress)  # fmt: skip
+                return encode(
+                    backbone,
+                    images,
+                    feat_size,
+                    batch_size,
+                    device,
+                    strict=strict,
+                    num_workers=num_workers,
+                    progress=progress,
+                )
             except OSError as err:  # the disk filled (another process) or failed mid-extraction
                 kept = extraction_in_progress()
                 resumes = f"; it keeps {kept[0]} of {kept[1]} images and resumes" if kept else ""
-                raise PosprobeError(f"could not write the feature cache entry {self.entry_dir(key)}: "
-                                    f"{os_reason(err)}{resumes} (free space, or use --no-cache)") from err
+                raise PosprobeError(
+                    f"could not write the feature cache entry {self.entry_dir(key)}: "
+                    f"{os_reason(err)}{resumes} (free space, or use --no-cache)"
+                ) from err
             except _Overflow as err:
-                self.log(f"{backbone.name} features reach {err.peak:.3g}, beyond float16's range even at the scale "
-                         "the first batch chose: storing this entry as float32 instead")  # fmt: skip
+                self.log(
+                    f"{backbone.name} features reach {err.peak:.3g}, beyond float16's range even at the scale "
+                    "the first batch chose: storing this entry as float32 instead"
+                )
         out = self.load(key, images)
         if out is None:
             raise PosprobeError(f"feature cache entry {self.entry_dir(key)} could not be read back after writing it")
@@ -449,18 +526,35 @@ class FeatureCache:
     @staticmethod
     def _check_strict(encoded: EncodedSet, strict: bool) -> None:
         if encoded.skipped and strict:
-            raise PosprobeError(f"unreadable image in {encoded.name}: {unreadable_list(encoded.skipped[:1])} "
-                                "(--strict stops at the first)")
+            raise PosprobeError(
+                f"unreadable image in {encoded.name}: {unreadable_list(encoded.skipped[:1])} "
+                "(--strict stops at the first)"
+            )
         if encoded.skipped:
             import warnings
 
-            warnings.warn(f"skipped {len(encoded.skipped)} unreadable image(s) in {encoded.name}: "
-                          f"{unreadable_list(encoded.skipped)}", stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"skipped {len(encoded.skipped)} unreadable image(s) in {encoded.name}: "
+                f"{unreadable_list(encoded.skipped)}",
+                stacklevel=3,
+            )
 
     # -- writing --------------------------------------------------------------------------------------------
-    def _extract(self, key: str, identity: dict, backbone, images: Dataset, feat_size: int, plans: list[PartPlan],
-                 batch_size: int, device, strict: bool, num_workers: int | None, progress: bool,
-                 dtype: str = "float16") -> None:  # fmt: skip
+    def _extract(
+        self,
+        key: str,
+        identity: dict,
+        backbone,
+        images: Dataset,
+        feat_size: int,
+        plans: list[PartPlan],
+        batch_size: int,
+        device,
+        strict: bool,
+        num_workers: int | None,
+        progress: bool,
+        dtype: str = "float16",
+    ) -> None:
         """Encode ``images`` into the entry ``key``, resuming a partial one; checksums and the manifest last.
 
         A float16 entry takes each part's scale from the first batch (``part_scale``); a later batch beyond the
@@ -483,8 +577,14 @@ class FeatureCache:
             row = sum(sizes)
             data, prog_path = d / "features.bin", d / "progress.json"
             prog = _read_json(prog_path)
-            if (prog and prog.get("key") == key and prog.get("row") == row and prog.get("dtype") in ("float16", "float32")
-                    and data.exists() and data.stat().st_size == n * row * np.dtype(prog["dtype"]).itemsize):  # fmt: skip
+            if (
+                prog
+                and prog.get("key") == key
+                and prog.get("row") == row
+                and prog.get("dtype") in ("float16", "float32")
+                and data.exists()
+                and data.stat().st_size == n * row * np.dtype(prog["dtype"]).itemsize
+            ):
                 dtype, scales = prog["dtype"], prog["scales"]  # an interrupted entry keeps its dtype and scales
                 start, kept, bad = prog["done"], prog["kept"], prog["skipped"]
                 self.log(f"resuming an interrupted extraction at image {start} of {n}")
@@ -502,8 +602,14 @@ class FeatureCache:
             mm = np.memmap(data, dtype=np.dtype(dtype), mode="r+", shape=(n, row))
             ids = list(getattr(images, "ids", [str(i) for i in range(n)]))
             started = time.perf_counter()
-            bar = tqdm(total=n, initial=start, desc=f"cache {getattr(images, 'name', 'images')} with {backbone.name}",
-                       unit="img", disable=None if progress else True, leave=False)  # fmt: skip
+            bar = tqdm(
+                total=n,
+                initial=start,
+                desc=f"cache {getattr(images, 'name', 'images')} with {backbone.name}",
+                unit="img",
+                disable=None if progress else True,
+                leave=False,
+            )
 
             def write(at: int, rows: np.ndarray | None, record: dict) -> None:
                 """In the writer thread: rows to the file, then the progress record that says so."""
@@ -520,9 +626,11 @@ class FeatureCache:
             try:
                 for idx, parts, failed in encode_batches(backbone, images, fs, batch_size, device, num_workers, start):
                     if strict and failed:
-                        raise PosprobeError(f"unreadable image in {getattr(images, 'name', 'images')}: "
-                                            f"{unreadable_list([ids[failed[0]]], images)} (--strict stops at the "
-                                            "first)")  # fmt: skip
+                        raise PosprobeError(
+                            f"unreadable image in {getattr(images, 'name', 'images')}: "
+                            f"{unreadable_list([ids[failed[0]]], images)} (--strict stops at the "
+                            "first)"
+                        )
                     rows = None
                     if parts is not None:
                         # (b, h * w * c) per part: the channels_last data read as NHWC rows, a view
@@ -530,8 +638,10 @@ class FeatureCache:
                         if dtype == "float16":
                             peaks = [_peak(x) for x in flat]
                             if not all(math.isfinite(v) for v in peaks):  # encode_batches should have stopped it
-                                raise PosprobeError(f"{backbone.name} features are not finite for image "
-                                                    f"{ids[idx[0]]}: nothing of them is cached")  # fmt: skip
+                                raise PosprobeError(
+                                    f"{backbone.name} features are not finite for image "
+                                    f"{ids[idx[0]]}: nothing of them is cached"
+                                )
                             scales = scales or [part_scale(v) for v in peaks]
                             if any(not v / s <= FP16_MAX for v, s in zip(peaks, scales)):
                                 raise _Overflow(max(peaks))
@@ -544,8 +654,15 @@ class FeatureCache:
                         rows = staged.numpy()
                     at = len(kept)
                     kept, bad = kept + idx, bad + failed
-                    record = {"key": key, "row": row, "dtype": dtype, "scales": scales, "done": max(idx + failed) + 1,
-                              "kept": kept, "skipped": bad}  # fmt: skip
+                    record = {
+                        "key": key,
+                        "row": row,
+                        "dtype": dtype,
+                        "scales": scales,
+                        "done": max(idx + failed) + 1,
+                        "kept": kept,
+                        "skipped": bad,
+                    }
                     if pending is not None:
                         pending.result()  # one write in flight at most: memory stays bounded
                     pending = writer.submit(write, at, rows, record)
@@ -569,24 +686,43 @@ class FeatureCache:
             mm = None  # unmapped before the file is truncated
             if not kept:
                 shutil.rmtree(d, ignore_errors=True)
-                raise PosprobeError(f"none of the {n} image(s) in {getattr(images, 'name', 'images')} could be read: "
-                                    + unreadable_list([ids[i] for i in bad], images))  # fmt: skip
+                raise PosprobeError(
+                    f"none of the {n} image(s) in {getattr(images, 'name', 'images')} could be read: "
+                    + unreadable_list([ids[i] for i in bad], images)
+                )
             os.truncate(data, len(kept) * row * np.dtype(dtype).itemsize)  # drop the rows of unreadable images
             row_bytes = row * np.dtype(dtype).itemsize
-            checksums = {"algorithm": "sha256", "rows_per_chunk": rows_per_chunk(row_bytes),
-                         "sha256": chunk_digests(data, row_bytes, len(kept))}  # fmt: skip
+            checksums = {
+                "algorithm": "sha256",
+                "rows_per_chunk": rows_per_chunk(row_bytes),
+                "sha256": chunk_digests(data, row_bytes, len(kept)),
+            }
             manifest = {
-                "key": key, "format": CACHE_FORMAT, "identity": identity, "rows": len(kept), "row": row,
-                "channels": backbone.channels, "feat_size": fs, "dtype": dtype,
+                "key": key,
+                "format": CACHE_FORMAT,
+                "identity": identity,
+                "rows": len(kept),
+                "row": row,
+                "channels": backbone.channels,
+                "feat_size": fs,
+                "dtype": dtype,
                 "layout": "one row per image: each part's (h, w, c) values in turn",
-                "parts": [{"lo": p.lo, "hi": p.hi, "shape": list(p.shape(fs)), "native": p.native is not None,
-                           "scale": s} for p, s in zip(plans, scales)],
-                "ids": [ids[i] for i in kept], "skipped": [ids[i] for i in bad], "checksums": checksums,
-                "image_set": getattr(images, "name", "images"), "description": getattr(images, "description", ""),
-                "backbone": backbone.name, "weights": backbone.weights_label,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - started, 3),
-                "posprobe": __version__, "torch": torch.__version__,
-            }  # fmt: skip
+                "parts": [
+                    {"lo": p.lo, "hi": p.hi, "shape": list(p.shape(fs)), "native": p.native is not None, "scale": s}
+                    for p, s in zip(plans, scales)
+                ],
+                "ids": [ids[i] for i in kept],
+                "skipped": [ids[i] for i in bad],
+                "checksums": checksums,
+                "image_set": getattr(images, "name", "images"),
+                "description": getattr(images, "description", ""),
+                "backbone": backbone.name,
+                "weights": backbone.weights_label,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "seconds": round(time.perf_counter() - started, 3),
+                "posprobe": __version__,
+                "torch": torch.__version__,
+            }
             _write_json_atomic(d / "manifest.json", manifest)
             prog_path.unlink(missing_ok=True)
             _EXTRACTING.clear()
@@ -632,11 +768,9 @@ class FeatureCache:
             out.append((e, damage))
         return out
 
-    def total_bytes(self) -> int:
-        return sum(e.bytes for e in self.entries())
-
-    def clear(self, keys: list[str] | None = None, incomplete_only: bool = False,
-              damaged_only: bool = False) -> tuple[int, int, list[str]]:  # fmt: skip
+    def clear(
+        self, keys: list[str] | None = None, incomplete_only: bool = False, damaged_only: bool = False
+    ) -> tuple[int, int, list[str]]:
         """Remove entries (all, those whose key starts with one of ``keys``, only damaged ones, or only unusable
         ones: incomplete, damaged or of an older cache format).
 
@@ -701,9 +835,18 @@ class _Overflow(Exception):
         self.peak = peak
 
 
-def encode_images(backbone, images, feat_size: int = 28, batch_size: int = 16, device: str | torch.device = "cpu",
-                  strict: bool = False, progress: bool = True, cache: FeatureCache | None = None,
-                  num_workers: int | None = None, allow_stream: bool = True):  # fmt: skip
+def encode_images(
+    backbone,
+    images,
+    feat_size: int = 28,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    strict: bool = False,
+    progress: bool = True,
+    cache: FeatureCache | None = None,
+    num_workers: int | None = None,
+    allow_stream: bool = True,
+):
     """Images -> features: via ``cache`` when given (EncodedSet or StreamedSet), else in memory.
 
     Without ``allow_stream`` a set too large for the cache is encoded in memory (test sets, read once).
@@ -715,6 +858,7 @@ def encode_images(backbone, images, feat_size: int = 28, batch_size: int = 16, d
     if backbone is None:
         raise PosprobeError("raw images need a backbone to encode them")
     if cache is None:
-        return encode(backbone, images, feat_size, batch_size, device, strict=strict, num_workers=num_workers,
-                      progress=progress)  # fmt: skip
+        return encode(
+            backbone, images, feat_size, batch_size, device, strict=strict, num_workers=num_workers, progress=progress
+        )
     return cache.encode(backbone, images, feat_size, batch_size, device, strict, num_workers, progress, allow_stream)

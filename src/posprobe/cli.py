@@ -4,6 +4,7 @@ Every user error is a PosprobeError, printed as one line on stderr with exit cod
 (a full disk, a read-only folder, a name too long); SIGINT and SIGTERM print one line and exit 130 and 143
 after the run directory's temporary folder is removed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,39 +23,77 @@ if TYPE_CHECKING:
 
 # Options that several commands share, declared once.
 OutDir = Annotated[Path, typer.Option("--out", help="Directory to create for the results (refused if it exists).")]
-TrainDir = Annotated[Optional[Path], typer.Option("--train", help="Training image folder, e.g. DUT-S train "
-                                                  "(default: bundled photos).")]
-TestDir = Annotated[Optional[Path], typer.Option("--test", help="Natural test image folder, e.g. PASCAL-S "
-                                                 "(default: bundled photos).")]
+TrainDir = Annotated[
+    Optional[Path], typer.Option("--train", help="Training image folder, e.g. DUT-S train (default: bundled photos).")
+]
+TestDir = Annotated[
+    Optional[Path], typer.Option("--test", help="Natural test image folder, e.g. PASCAL-S (default: bundled photos).")
+]
 KernelSize = Annotated[int, typer.Option(help="Readout kernel size.")]
 Depth = Annotated[int, typer.Option(help="Readout conv layers.")]
 ReadoutPadding = Annotated[int, typer.Option(help="Readout zero padding.")]
 FeatSize = Annotated[int, typer.Option(help="Side every level is resized to before the readout.")]
 ImageSize = Annotated[int, typer.Option(help="Input and target side in pixels.")]
-InputNorm = Annotated[str, typer.Option(help="paper: the input the authors' code gives an ImageNet network ([0,1]; "
-                                        "weights trained with another normalisation get the same mismatch), none "
-                                        "([0,1] for any weights), imagenet, or weights (the backbone's own).")]
-Profile = Annotated[str, typer.Option(help="Training profile: official (the paper's 4,950 SGD updates, the authors' "
-                                      "optimiser) or quick (500 updates, deep readouts at most 32 wide).")]
-Epochs = Annotated[Optional[int], typer.Option(help="Exactly this many passes over the training set, as the authors' "
-                                               "code (instead of the profile's update count; lr decay at 2/3).")]
-Steps = Annotated[Optional[int], typer.Option(help="Exactly this many SGD updates instead of the profile's (a small "
-                                              "training set is cycled, reshuffled every pass; lr decay at 2/3).")]
+InputNorm = Annotated[
+    str,
+    typer.Option(
+        help="paper: the input the authors' code gives an ImageNet network ([0,1]; "
+        "weights trained with another normalisation get the same mismatch), none "
+        "([0,1] for any weights), imagenet, or weights (the backbone's own)."
+    ),
+]
+Profile = Annotated[
+    str,
+    typer.Option(
+        help="Training profile: official (the paper's 4,950 SGD updates, the authors' "
+        "optimiser) or quick (500 updates, deep readouts at most 32 wide)."
+    ),
+]
+Epochs = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Exactly this many passes over the training set, as the authors' "
+        "code (instead of the profile's update count; lr decay at 2/3)."
+    ),
+]
+Steps = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Exactly this many SGD updates instead of the profile's (a small "
+        "training set is cycled, reshuffled every pass; lr decay at 2/3)."
+    ),
+]
 Lr = Annotated[Optional[float], typer.Option(help="Override the profile's learning rate.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Override the profile's batch size.")]
-ReadoutWidth = Annotated[Optional[int], typer.Option(help="Channels of a deep readout's intermediate layers, at "
-                                                     "most C; 0: C -> C as the authors (default: the profile's).")]
+ReadoutWidth = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Channels of a deep readout's intermediate layers, at "
+        "most C; 0: C -> C as the authors (default: the profile's)."
+    ),
+]
 Seed = Annotated[int, typer.Option(help="Seed for readout init, batch order, random weights and crops.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 CropsPerPhoto = Annotated[int, typer.Option(help="Random crops per bundled training photo.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output directory.")]
 Quiet = Annotated[bool, typer.Option(help="No progress bars.")]
-UseCache = Annotated[bool, typer.Option("--cache/--no-cache", help="Keep each image set's features in the feature "
-                                        "cache (float16, reused by later runs); --no-cache encodes in memory.")]
-CacheDir = Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: $POSPROBE_CACHE or "
-                                                  "~/.cache/posprobe).")]
-CacheMaxGb = Annotated[float, typer.Option(help="A set whose features would exceed this many GB is streamed "
-                                           "(encoder re-run every pass) instead of cached.")]
+UseCache = Annotated[
+    bool,
+    typer.Option(
+        "--cache/--no-cache",
+        help="Keep each image set's features in the feature "
+        "cache (float16, reused by later runs); --no-cache encodes in memory.",
+    ),
+]
+CacheDir = Annotated[
+    Optional[Path], typer.Option(help="Feature cache folder (default: $POSPROBE_CACHE or ~/.cache/posprobe).")
+]
+CacheMaxGb = Annotated[
+    float,
+    typer.Option(
+        help="A set whose features would exceed this many GB is streamed (encoder re-run every pass) instead of cached."
+    ),
+]
 
 
 def _train_config(profile: str, epochs=None, lr=None, batch_size=None, seed: int = 0, readout_width=None, steps=None):
@@ -70,10 +109,13 @@ def _train_config(profile: str, epochs=None, lr=None, batch_size=None, seed: int
         config = replace(config, max_readout_width=readout_width or None)
     return config
 
+
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
     help="Measure how much absolute position information a vision network encodes, and where.",
-)  # fmt: skip
+)
 
 
 @app.command("backbones")
@@ -87,8 +129,10 @@ def backbones_cmd() -> None:
         levels = " ".join(f"{lv.name}:{lv.channels}/{lv.stride}" for lv in spec.levels)
         avail = "yes" if spec.weights_available() else "no"
         print(f"{name:<20}{spec.channels:>9}  {spec.default_weights:<16}{avail:<10}{levels}")
-    print("\nweights: the default, 'random' (seeded by --seed) or a local checkpoint path; "
-          "strides are nominal (vgg16_nopad loses border pixels)")  # fmt: skip
+    print(
+        "\nweights: the default, 'random' (seeded by --seed) or a local checkpoint path; "
+        "strides are nominal (vgg16_nopad loses border pixels)"
+    )
 
 
 @app.command("probe")
@@ -119,42 +163,68 @@ def probe_cmd(
     strict: bool = typer.Option(False, help="Fail on an unreadable image instead of skipping it."),
     overwrite: Overwrite = False,
     quiet: Quiet = False,
-    layers: Optional[str] = typer.Option(None, help="Layers to tap, comma list or 'all' (see 'posprobe layers "
-                                         "MODEL'); default: the backbone's own taps."),
-    backbone_padding: Optional[str] = typer.Option(None, help="Re-pad every conv and pool of the backbone: zeros, "
-                                                   "reflect, replicate, circular or valid (default: as built)."),
+    layers: Optional[str] = typer.Option(
+        None, help="Layers to tap, comma list or 'all' (see 'posprobe layers MODEL'); default: the backbone's own taps."
+    ),
+    backbone_padding: Optional[str] = typer.Option(
+        None,
+        help="Re-pad every conv and pool of the backbone: zeros, "
+        "reflect, replicate, circular or valid (default: as built).",
+    ),
     pos_embed: str = typer.Option("keep", help="A ViT's learned position embedding: keep, zero or shuffle."),
-    readout: str = typer.Option("pem", help="pem (the paper's readout), or linear: also the exact best linear "
-                                "k x k readout (closed-form ridge), reported beside it."),
+    readout: str = typer.Option(
+        "pem",
+        help="pem (the paper's readout), or linear: also the exact best linear "
+        "k x k readout (closed-form ridge), reported beside it.",
+    ),
     cache: UseCache = True,
     cache_dir: CacheDir = None,
     cache_max_gb: CacheMaxGb = 32.0,
 ) -> None:
     """Train a readout per position pattern on a frozen backbone's features and score it on every test set."""
     from .data import parse_synthetic
-    from .rundir import check_out_dir, resolve_device
     from .run import ProbeRunConfig, execute, format_table, write
+    from .rundir import check_out_dir, resolve_device
     from .targets import resolve_patterns
     from .train import is_official
 
     check_out_dir(out, overwrite)
     patterns = resolve_patterns(pattern) if pattern.strip() or not target_image else []
     config = ProbeRunConfig(
-        backbone=backbone, weights=weights, input_norm=input_norm, patterns=tuple(patterns),
-        target_images=tuple(str(p) for p in target_image), kernel_size=kernel_size, depth=depth,
-        readout_padding=readout_padding, feat_size=feat_size, image_size=image_size, profile=profile,
-        train=_train_config(profile, epochs, lr, batch_size, seed, readout_width, steps), seed=seed,
-        device=resolve_device(device), train_dir=str(train) if train else None,
-        test_dir=str(test) if test else None, synthetic=tuple(parse_synthetic(synthetic)),
-        crops_per_photo=crops_per_photo, strict=strict,
-        layers=_layer_list(layers), backbone_padding=backbone_padding, pos_embed=pos_embed,
-        readout=readout, cache=cache, cache_dir=str(cache_dir) if cache_dir else None, cache_max_gb=cache_max_gb,
-    )  # fmt: skip
+        backbone=backbone,
+        weights=weights,
+        input_norm=input_norm,
+        patterns=tuple(patterns),
+        target_images=tuple(str(p) for p in target_image),
+        kernel_size=kernel_size,
+        depth=depth,
+        readout_padding=readout_padding,
+        feat_size=feat_size,
+        image_size=image_size,
+        profile=profile,
+        train=_train_config(profile, epochs, lr, batch_size, seed, readout_width, steps),
+        seed=seed,
+        device=resolve_device(device),
+        train_dir=str(train) if train else None,
+        test_dir=str(test) if test else None,
+        synthetic=tuple(parse_synthetic(synthetic)),
+        crops_per_photo=crops_per_photo,
+        strict=strict,
+        layers=_layer_list(layers),
+        backbone_padding=backbone_padding,
+        pos_embed=pos_embed,
+        readout=readout,
+        cache=cache,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        cache_max_gb=cache_max_gb,
+    )
     run = execute(config, progress=not quiet)
     write(run, out, overwrite)
-    print(f"{backbone} ({run.backbone.weights_label}), readout k={kernel_size} depth={depth} "
-          f"padding={readout_padding}, profile {profile}"
-          + ("" if is_official(config.train) else f" ({config.train.describe(deep=depth > 1)})"))  # fmt: skip
+    print(
+        f"{backbone} ({run.backbone.weights_label}), readout k={kernel_size} depth={depth} "
+        f"padding={readout_padding}, profile {profile}"
+        + ("" if is_official(config.train) else f" ({config.train.describe(deep=depth > 1)})")
+    )
     print(f"input: {run.backbone.input_description}")
     print(f"training: {run.probe.schedule_.describe()}")
     for line in _surgery_lines(run.backbone, image_size):
@@ -165,10 +235,16 @@ def probe_cmd(
         info = run.linear.summary()
         pc = info["cg_preconditioner"]
         pc = f"{pc} preconditioner" if pc and pc != "none" else "unpreconditioned"
-        cg = (f", CG ({pc}) {info['cg_iterations']} passes, residual <= {max(info['cg_residual'].values()):.1e}"
-              if info["solver"] == "cg" else "")  # fmt: skip
-        print(f"linear probe: exact ridge ({info['solver']} solver, {info['inputs']} inputs), alpha per pattern "
-              + ", ".join(f"{k} {v:g}" for k, v in info["alpha"].items()) + f"{cg}, {info['seconds']:.1f} s")  # fmt: skip
+        cg = (
+            f", CG ({pc}) {info['cg_iterations']} passes, residual <= {max(info['cg_residual'].values()):.1e}"
+            if info["solver"] == "cg"
+            else ""
+        )
+        print(
+            f"linear probe: exact ridge ({info['solver']} solver, {info['inputs']} inputs), alpha per pattern "
+            + ", ".join(f"{k} {v:g}" for k, v in info["alpha"].items())
+            + f"{cg}, {info['seconds']:.1f} s"
+        )
     print(f"wrote {out}")
 
 
@@ -191,8 +267,15 @@ def demo_cmd(
     check_out_dir(out, overwrite)
     if seeds < 1:
         raise PosprobeError(f"--seeds must be at least 1; given {seeds}")
-    report, result = run_demo(out, profile=profile, device=resolve_device(device), overwrite=overwrite,
-                              progress=not quiet, cache=_feature_cache(cache, cache_dir, cache_max_gb), seeds=seeds)  # fmt: skip
+    report, result = run_demo(
+        out,
+        profile=profile,
+        device=resolve_device(device),
+        overwrite=overwrite,
+        progress=not quiet,
+        cache=_feature_cache(cache, cache_dir, cache_max_gb),
+        seeds=seeds,
+    )
     print(report)
     _warn_unconverged(_study_verdicts(result))
     _warn_unsettled(result)
@@ -201,16 +284,25 @@ def demo_cmd(
 
 @app.command("reproduce")
 def reproduce_cmd(
-    table: str = typer.Argument(..., help="table1, table2a, table2b, table3, table4, fig-qualitative, fig-padding, "
-                                "fig-content-loss, a comma list, or all."),
+    table: str = typer.Argument(
+        ...,
+        help="table1, table2a, table2b, table3, table4, fig-qualitative, fig-padding, "
+        "fig-content-loss, a comma list, or all.",
+    ),
     out: OutDir = ...,
     train: TrainDir = None,
     test: TestDir = None,
     profile: Profile = "official",
-    seeds: int = typer.Option(1, help="Repeat every readout with seeds 0..N-1: intervals and verdicts over images "
-                              "and seeds (use 3 or more when a direction matters)."),
-    backbone_map: list[str] = typer.Option([], help="PAPER=BACKBONE[:WEIGHTS], e.g. vgg16=vgg16_hed (repeatable), "
-                                           "or 'auto': bundled stand-ins where the paper's weights are missing."),
+    seeds: int = typer.Option(
+        1,
+        help="Repeat every readout with seeds 0..N-1: intervals and verdicts over images "
+        "and seeds (use 3 or more when a direction matters).",
+    ),
+    backbone_map: list[str] = typer.Option(
+        [],
+        help="PAPER=BACKBONE[:WEIGHTS], e.g. vgg16=vgg16_hed (repeatable), "
+        "or 'auto': bundled stand-ins where the paper's weights are missing.",
+    ),
     epochs: Epochs = None,
     steps: Steps = None,
     lr: Lr = None,
@@ -237,13 +329,29 @@ def reproduce_cmd(
     entries = [e.strip() for m in backbone_map for e in m.split(",") if e.strip()]
     auto = "auto" in entries
     mapping = parse_backbone_map([e for e in entries if e != "auto"])
-    config = _train_config(profile, epochs=epochs, lr=lr, batch_size=batch_size, readout_width=readout_width,
-                           steps=steps)  # fmt: skip
-    train_set, test_sets = build_image_sets(str(train) if train else None, str(test) if test else None, presets,
-                                            crops_per_photo=crops_per_photo)  # fmt: skip
-    report, result = run_reproduce(presets, out, config, profile, train_set, test_sets, seeds, mapping, auto,
-                              resolve_device(device), overwrite, not quiet, describe_data(train, test),
-                              cache=_feature_cache(cache, cache_dir, cache_max_gb), input_norm=input_norm)  # fmt: skip
+    config = _train_config(
+        profile, epochs=epochs, lr=lr, batch_size=batch_size, readout_width=readout_width, steps=steps
+    )
+    train_set, test_sets = build_image_sets(
+        str(train) if train else None, str(test) if test else None, presets, crops_per_photo=crops_per_photo
+    )
+    report, result = run_reproduce(
+        presets,
+        out,
+        config,
+        profile,
+        train_set,
+        test_sets,
+        seeds,
+        mapping,
+        auto,
+        resolve_device(device),
+        overwrite,
+        not quiet,
+        describe_data(train, test),
+        cache=_feature_cache(cache, cache_dir, cache_max_gb),
+        input_norm=input_norm,
+    )
     print(report)
     _warn_unconverged(_study_verdicts(result))
     _warn_unsettled(result)
@@ -284,8 +392,11 @@ def _warn_unsettled(result) -> None:
     from .study import unsettled_seeds
 
     for (study, row, pattern, test_set), sd in sorted(unsettled_seeds(result).items()):
-        print(f"posprobe: warning: {study} {row} {pattern} ({test_set}): seeds disagree, SPC sd {sd:.3f} > "
-              f"{SEED_SPREAD_LIMIT} (± in the report; a longer schedule settles it)", file=sys.stderr)
+        print(
+            f"posprobe: warning: {study} {row} {pattern} ({test_set}): seeds disagree, SPC sd {sd:.3f} > "
+            f"{SEED_SPREAD_LIMIT} (± in the report; a longer schedule settles it)",
+            file=sys.stderr,
+        )
 
 
 def _feature_cache(use: bool, cache_dir: Optional[Path], max_gb: float) -> FeatureCache | None:
@@ -318,8 +429,9 @@ def _surgery_lines(backbone, image_size: int) -> list[str]:
 def layers_cmd(
     model: str = typer.Argument(..., help="A backbone: a preset (vgg16), tv:NAME (torchvision) or timm:NAME."),
     image_size: int = typer.Option(224, help="Input side at which map sizes are shown."),
-    backbone_padding: Optional[str] = typer.Option(None, help="Show sizes after re-padding: zeros, reflect, "
-                                                   "replicate, circular or valid."),
+    backbone_padding: Optional[str] = typer.Option(
+        None, help="Show sizes after re-padding: zeros, reflect, replicate, circular or valid."
+    ),
 ) -> None:
     """List the layers a backbone can tap (--layers names) with channels, nominal stride and size; * = default."""
     from .backbones import get_backbone_spec, layer_table
@@ -333,9 +445,11 @@ def layers_cmd(
         size = f"{r.size[0]}x{r.size[1]}"
         print(f"{mark} {r.name:<{width}}{r.channels:>9}{r.stride:>8}{size:>11}  {' '.join(r.aliases)}")
     fixed = f"; built for {spec.input_size}x{spec.input_size} inputs" if spec.input_size else ""
-    print(f"\n{len(rows)} layers of {model} at {image_size}x{image_size}{fixed}; * = default taps; stride is "
-          f"nominal; weights: {', '.join(spec.weight_names[:6])}{', ...' if len(spec.weight_names) > 6 else ''} "
-          "or a checkpoint path")  # fmt: skip
+    print(
+        f"\n{len(rows)} layers of {model} at {image_size}x{image_size}{fixed}; * = default taps; stride is "
+        f"nominal; weights: {', '.join(spec.weight_names[:6])}{', ...' if len(spec.weight_names) > 6 else ''} "
+        "or a checkpoint path"
+    )
 
 
 @app.command("layer-curve")
@@ -344,8 +458,9 @@ def layer_curve_cmd(
     backbone: list[str] = typer.Option(..., help="NAME or NAME@LAYER,LAYER (repeatable: one line each)."),
     layers: Optional[str] = typer.Option(None, help="Layers for every --backbone without '@' (default: its taps)."),
     weights: Optional[str] = typer.Option(None, help="Weights for every backbone: default, 'random' or a path."),
-    backbone_padding: Optional[str] = typer.Option(None, help="Comma list of zeros, reflect, replicate, circular, "
-                                                   "valid: one line per backbone and padding."),
+    backbone_padding: Optional[str] = typer.Option(
+        None, help="Comma list of zeros, reflect, replicate, circular, valid: one line per backbone and padding."
+    ),
     pos_embed: str = typer.Option("keep", help="Comma list of keep, zero, shuffle: one line per setting."),
     pattern: str = typer.Option("H,G", help="H, V, G, HS, VS, a comma list, or 'all'."),
     train: TrainDir = None,
@@ -357,8 +472,9 @@ def layer_curve_cmd(
     feat_size: FeatSize = 28,
     image_size: ImageSize = 224,
     input_norm: InputNorm = "paper",
-    include_all: bool = typer.Option(True, "--all/--no-all", help="Also train one readout over all levels "
-                                     "together (the paper's last column)."),
+    include_all: bool = typer.Option(
+        True, "--all/--no-all", help="Also train one readout over all levels together (the paper's last column)."
+    ),
     profile: Profile = "official",
     epochs: Epochs = None,
     steps: Steps = None,
@@ -381,15 +497,30 @@ def layer_curve_cmd(
     check_out_dir(out, overwrite)
     paddings = tuple(p.strip() for p in backbone_padding.split(",") if p.strip()) if backbone_padding else (None,)
     config = LayerCurveConfig(
-        backbones=tuple(backbone), layers=_layer_list(layers), weights=weights, input_norm=input_norm,
-        paddings=paddings, pos_embeds=tuple(p.strip() for p in pos_embed.split(",") if p.strip()) or ("keep",),
-        patterns=tuple(resolve_patterns(pattern)), kernel_size=kernel_size, depth=depth,
-        readout_padding=readout_padding, feat_size=feat_size, image_size=image_size, profile=profile,
-        train=_train_config(profile, epochs, lr, batch_size, seed, readout_width, steps), seed=seed,
-        device=resolve_device(device), train_dir=str(train) if train else None,
-        test_dir=str(test) if test else None, crops_per_photo=crops_per_photo, include_all=include_all,
-        cache=cache, cache_dir=str(cache_dir) if cache_dir else None, cache_max_gb=cache_max_gb,
-    )  # fmt: skip
+        backbones=tuple(backbone),
+        layers=_layer_list(layers),
+        weights=weights,
+        input_norm=input_norm,
+        paddings=paddings,
+        pos_embeds=tuple(p.strip() for p in pos_embed.split(",") if p.strip()) or ("keep",),
+        patterns=tuple(resolve_patterns(pattern)),
+        kernel_size=kernel_size,
+        depth=depth,
+        readout_padding=readout_padding,
+        feat_size=feat_size,
+        image_size=image_size,
+        profile=profile,
+        train=_train_config(profile, epochs, lr, batch_size, seed, readout_width, steps),
+        seed=seed,
+        device=resolve_device(device),
+        train_dir=str(train) if train else None,
+        test_dir=str(test) if test else None,
+        crops_per_photo=crops_per_photo,
+        include_all=include_all,
+        cache=cache,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        cache_max_gb=cache_max_gb,
+    )
     curve = run_layer_curve(config, progress=not quiet)
     write_layer_curve(curve, out, overwrite)
     for label, facts in curve.resolved.items():
@@ -417,11 +548,27 @@ def cache_ls_cmd(cache_dir: CacheDir = None) -> None:
     rows = []
     for e in entries:
         m = e.manifest or {}
-        state = (f"damaged ({e.damage})" if e.damage else "old format" if e.outdated else "complete" if e.complete
-                 else f"partial {e.rows_done}")  # fmt: skip
+        state = (
+            f"damaged ({e.damage})"
+            if e.damage
+            else "old format"
+            if e.outdated
+            else "complete"
+            if e.complete
+            else f"partial {e.rows_done}"
+        )
         shape = f"{m['rows']}x{m['channels']}x{m['feat_size']}^2" if m else "-"
-        rows.append((e.key[:12], state, str(m.get("backbone", "-")), str(m.get("weights", "-")),
-                     str(m.get("image_set", "-")), shape, f"{e.bytes / GB:.2f}"))  # fmt: skip
+        rows.append(
+            (
+                e.key[:12],
+                state,
+                str(m.get("backbone", "-")),
+                str(m.get("weights", "-")),
+                str(m.get("image_set", "-")),
+                shape,
+                f"{e.bytes / GB:.2f}",
+            )
+        )
     if not rows:
         return
     # every column as wide as its longest value: a weights label ("... stand-in, not ImageNet VGG16") is read whole
@@ -445,20 +592,31 @@ def cache_du_cmd(cache_dir: CacheDir = None) -> None:
     damaged = [e for e in entries if e.damage]
     existing = next(p for p in (cache.root, *cache.root.parents) if p.exists())
     free = shutil.disk_usage(existing).free / GB
-    print(f"{sum(e.bytes for e in entries) / GB:.2f} GB in {cache.root}: {len(done)} complete entries "
-          f"({sum(e.bytes for e in done) / GB:.2f} GB), {len(partial)} partial "
-          f"({sum(e.bytes for e in partial) / GB:.2f} GB)"
-          + (f", {len(outdated)} of an older format, never read ({sum(e.bytes for e in outdated) / GB:.2f} GB; "
-             "'posprobe cache clear --partial' removes them)" if outdated else "")
-          + (f", {len(damaged)} damaged ({sum(e.bytes for e in damaged) / GB:.2f} GB; 'posprobe cache clear "
-             "--damaged' removes them)" if damaged else "")
-          + f"; {free:.1f} GB free")  # fmt: skip
+    print(
+        f"{sum(e.bytes for e in entries) / GB:.2f} GB in {cache.root}: {len(done)} complete entries "
+        f"({sum(e.bytes for e in done) / GB:.2f} GB), {len(partial)} partial "
+        f"({sum(e.bytes for e in partial) / GB:.2f} GB)"
+        + (
+            f", {len(outdated)} of an older format, never read ({sum(e.bytes for e in outdated) / GB:.2f} GB; "
+            "'posprobe cache clear --partial' removes them)"
+            if outdated
+            else ""
+        )
+        + (
+            f", {len(damaged)} damaged ({sum(e.bytes for e in damaged) / GB:.2f} GB; 'posprobe cache clear "
+            "--damaged' removes them)"
+            if damaged
+            else ""
+        )
+        + f"; {free:.1f} GB free"
+    )
 
 
 @cache_app.command("verify")
 def cache_verify_cmd(
-    keys: Optional[list[str]] = typer.Argument(None, help="Key prefixes to verify (as 'cache ls' shows them); "
-                                               "default: every complete entry."),
+    keys: Optional[list[str]] = typer.Argument(
+        None, help="Key prefixes to verify (as 'cache ls' shows them); default: every complete entry."
+    ),
     cache_dir: CacheDir = None,
 ) -> None:
     """Read every complete entry whole against its checksums; damaged ones are moved aside (exit 1 if any)."""
@@ -470,9 +628,14 @@ def cache_verify_cmd(
     for e, damage in results:
         print(f"{e.key[:12]}  {'DAMAGED: ' + damage if damage else 'ok'}  ({e.bytes / GB:.2f} GB)")
     bad = sum(damage is not None for _, damage in results)
-    print(f"verified {len(results)} entr{'y' if len(results) == 1 else 'ies'} in {cache.root}: "
-          + (f"{bad} damaged, moved to {cache.root / 'damaged'} ('posprobe cache clear --damaged' removes them)"
-             if bad else "all match their checksums"))  # fmt: skip
+    print(
+        f"verified {len(results)} entr{'y' if len(results) == 1 else 'ies'} in {cache.root}: "
+        + (
+            f"{bad} damaged, moved to {cache.root / 'damaged'} ('posprobe cache clear --damaged' removes them)"
+            if bad
+            else "all match their checksums"
+        )
+    )
     if bad:
         raise typer.Exit(1)
 
@@ -487,12 +650,21 @@ def _known_keys(cache, keys: Optional[list[str]]) -> None:
 
 @cache_app.command("clear")
 def cache_clear_cmd(
-    keys: Optional[list[str]] = typer.Argument(None, help="Key prefixes to remove (as 'cache ls' shows them); "
-                                               "default: every entry."),
-    partial: bool = typer.Option(False, "--partial", help="Only entries that cannot be used: extractions that did "
-                                 "not finish, damaged entries, and entries of an older cache format."),
-    damaged: bool = typer.Option(False, "--damaged", help="Only damaged entries (moved aside, or whose manifest "
-                                 "or file size is wrong; 'cache verify' checks the data itself)."),
+    keys: Optional[list[str]] = typer.Argument(
+        None, help="Key prefixes to remove (as 'cache ls' shows them); default: every entry."
+    ),
+    partial: bool = typer.Option(
+        False,
+        "--partial",
+        help="Only entries that cannot be used: extractions that did "
+        "not finish, damaged entries, and entries of an older cache format.",
+    ),
+    damaged: bool = typer.Option(
+        False,
+        "--damaged",
+        help="Only damaged entries (moved aside, or whose manifest "
+        "or file size is wrong; 'cache verify' checks the data itself).",
+    ),
     cache_dir: CacheDir = None,
 ) -> None:
     """Remove cache entries (entries another process is writing are left alone)."""
@@ -503,8 +675,10 @@ def cache_clear_cmd(
     removed, freed, busy = cache.clear(keys or None, incomplete_only=partial, damaged_only=damaged)
     print(f"removed {removed} entr{'y' if removed == 1 else 'ies'} ({freed / GB:.2f} GB) from {cache.root}")
     if busy:
-        print(f"left {len(busy)} entr{'y' if len(busy) == 1 else 'ies'} in use by another process: "
-              + ", ".join(k[:12] for k in busy))  # fmt: skip
+        print(
+            f"left {len(busy)} entr{'y' if len(busy) == 1 else 'ies'} in use by another process: "
+            + ", ".join(k[:12] for k in busy)
+        )
 
 
 @app.command("bench")
@@ -530,9 +704,19 @@ def bench_cmd(
 
     results = []
     for name in backbone:
-        result = run_bench(name, weights, n_train, n_test, image_size, epochs=epochs, authors_epochs=authors_epochs,
-                           authors_patterns=authors_patterns, device=resolve_device(device), repeats=repeats,
-                           log=(lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr)))  # fmt: skip
+        result = run_bench(
+            name,
+            weights,
+            n_train,
+            n_test,
+            image_size,
+            epochs=epochs,
+            authors_epochs=authors_epochs,
+            authors_patterns=authors_patterns,
+            device=resolve_device(device),
+            repeats=repeats,
+            log=(lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr)),
+        )
         print(result.report())
         results.append(result.to_dict())
     if json_out:

@@ -16,6 +16,7 @@ not a measurement of the features. The rule:
 
 Both windows lie after the lr decay of every profile (at two thirds), so the step size is the same in both.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,11 +29,13 @@ STILL_FALLING = 0.05
 PLATEAU = 0.9
 CURVE_POINTS = 100  # points of a stored loss curve (window means)
 
-RULE = (f"a readout has not finished training when its mean training loss over the last tenth of the updates is "
-        f"more than {STILL_FALLING:.0%} below the mean over the tenth before (*still falling*) or a loss is not finite "
-        f"(*diverged*); a finished readout draws a *flat map* when that final loss is at least {PLATEAU:.0%} of the "
-        "loss of the best constant map (the target's variance): no position it can read, as a control should, or a "
-        "training collapse (see its loss curve)")  # fmt: skip
+RULE = (
+    f"a readout has not finished training when its mean training loss over the last tenth of the updates is "
+    f"more than {STILL_FALLING:.0%} below the mean over the tenth before (*still falling*) or a loss is not finite "
+    f"(*diverged*); a finished readout draws a *flat map* when that final loss is at least {PLATEAU:.0%} of the "
+    "loss of the best constant map (the target's variance): no position it can read, as a control should, or a "
+    "training collapse (see its loss curve)"
+)
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,18 @@ class Convergence:
         return self.status == "flat map"
 
     def to_dict(self) -> dict:
-        return {"status": self.status, "final_loss": self.final_loss, "late_drop": self.late_drop,
-                "constant_map_loss": self.constant_loss}  # fmt: skip
+        return {
+            "status": self.status,
+            "final_loss": self.final_loss,
+            "late_drop": self.late_drop,
+            "constant_map_loss": self.constant_loss,
+        }
 
     def describe(self) -> str:
-        return (f"{self.status} (final loss {self.final_loss:.4g}, best constant map {self.constant_loss:.4g}, "
-                f"last tenth {-self.late_drop:+.1%})")
+        return (
+            f"{self.status} (final loss {self.final_loss:.4g}, best constant map {self.constant_loss:.4g}, "
+            f"last tenth {-self.late_drop:+.1%})"
+        )
 
 
 def constant_map_loss(target: torch.Tensor) -> float:

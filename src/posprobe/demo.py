@@ -9,6 +9,7 @@ Table 2(b) without the 5x5 row (the paper prints none), Table 4 and Figs. 4-7. T
 ``posprobe reproduce table2a``: its six deep readouts cost ~0.27 s per update each at 32 channels on 2 cores
 (~1.7 s per update of the table), so 500 updates x 3 seeds alone would take over 40 minutes.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -21,18 +22,46 @@ from .study import StudyResult
 from .train import get_profile
 
 DEMO_SEEDS = 3  # so that no verdict rests on one seed's initialisation and batch order
-DEMO_TABLE2B = replace(PRESETS["table2b"], title="Table 2(b): readout kernel size (one layer; 1x1, 3x3, 7x7: the rows "
-                       "the paper prints)", variants=tuple(v for v in PRESETS["table2b"].variants if v.kernel_size != 5))
-DEMO_PRESETS = (PRESETS["table1"], DEMO_TABLE2B, PRESETS["table4"], PRESETS["fig-qualitative"], PRESETS["fig-padding"],
-                PRESETS["fig-content-loss"])  # fmt: skip
+DEMO_TABLE2B = replace(
+    PRESETS["table2b"],
+    title="Table 2(b): readout kernel size (one layer; 1x1, 3x3, 7x7: the rows the paper prints)",
+    variants=tuple(v for v in PRESETS["table2b"].variants if v.kernel_size != 5),
+)
+DEMO_PRESETS = (
+    PRESETS["table1"],
+    DEMO_TABLE2B,
+    PRESETS["table4"],
+    PRESETS["fig-qualitative"],
+    PRESETS["fig-padding"],
+    PRESETS["fig-content-loss"],
+)
 
 
-def run_demo(out: Path, profile: str = "quick", device: str = "cpu", overwrite: bool = False,
-             progress: bool = True, crops_per_photo: int = 8, cache: FeatureCache | None = None,
-             seeds: int = DEMO_SEEDS) -> tuple[str, StudyResult]:  # fmt: skip
+def run_demo(
+    out: Path,
+    profile: str = "quick",
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    crops_per_photo: int = 8,
+    cache: FeatureCache | None = None,
+    seeds: int = DEMO_SEEDS,
+) -> tuple[str, StudyResult]:
     """Run the demo presets on the bundled photos and write the report directory; returns report.md's text
     and the study's result."""
     train, tests = build_image_sets(None, None, DEMO_PRESETS, crops_per_photo=crops_per_photo)
-    return run_reproduce(DEMO_PRESETS, out, get_profile(profile), profile, train, tests, seeds=seeds,
-                         auto_substitute=True, device=device, overwrite=overwrite, progress=progress,
-                         data_label=describe_data(None, None), cache=cache)  # fmt: skip
+    return run_reproduce(
+        DEMO_PRESETS,
+        out,
+        get_profile(profile),
+        profile,
+        train,
+        tests,
+        seeds=seeds,
+        auto_substitute=True,
+        device=device,
+        overwrite=overwrite,
+        progress=progress,
+        data_label=describe_data(None, None),
+        cache=cache,
+    )

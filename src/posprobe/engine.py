@@ -11,6 +11,7 @@ Every cell of one seed trains in the same passes over the features (``joint.trai
 fused first convolutions), from a readout drawn with ``torch.manual_seed(seed)``, so a cell's readout does not
 depend on which other cells train beside it (up to float rounding).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -76,10 +77,17 @@ class Scores:
         spc, err = self.spc.double(), self.mae.double()
         spc_ci, mae_ci = bootstrap(spc), bootstrap(err)
         return {
-            "spc_mean": spc_ci.mean, "spc_lo": spc_ci.lo, "spc_hi": spc_ci.hi, "spc_std": float(spc.std(correction=0)),
-            "mae_mean": mae_ci.mean, "mae_lo": mae_ci.lo, "mae_hi": mae_ci.hi, "mae_std": float(err.std(correction=0)),
-            "n": len(self.ids), "n_constant": int(self.constant.sum()),
-        }  # fmt: skip
+            "spc_mean": spc_ci.mean,
+            "spc_lo": spc_ci.lo,
+            "spc_hi": spc_ci.hi,
+            "spc_std": float(spc.std(correction=0)),
+            "mae_mean": mae_ci.mean,
+            "mae_lo": mae_ci.lo,
+            "mae_hi": mae_ci.hi,
+            "mae_std": float(err.std(correction=0)),
+            "n": len(self.ids),
+            "n_constant": int(self.constant.sum()),
+        }
 
 
 def level_channels(backbone: Backbone, levels: Sequence[str] | None) -> torch.Tensor | None:
@@ -98,14 +106,19 @@ def level_channels(backbone: Backbone, levels: Sequence[str] | None) -> torch.Te
     return torch.tensor(idx)
 
 
-def new_readout(setting: ReadoutSetting, seed: int, in_channels: int, feat_size: int = 28, image_size: int = 224,
-                width: int | None = None) -> Readout:  # fmt: skip
+def new_readout(
+    setting: ReadoutSetting,
+    seed: int,
+    in_channels: int,
+    feat_size: int = 28,
+    image_size: int = 224,
+    width: int | None = None,
+) -> Readout:
     """A readout drawn from ``torch.manual_seed(seed)`` without touching the global random state: the same
     seed and setting give the same initial weights whatever else is drawn around it."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Readout(in_channels, setting.kernel_size, setting.depth, setting.padding, feat_size, image_size,
-                       width)  # fmt: skip
+        return Readout(in_channels, setting.kernel_size, setting.depth, setting.padding, feat_size, image_size, width)
 
 
 def train_cells(
@@ -132,27 +145,39 @@ def train_cells(
         for cell in group:
             channels = level_channels(backbone, cell.setting.levels)
             in_channels = backbone.channels if channels is None else len(channels)
-            readout = new_readout(cell.setting, seed, in_channels, feat_size, image_size,
-                                  config.readout_width(in_channels))  # fmt: skip
+            readout = new_readout(
+                cell.setting, seed, in_channels, feat_size, image_size, config.readout_width(in_channels)
+            )
             label = (labels or {}).get(cell, cell.target)
             jobs.append(ReadoutJob(cell, readout, targets[cell.target], channels, label=label))
         train_readouts(features, jobs, replace(config, seed=seed), device, progress)
         for job in jobs:
-            out[job.key] = TrainedCell(job.key, job.readout, job.channels, job.losses, job.schedule,
-                                       job.convergence(), job.describe())  # fmt: skip
+            out[job.key] = TrainedCell(
+                job.key, job.readout, job.channels, job.losses, job.schedule, job.convergence(), job.describe()
+            )
     return out
 
 
-def score_cells(trained: Mapping[Cell, TrainedCell], test, targets: Mapping[str, torch.Tensor],
-                device: str | torch.device = "cpu", n_preview: int = 0) -> dict[Cell, Scores]:  # fmt: skip
+def score_cells(
+    trained: Mapping[Cell, TrainedCell],
+    test,
+    targets: Mapping[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    n_preview: int = 0,
+) -> dict[Cell, Scores]:
     """Every trained readout's per-image SPC and MAE on ``test`` (one pass over its features for all of them),
     and its first ``n_preview`` predicted maps."""
     ids = list(getattr(test, "ids", range(len(test))))
     out = {}
-    for cell, pred in predict_each({c: t.readout for c, t in trained.items()}, test, device,
-                                   {c: t.channels for c, t in trained.items()},
-                                   {c: t.label for c, t in trained.items()}):  # (N, S, S) each  # fmt: skip
+    for cell, pred in predict_each(
+        {c: t.readout for c, t in trained.items()},
+        test,
+        device,
+        {c: t.channels for c, t in trained.items()},
+        {c: t.label for c, t in trained.items()},
+    ):  # (N, S, S) each
         y = targets[cell.target]
-        out[cell] = Scores(ids, spearman(pred, y), mae(pred, y), is_constant(pred),
-                           pred[:n_preview].clone() if n_preview else None)  # fmt: skip
+        out[cell] = Scores(
+            ids, spearman(pred, y), mae(pred, y), is_constant(pred), pred[:n_preview].clone() if n_preview else None
+        )
     return out

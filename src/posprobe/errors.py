@@ -3,6 +3,7 @@
 The CLI prints ``PosprobeError`` messages on stderr and exits with code 2; library users catch them. An OS error
 (a full disk, a read-only folder, a name too long) is printed the same way, by ``describe_os_error``.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -31,8 +32,11 @@ def describe_os_error(err: OSError) -> str:
     reason = err.strerror or str(err) or type(err).__name__
     code = errno.errorcode.get(err.errno) if isinstance(err.errno, int) else None
     reason += f" ({code})" if code else ""
-    paths = [os.fsdecode(f) if isinstance(f, (str, bytes)) else str(f)
-             for f in (err.filename, err.filename2) if f is not None]  # fmt: skip
+    paths = [
+        os.fsdecode(f) if isinstance(f, (str, bytes)) else str(f)
+        for f in (err.filename, err.filename2)
+        if f is not None
+    ]
     where = " -> ".join(paths)
     hint = _OS_HINTS.get(err.errno)
     return (f"{where}: " if where else "") + reason + (f"; {hint}" if hint else "")

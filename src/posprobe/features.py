@@ -4,6 +4,7 @@ The aligned features are exactly what every readout consumes, and they depend on
 the epoch nor the readout, so a study computes them once per (backbone, image set) and trains from them.
 They are kept as parts (parts.py): levels that alignment upsamples stay at their native size.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -37,8 +38,9 @@ class EncodedSet:
     description: str = ""
 
     @classmethod
-    def from_aligned(cls, name: str, features: torch.Tensor, ids: list[str], skipped: list[str] | None = None,
-                     description: str = "") -> "EncodedSet":  # fmt: skip
+    def from_aligned(
+        cls, name: str, features: torch.Tensor, ids: list[str], skipped: list[str] | None = None, description: str = ""
+    ) -> EncodedSet:
         """Already aligned features (N, C, fs, fs) as one part."""
         if features.dim() != 4:
             raise PosprobeError(f"features must be (N, C, fs, fs); got shape {tuple(features.shape)}")
@@ -46,8 +48,15 @@ class EncodedSet:
         return cls(name, [part], features.shape[-1], ids, list(skipped or []), description)
 
     @classmethod
-    def from_levels(cls, name: str, levels: list[torch.Tensor], feat_size: int, ids: list[str],
-                    skipped: list[str] | None = None, description: str = "") -> "EncodedSet":  # fmt: skip
+    def from_levels(
+        cls,
+        name: str,
+        levels: list[torch.Tensor],
+        feat_size: int,
+        ids: list[str],
+        skipped: list[str] | None = None,
+        description: str = "",
+    ) -> EncodedSet:
         """Encoder levels (N, c_i, h_i, w_i) of every image, split into parts as ``encode`` does."""
         return cls(name, split_levels(levels, feat_size), feat_size, ids, list(skipped or []), description)
 
@@ -63,7 +72,7 @@ class EncodedSet:
         """The aligned features (N, C, fs, fs), float32, channels_last: made on each call, N*C*fs*fs*4 bytes."""
         return FeatureBatch(self.parts, self.feat_size).aligned()
 
-    def head(self, n: int) -> "EncodedSet":
+    def head(self, n: int) -> EncodedSet:
         """The first ``n`` images (views, no copy)."""
         parts = [Part(p.lo, p.hi, p.data[:n], p.native, p.scale) for p in self.parts]
         return EncodedSet(self.name, parts, self.feat_size, self.ids[:n], self.skipped, self.description)
@@ -136,8 +145,13 @@ def encode_batches(
     backbone, channels_last = prepare_encoder(backbone, device)
     workers = default_workers(images) if num_workers is None else num_workers
     subset = _Indexed(images) if start == 0 else Subset(_Indexed(images), range(start, len(images)))
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=_collate,
-                        num_workers=workers if len(subset) > batch_size else 0)  # fmt: skip
+    loader = DataLoader(
+        subset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=_collate,
+        num_workers=workers if len(subset) > batch_size else 0,
+    )
     for idx, batch, failed in loader:
         if batch is None:
             yield idx, None, failed
@@ -174,13 +188,19 @@ def encode(
     batches: list[list[Part]] = []
     kept: list[int] = []
     bad: list[int] = []
-    bar = tqdm(total=len(images), desc=f"encode {name} with {backbone.name}", unit="img", disable=None if progress else True,
-               leave=False)  # fmt: skip
+    bar = tqdm(
+        total=len(images),
+        desc=f"encode {name} with {backbone.name}",
+        unit="img",
+        disable=None if progress else True,
+        leave=False,
+    )
     for idx, parts, failed in encode_batches(backbone, images, feat_size, batch_size, device, num_workers):
         bad += failed
         if strict and failed:
-            raise PosprobeError(f"unreadable image in {name}: {unreadable_list([ids[failed[0]]], images)} "
-                                "(--strict stops at the first)")
+            raise PosprobeError(
+                f"unreadable image in {name}: {unreadable_list([ids[failed[0]]], images)} (--strict stops at the first)"
+            )
         if parts is not None:
             # in host memory as it goes, channels_last as the encoder made it (fast gathers and convolutions)
             batches.append([Part(p.lo, p.hi, p.data.to(dtype).cpu(), p.native) for p in parts])
@@ -190,10 +210,13 @@ def encode(
     skipped = [ids[i] for i in bad]
     if skipped:
         # stacklevel 1: inference_mode's wrapper would attribute it to torch, whose warnings the CLI silences
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) in {name}: {unreadable_list(skipped, images)}",
-                      stacklevel=1)  # fmt: skip
+        warnings.warn(
+            f"skipped {len(skipped)} unreadable image(s) in {name}: {unreadable_list(skipped, images)}", stacklevel=1
+        )
     if not kept:
-        raise PosprobeError(f"none of the {len(images)} image(s) in {name} could be read: "
-                            + unreadable_list(skipped, images))  # fmt: skip
-    return EncodedSet(name, concat_parts(batches), feat_size, [ids[i] for i in kept], skipped,
-                      getattr(images, "description", ""))  # fmt: skip
+        raise PosprobeError(
+            f"none of the {len(images)} image(s) in {name} could be read: " + unreadable_list(skipped, images)
+        )
+    return EncodedSet(
+        name, concat_parts(batches), feat_size, [ids[i] for i in kept], skipped, getattr(images, "description", "")
+    )

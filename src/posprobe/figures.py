@@ -1,4 +1,5 @@
 """The paper's figures, drawn from a StudyResult (predictions of the first test images of each set)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,14 @@ def _label(preset: StudyPreset, result: StudyResult, key: str) -> str:
     return f"{v.label}\n(stand-in: {ran['ran_as']})" if ran.get("substituted") else v.label
 
 
-def _grid(path: Path, rows: list[tuple[str, torch.Tensor, list[tuple[str, torch.Tensor | None, str]]]],
-          title: str, cmap: str = "gray", vmax: float = 1.0, colorbar: str | None = None) -> None:  # fmt: skip
+def _grid(
+    path: Path,
+    rows: list[tuple[str, torch.Tensor, list[tuple[str, torch.Tensor | None, str]]]],
+    title: str,
+    cmap: str = "gray",
+    vmax: float = 1.0,
+    colorbar: str | None = None,
+) -> None:
     """rows: (row label, input image (3,H,W), [(column title, map (H,W) or None, annotation)]).
 
     colorbar: a label for a colour bar at the right, for maps whose colours stand for values (not pictures);
@@ -77,7 +84,9 @@ def qualitative(result: StudyResult, preset: StudyPreset, out_dir: Path) -> list
             cells = [(f"target {pattern}", target, "")]
             for v in preset.variants:
                 pred = result.previews[(preset.name, v.key, pattern, "natural")][i]
-                cells.append((_label(preset, result, v.key), pred, _spc_note(result, preset, v.key, pattern, "natural", i)))
+                cells.append(
+                    (_label(preset, result, v.key), pred, _spc_note(result, preset, v.key, pattern, "natural", i))
+                )
             rows.append((name, image, cells))
         path = out_dir / f"{preset.name}_{pattern}.png"
         _grid(path, rows, f"{preset.title}: pattern {pattern}")
@@ -116,8 +125,12 @@ def content_loss(result: StudyResult, preset: StudyPreset, out_dir: Path) -> lis
     for i, (name, image) in enumerate(zip(ids, images)):
         cells = []
         for v in preset.variants:
-            loss = sum((result.previews[(preset.name, v.key, p, "natural")][i] - targets[p]).abs()
-                       for p in ("H", "V", "G")) / 3  # (H, W)  # fmt: skip
+            loss = (
+                sum(
+                    (result.previews[(preset.name, v.key, p, "natural")][i] - targets[p]).abs() for p in ("H", "V", "G")
+                )
+                / 3
+            )  # (H, W)
             cells.append((_label(preset, result, v.key), loss, f"\nmean L {float(loss.mean()):.3f}"))
         rows.append((name, image, cells))
     path = out_dir / f"{preset.name}.png"

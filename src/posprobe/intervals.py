@@ -17,6 +17,7 @@ a step is *up* when its 95% interval lies above 0, *down* when below, *unresolve
 measures the optimiser, not the features, and decides nothing. The direction is **reproduced** when every
 step is up, **not reproduced** when a step is down, **inconclusive** otherwise.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,10 +31,12 @@ RESAMPLES = 2000
 # features: such a cell is marked, since its training, although finished by convergence.RULE, has not settled.
 SEED_SPREAD_LIMIT = 0.03
 
-TEST = (f"each step's mean SPC difference (same images, same seeds) with a {LEVEL:.0%} two-way bootstrap "
-        f"interval over test images and seeds ({RESAMPLES:,} resamples); a step is up when the interval lies above "
-        "0, down when below, unresolved otherwise, and decides nothing when a readout of either cell did not finish "
-        "in some seed; reproduced = every step up, not reproduced = a step down, inconclusive = otherwise")  # fmt: skip
+TEST = (
+    f"each step's mean SPC difference (same images, same seeds) with a {LEVEL:.0%} two-way bootstrap "
+    f"interval over test images and seeds ({RESAMPLES:,} resamples); a step is up when the interval lies above "
+    "0, down when below, unresolved otherwise, and decides nothing when a readout of either cell did not finish "
+    "in some seed; reproduced = every step up, not reproduced = a step down, inconclusive = otherwise"
+)
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,12 @@ def bootstrap(values: torch.Tensor, level: float = LEVEL, resamples: int = RESAM
     rows = torch.randint(s, (resamples, s), generator=gen) if s > 1 else torch.zeros(resamples, 1, dtype=torch.long)
     cols = torch.randint(n, (resamples, n), generator=gen) if n > 1 else torch.zeros(resamples, 1, dtype=torch.long)
     chunk = max(1, (1 << 22) // (rows.shape[1] * cols.shape[1]))  # resamples per pass: ~32 MB of float64
-    means = torch.cat([grid[rows[i : i + chunk, :, None], cols[i : i + chunk, None, :]].mean((1, 2))  # (r, S', N')
-                       for i in range(0, resamples, chunk)])  # fmt: skip
+    means = torch.cat(
+        [
+            grid[rows[i : i + chunk, :, None], cols[i : i + chunk, None, :]].mean((1, 2))  # (r, S', N')
+            for i in range(0, resamples, chunk)
+        ]
+    )
     tail = (1 - level) / 2
     lo, hi = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return Interval(mean, lo, hi)

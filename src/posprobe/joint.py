@@ -13,6 +13,7 @@ shared pass cheap, none of which changes what is minimised:
   is computed from the small map: ``|U m - y|^2 = m.(M m) - 2 m.(U^T y) + |y|^2`` with ``M = U^T U``
   separable (``MapLoss``), in float64. Predictions are still upsampled as the readout does it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,8 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import PosprobeError
-from .readout import UpsampledHead
 from .parts import FeatureBatch, interp_matrix
+from .readout import UpsampledHead
 from .sources import as_source
 
 
@@ -112,10 +113,17 @@ def _fusable_conv(readout: nn.Module) -> nn.Conv2d | None:
     if not isinstance(head, nn.Sequential) or not _known(readout):
         return None
     conv = head[0]
-    ok = (isinstance(conv, nn.Conv2d) and conv.out_channels == 1 and conv.groups == 1
-          and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
-          and isinstance(conv.padding, tuple) and conv.padding[0] == conv.padding[1]
-          and conv.kernel_size[0] == conv.kernel_size[1])  # fmt: skip
+    ok = (
+        isinstance(conv, nn.Conv2d)
+        and conv.out_channels == 1
+        and conv.groups == 1
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+        and conv.padding[0] == conv.padding[1]
+        and conv.kernel_size[0] == conv.kernel_size[1]
+    )
     return conv if ok else None
 
 
@@ -143,8 +151,12 @@ def plan_groups(jobs: Sequence) -> tuple[list[_Group], list[int]]:
             single.append(j)
             continue
         channels = getattr(job, "channels", None)
-        key = (conv.kernel_size, conv.padding, conv.bias is not None,
-               None if channels is None else tuple(int(c) for c in channels))  # fmt: skip
+        key = (
+            conv.kernel_size,
+            conv.padding,
+            conv.bias is not None,
+            None if channels is None else tuple(int(c) for c in channels),
+        )
         groups.setdefault(key, _Group([], channels, conv.padding[0])).members.append(j)
     return list(groups.values()), single
 
@@ -217,16 +229,22 @@ def train_jobs(features, jobs: list, config, device: str | torch.device = "cpu",
     for job in jobs:
         job.readout.to(device).train()
         job.target = job.target.to(device)
-        opt = torch.optim.SGD(job.readout.parameters(), lr=config.lr, momentum=config.momentum,
-                              weight_decay=config.weight_decay)  # fmt: skip
+        opt = torch.optim.SGD(
+            job.readout.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
         opts.append(opt)
         scheds.append(torch.optim.lr_scheduler.MultiStepLR(opt, list(schedule.milestones), config.lr_gamma))
     groups, single = plan_groups(jobs)
     losses = [_JobLoss(job) for job in jobs]
     curves = torch.zeros(len(jobs), schedule.updates, dtype=torch.float64, device=device)  # synced once, at the end
     gen = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(total=schedule.updates, desc=f"train {len(jobs)} readout(s)", unit="update",
-               disable=None if progress else True, leave=False)  # fmt: skip
+    bar = tqdm(
+        total=schedule.updates,
+        desc=f"train {len(jobs)} readout(s)",
+        unit="update",
+        disable=None if progress else True,
+        leave=False,
+    )
     step = checked = 0
     # a non-finite loss stops training: on the CPU every update (no sync to wait for), elsewhere every
     # LOSS_CHECK_EVERY updates and at the end, so the accelerator is never made to wait on each update
@@ -297,10 +315,14 @@ class _Reader:
 
 
 @torch.inference_mode()
-def predict_source(readouts: Mapping[str, nn.Module], features, batch_size: int = 64,
-                   device: str | torch.device = "cpu",
-                   channels: Mapping[str, torch.Tensor | None] | None = None,
-                   labels: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+def predict_source(
+    readouts: Mapping[str, nn.Module],
+    features,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    channels: Mapping[str, torch.Tensor | None] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> dict[str, torch.Tensor]:
     """(N, S, S) maps of every eval-mode readout, in one pass over ``features`` (any source).
 
     Readouts that training would fuse are evaluated the same way (one convolution, native-size levels). The
@@ -350,13 +372,22 @@ def check_predictions(maps: torch.Tensor | None, readout, ids: Sequence[str] | N
     )
 
 
-def predict_each(readouts: Mapping, features, device: str | torch.device = "cpu", channels: Mapping | None = None,
-                 labels: Mapping | None = None) -> Iterator[tuple[object, torch.Tensor]]:  # fmt: skip
+def predict_each(
+    readouts: Mapping,
+    features,
+    device: str | torch.device = "cpu",
+    channels: Mapping | None = None,
+    labels: Mapping | None = None,
+) -> Iterator[tuple[object, torch.Tensor]]:
     """(key, (N, S, S) maps) for every readout, ``PREDICT_CHUNK`` readouts per pass over ``features``: only one
     pass's maps are in memory at a time (35 readouts' maps of PASCAL-S's 850 images would be 6 GB)."""
     keys = list(readouts)
     for i in range(0, len(keys), PREDICT_CHUNK):
         chunk = keys[i : i + PREDICT_CHUNK]
-        yield from predict_source({k: readouts[k] for k in chunk}, features, device=device,
-                                  channels={k: (channels or {}).get(k) for k in chunk},
-                                  labels={k: (labels or {}).get(k, k) for k in chunk}).items()  # fmt: skip
+        yield from predict_source(
+            {k: readouts[k] for k in chunk},
+            features,
+            device=device,
+            channels={k: (channels or {}).get(k) for k in chunk},
+            labels={k: (labels or {}).get(k, k) for k in chunk},
+        ).items()

@@ -6,6 +6,7 @@ Each curve encodes the image sets once with all its levels; one readout per (lev
 only that level's channels of the shared features (``ReadoutJob.channels``), and all of a curve's
 readouts train in one pass. "all" is the paper's last column: one readout over every level together.
 """
+
 from __future__ import annotations
 
 import time
@@ -22,8 +23,8 @@ from .engine import Cell, ReadoutSetting, score_cells, train_cells
 from .errors import PosprobeError
 from .plots import layer_curve_plot
 from .readout import check_readout_config
-from .rundir import atomic_run_dir, environment, write_csv, write_json
 from .run import ReadoutSettings
+from .rundir import atomic_run_dir, environment, write_csv, write_json
 from .targets import make_target, resolve_patterns
 
 ALL = "all"
@@ -79,7 +80,8 @@ def curves_of(config: LayerCurveConfig) -> list[Curve]:
         for padding in config.paddings:
             for pos in config.pos_embeds:
                 notes = ([f"padding {padding}"] if padding is not None and len(config.paddings) > 1 else []) + (
-                    [f"pos-embed {pos}"] if len(config.pos_embeds) > 1 else [])  # fmt: skip
+                    [f"pos-embed {pos}"] if len(config.pos_embeds) > 1 else []
+                )
                 label = entry + (f" ({', '.join(notes)})" if notes else "")
                 curves.append(Curve(label, name, layers, padding, pos))
     labels = [c.label for c in curves]
@@ -110,9 +112,15 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
     backbones = {}
     for c in curves:  # build and dry-run every backbone before any heavy work: bad settings fail first
         backbones[c.label] = create_backbone(
-            c.backbone, config.weights, config.seed, config.input_norm, layers=c.layers, padding=c.padding,
-            pos_embed=c.pos_embed, image_size=config.image_size,
-        )  # fmt: skip
+            c.backbone,
+            config.weights,
+            config.seed,
+            config.input_norm,
+            layers=c.layers,
+            padding=c.padding,
+            pos_embed=c.pos_embed,
+            image_size=config.image_size,
+        )
         backbones[c.label].level_shapes(config.image_size)
     started = time.perf_counter()
     train_set, test_set = config.image_sets()
@@ -122,21 +130,48 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
     for c in curves:
         backbone = backbones[c.label]
         # the test set first: it is small, and an unreadable one then fails before the costly training pass
-        test = encode_images(backbone, test_set, config.feat_size, device=config.device, progress=progress,
-                             cache=cache, allow_stream=False)  # fmt: skip
-        train = encode_images(backbone, train_set, config.feat_size, device=config.device, progress=progress,
-                              cache=cache)  # fmt: skip
-        data = {"train": {"description": train.description, "n": len(train), "skipped": train.skipped},
-                "test": {"description": test.description, "n": len(test), "skipped": test.skipped}}  # fmt: skip
+        test = encode_images(
+            backbone,
+            test_set,
+            config.feat_size,
+            device=config.device,
+            progress=progress,
+            cache=cache,
+            allow_stream=False,
+        )
+        train = encode_images(
+            backbone, train_set, config.feat_size, device=config.device, progress=progress, cache=cache
+        )
+        data = {
+            "train": {"description": train.description, "n": len(train), "skipped": train.skipped},
+            "test": {"description": test.description, "n": len(test), "skipped": test.skipped},
+        }
         levels: list[str | None] = [lv.name for lv in backbone.levels]
         if config.include_all and len(levels) > 1:
             levels.append(None)  # every level together
-        cells = {Cell(ReadoutSetting(config.kernel_size, config.depth, config.readout_padding,
-                                     None if level is None else (level,)), p, config.seed): level or ALL
-                 for level in levels for p in patterns}  # fmt: skip
-        trained = train_cells(train, list(cells), targets, backbone, config.train, config.feat_size,
-                              config.image_size, config.device, progress,
-                              {cell: f"{level} / {cell.target}" for cell, level in cells.items()})  # fmt: skip
+        cells = {
+            Cell(
+                ReadoutSetting(
+                    config.kernel_size, config.depth, config.readout_padding, None if level is None else (level,)
+                ),
+                p,
+                config.seed,
+            ): level or ALL
+            for level in levels
+            for p in patterns
+        }
+        trained = train_cells(
+            train,
+            list(cells),
+            targets,
+            backbone,
+            config.train,
+            config.feat_size,
+            config.image_size,
+            config.device,
+            progress,
+            {cell: f"{level} / {cell.target}" for cell, level in cells.items()},
+        )
         scores = score_cells(trained, test, targets, config.device)
         shapes = backbone.level_shapes(config.image_size)
         n_levels = len(backbone.levels)
@@ -144,25 +179,40 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
             p, done = cell.target, trained[cell]
             i = next((k for k, lv in enumerate(backbone.levels) if lv.name == level), None)
             lv = backbone.levels[i] if i is not None else None
-            rows.append({
-                "curve": c.label, "backbone": c.backbone, "padding": c.padding or "model", "pos_embed": c.pos_embed,
-                "level": level, "index": i if i is not None else "",
-                "depth": (i / (n_levels - 1) if n_levels > 1 else 0.0) if i is not None else "",
-                "channels": lv.channels if lv else backbone.channels, "stride": lv.stride if lv else "",
-                "size": f"{shapes[i][1]}x{shapes[i][2]}" if i is not None else "",
-                "pattern": p, "test_set": test.name, **scores[cell].summary(), "updates": done.schedule.updates,
-                "convergence": done.convergence.status,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "curve": c.label,
+                    "backbone": c.backbone,
+                    "padding": c.padding or "model",
+                    "pos_embed": c.pos_embed,
+                    "level": level,
+                    "index": i if i is not None else "",
+                    "depth": (i / (n_levels - 1) if n_levels > 1 else 0.0) if i is not None else "",
+                    "channels": lv.channels if lv else backbone.channels,
+                    "stride": lv.stride if lv else "",
+                    "size": f"{shapes[i][1]}x{shapes[i][2]}" if i is not None else "",
+                    "pattern": p,
+                    "test_set": test.name,
+                    **scores[cell].summary(),
+                    "updates": done.schedule.updates,
+                    "convergence": done.convergence.status,
+                }
+            )
             losses[f"{c.label} | {level} | {p}"] = loss_curve(done.losses)
             verdicts[f"{c.label} | {level} | {p}"] = done.convergence
         resolved[c.label] = {
-            "backbone": c.backbone, "weights": backbone.weights_label, "input_norm": backbone.input_norm,
-            "interpolation": backbone.interpolation, "levels": [asdict(lv) for lv in backbone.levels],
-            "level_shapes": shapes, "exact_strides": backbone.spec.exact_strides,
+            "backbone": c.backbone,
+            "weights": backbone.weights_label,
+            "input_norm": backbone.input_norm,
+            "interpolation": backbone.interpolation,
+            "levels": [asdict(lv) for lv in backbone.levels],
+            "level_shapes": shapes,
+            "exact_strides": backbone.spec.exact_strides,
             "backbone_padding": backbone.padding_report.to_dict() if backbone.padding_report else None,
-            "pos_embed": backbone.pos_embed_note, "input": backbone.input_description,
+            "pos_embed": backbone.pos_embed_note,
+            "input": backbone.input_description,
             "schedule": next(iter(trained.values())).schedule.to_dict(),
-        }  # fmt: skip
+        }
     return LayerCurve(config, rows, resolved, losses, data, {"total": time.perf_counter() - started}, verdicts)
 
 
@@ -177,8 +227,10 @@ def format_curve_table(rows: list[dict]) -> str:
         meta[(r["curve"], r["level"])] = r
     for key, spc in seen.items():
         r = meta[key]
-        lines.append(f"{key[0][:43]:<44}{key[1][:21]:<22}{r['stride']!s:>7}{r['size']:>9}"
-                     + "".join(f"{spc.get(p, float('nan')):>10.3f}" for p in patterns))  # fmt: skip
+        lines.append(
+            f"{key[0][:43]:<44}{key[1][:21]:<22}{r['stride']!s:>7}{r['size']:>9}"
+            + "".join(f"{spc.get(p, float('nan')):>10.3f}" for p in patterns)
+        )
     return "\n".join(lines)
 
 
@@ -187,8 +239,10 @@ def write_layer_curve(curve: LayerCurve, out: Path, overwrite: bool = False) -> 
     with atomic_run_dir(out, overwrite) as tmp:
         write_json(tmp / "config.json", {**curve.config.to_dict(), "resolved": curve.resolved, "data": curve.data})
         write_csv(tmp / "layer_curve.csv", curve.rows)
-        write_json(tmp / "metrics.json", {"rows": curve.rows, "train_loss_curve": curve.losses,
-                                          "convergence_rule": RULE, "seconds": curve.seconds})  # fmt: skip
+        write_json(
+            tmp / "metrics.json",
+            {"rows": curve.rows, "train_loss_curve": curve.losses, "convergence_rule": RULE, "seconds": curve.seconds},
+        )
         write_json(tmp / "environment.json", environment(curve.config.device))
         points: dict[str, dict[str, list[tuple[float, str, float]]]] = {}
         bars: dict[str, dict[str, list[tuple[float, float]]]] = {}
@@ -198,12 +252,18 @@ def write_layer_curve(curve: LayerCurve, out: Path, overwrite: bool = False) -> 
                 together.setdefault(r["curve"], {})[r["pattern"]] = r["spc_mean"]
             else:
                 points.setdefault(r["curve"], {}).setdefault(r["pattern"], []).append(
-                    (float(r["depth"]), r["level"], r["spc_mean"]))  # fmt: skip
+                    (float(r["depth"]), r["level"], r["spc_mean"])
+                )
                 bars.setdefault(r["curve"], {}).setdefault(r["pattern"], []).append((r["spc_lo"], r["spc_hi"]))
         cfg = curve.config
         stand_ins = {label for label, r in curve.resolved.items() if "stand-in" in str(r["weights"])}
-        layer_curve_plot(tmp / "layer_curve.png", points, together,
-                         title=f"SPC of one level at a time on {curve.rows[0]['test_set']} "
-                               f"({cfg.image_size} px, readout k={cfg.kernel_size})", stand_ins=stand_ins,
-                         intervals=bars)  # fmt: skip
+        layer_curve_plot(
+            tmp / "layer_curve.png",
+            points,
+            together,
+            title=f"SPC of one level at a time on {curve.rows[0]['test_set']} "
+            f"({cfg.image_size} px, readout k={cfg.kernel_size})",
+            stand_ins=stand_ins,
+            intervals=bars,
+        )
     return out

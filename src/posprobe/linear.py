@@ -32,6 +32,7 @@ for any ridge shift is a closed form, so one sketch serves every alpha. It chang
 never the system solved: ResNet-152 at k=3 took 6,981 passes without it and 228 with it (benchmarks/RESULTS.md);
 ``cg_rank=0`` turns it off; ``residual_`` reports how far CG got.
 """
+
 from __future__ import annotations
 
 import time
@@ -48,8 +49,8 @@ from .engine import Scores
 from .errors import PosprobeError, unknown_choice
 from .joint import MapLoss, conv_parts, predict_source
 from .metrics import is_constant, mae, spearman
-from .readout import UpsampledHead, align, check_readout_config, readout_map_size
 from .parts import FeatureBatch
+from .readout import UpsampledHead, align, check_readout_config, readout_map_size
 from .sources import as_source, memory_budget_bytes
 from .targets import PATTERNS, probe_targets
 
@@ -62,8 +63,9 @@ SOLVERS = ("auto", "direct", "cg")
 class LinearReadout(UpsampledHead):
     """One k x k convolution C -> 1 with bias, upsampled bilinearly (align_corners=False) to ``out_size``."""
 
-    def __init__(self, in_channels: int, kernel_size: int = 3, padding: int = 0, feat_size: int = 28,
-                 out_size: int = 224):  # fmt: skip
+    def __init__(
+        self, in_channels: int, kernel_size: int = 3, padding: int = 0, feat_size: int = 28, out_size: int = 224
+    ):
         super().__init__()
         check_readout_config(feat_size, kernel_size, 1, padding)
         self.in_channels, self.kernel_size, self.depth, self.padding = in_channels, kernel_size, 1, padding
@@ -81,7 +83,7 @@ class LinearReadout(UpsampledHead):
             levels = [levels]
         return self.forward_aligned(align(levels, self.feat_size))
 
-    def set_vector(self, v: torch.Tensor) -> "LinearReadout":
+    def set_vector(self, v: torch.Tensor) -> LinearReadout:
         """Load the solution vector (D,) = (weights in (c, dy, dx) order, bias)."""
         conv = self.head[0]
         with torch.no_grad():
@@ -99,8 +101,17 @@ def _vectors_to_conv(v: torch.Tensor, channels: int, k: int) -> tuple[torch.Tens
 class _Problem:
     """The quadratic objective on a feature source, and the statistics of one streaming pass over it."""
 
-    def __init__(self, source, channels: int, kernel_size: int, padding: int, targets: dict[str, torch.Tensor],
-                 batch_size: int, device: torch.device, progress: bool):  # fmt: skip
+    def __init__(
+        self,
+        source,
+        channels: int,
+        kernel_size: int,
+        padding: int,
+        targets: dict[str, torch.Tensor],
+        batch_size: int,
+        device: torch.device,
+        progress: bool,
+    ):
         self.source, self.c, self.k, self.p = source, channels, kernel_size, padding
         self.fs = source.feat_size
         self.s = readout_map_size(self.fs, kernel_size, 1, padding)
@@ -126,8 +137,11 @@ class _Problem:
         out = []
         chunk = max(1, int((256 << 20) // (8 * self.dim * self.s * self.s * 2)))  # images per unfold (<= 256 MB)
         for idx in splits:
-            st = {"n": len(idx), "sq": torch.zeros(self.c, dtype=torch.float64, device=self.device),
-                  "b": torch.zeros(self.dim, len(self.names), dtype=torch.float64, device=self.device)}  # fmt: skip
+            st = {
+                "n": len(idx),
+                "sq": torch.zeros(self.c, dtype=torch.float64, device=self.device),
+                "b": torch.zeros(self.dim, len(self.names), dtype=torch.float64, device=self.device),
+            }
             if gram:
                 st["A"] = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
             for _, batch in self.batches(idx):
@@ -198,7 +212,9 @@ def _scales(stats: list[dict], channels: int, k: int, fs: int) -> torch.Tensor:
     return torch.cat([ms.repeat_interleave(k * k), ms.new_ones(1)])
 
 
-def _solve_direct(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, shifts: Sequence[float]) -> list[torch.Tensor | None]:
+def _solve_direct(
+    a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, shifts: Sequence[float]
+) -> list[torch.Tensor | None]:
     """v for (S A S + shift I) S^-1 v = S b with S = diag(d^-1/2), for every shift: (D, P) or None if singular."""
     s = d.rsqrt()
     a_hat = s[:, None] * a * s[None, :]
@@ -246,9 +262,15 @@ def sketch_basis(dim: int, rank: int, seed: int = 0) -> torch.Tensor:
     return torch.linalg.qr(gauss).Q
 
 
-def conjugate_gradients(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, shifts: Sequence[float],
-                        precond: NystromPreconditioner | None = None, tol: float = 1e-6, max_iter: int = 1000,
-                        progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+def conjugate_gradients(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    shifts: Sequence[float],
+    precond: NystromPreconditioner | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 1000,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Solve (A + shift I) x = b for every shift and every column of b (D, P) by (preconditioned) CG.
 
     A is symmetric positive semi-definite and given only through ``matvec`` ((D, Q) -> (D, Q)), which is the
@@ -347,8 +369,16 @@ class LinearProbe:
     def encode(self, images):
         """Raw images -> features (via the cache when one is set); features pass through."""
 
-        return encode_images(self.backbone, images, self.feat_size, self.encode_batch_size, self.device,
-                             strict=self.strict, progress=self.progress, cache=self.cache)  # fmt: skip
+        return encode_images(
+            self.backbone,
+            images,
+            self.feat_size,
+            self.encode_batch_size,
+            self.device,
+            strict=self.strict,
+            progress=self.progress,
+            cache=self.cache,
+        )
 
     def _split(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if len(self.alphas) == 1 or self.holdout == 0 or n < 4:
@@ -357,14 +387,17 @@ class LinearProbe:
         n_val = max(1, round(self.holdout * n))
         return perm[n_val:].sort().values, perm[:n_val].sort().values
 
-    def fit(self, images: Dataset) -> "LinearProbe":
+    def fit(self, images: Dataset) -> LinearProbe:
         started = time.perf_counter()
         source = as_source(self.encode(images))
         channels = source.channels
         if self.backbone is not None and channels != self.backbone.channels:
-            raise PosprobeError(f"features have {channels} channels; {self.backbone.name} declares {self.backbone.channels}")
-        prob = _Problem(source, channels, self.kernel_size, self.padding, self.targets, self.batch_size, self.device,
-                        self.progress)  # fmt: skip
+            raise PosprobeError(
+                f"features have {channels} channels; {self.backbone.name} declares {self.backbone.channels}"
+            )
+        prob = _Problem(
+            source, channels, self.kernel_size, self.padding, self.targets, self.batch_size, self.device, self.progress
+        )
         solver = self.solver
         if solver == "auto":
             limit = self.max_direct_inputs
@@ -389,8 +422,11 @@ class LinearProbe:
             fit_st = stats[0]
             shifts = [a * fit_st["n"] * prob.trace_m for a in self.alphas]
             if solver == "direct":
-                solved = [(a, v) for a, v in zip(self.alphas, _solve_direct(fit_st["A"], fit_st["b"], d, shifts))
-                          if v is not None]  # fmt: skip
+                solved = [
+                    (a, v)
+                    for a, v in zip(self.alphas, _solve_direct(fit_st["A"], fit_st["b"], d, shifts))
+                    if v is not None
+                ]
             else:
                 xs, _, its = self._cg(prob, fit_idx, fit_st["b"], d, shifts, fit_pc)
                 self.iterations_ += its
@@ -425,9 +461,11 @@ class LinearProbe:
         if solver == "cg":
             self.residual_ = {name: float(res[chosen[name]][pi]) for pi, name in enumerate(prob.names)}
         self.readouts_ = {
-            name: LinearReadout(channels, self.kernel_size, self.padding, self.feat_size, self.image_size).set_vector(v[:, pi].cpu())
+            name: LinearReadout(channels, self.kernel_size, self.padding, self.feat_size, self.image_size).set_vector(
+                v[:, pi].cpu()
+            )
             for pi, name in enumerate(prob.names)
-        }  # fmt: skip
+        }
         self.alpha_ = chosen
         self.train_mse_ = {name: float(m) for name, m in zip(prob.names, train_mse)}
         self.solver_, self.inputs_ = solver, prob.dim
@@ -437,8 +475,9 @@ class LinearProbe:
         self.seconds_ = time.perf_counter() - started
         return self
 
-    def _preconditioners(self, prob: _Problem, splits: Sequence[torch.Tensor], d: torch.Tensor
-                         ) -> tuple[NystromPreconditioner | None, NystromPreconditioner | None]:  # fmt: skip
+    def _preconditioners(
+        self, prob: _Problem, splits: Sequence[torch.Tensor], d: torch.Tensor
+    ) -> tuple[NystromPreconditioner | None, NystromPreconditioner | None]:
         """For the first split and for all of them (standardised): one pass of ``cg_rank`` columns per split."""
         rank = min(self.cg_rank, prob.dim)
         if not rank:
@@ -449,16 +488,24 @@ class LinearProbe:
         whole = NystromPreconditioner(omega, sum(parts))
         return (NystromPreconditioner(omega, parts[0]) if len(parts) > 1 else whole), whole
 
-    def _cg(self, prob: _Problem, idx: torch.Tensor, b: torch.Tensor, d: torch.Tensor, shifts: Sequence[float],
-            precond: NystromPreconditioner | None):  # fmt: skip
+    def _cg(
+        self,
+        prob: _Problem,
+        idx: torch.Tensor,
+        b: torch.Tensor,
+        d: torch.Tensor,
+        shifts: Sequence[float],
+        precond: NystromPreconditioner | None,
+    ):
         """Preconditioned CG in standardised coordinates; returns solutions in original coordinates (L, D, P)."""
         s = d.rsqrt()
 
         def matvec(v_hat: torch.Tensor) -> torch.Tensor:
             return s[:, None] * prob.matvec(idx, s[:, None] * v_hat)
 
-        x_hat, res, its = conjugate_gradients(matvec, s[:, None] * b, shifts, precond, self.cg_tol, self.cg_max_iter,
-                                              self.progress)  # fmt: skip
+        x_hat, res, its = conjugate_gradients(
+            matvec, s[:, None] * b, shifts, precond, self.cg_tol, self.cg_max_iter, self.progress
+        )
         return s[None, :, None] * x_hat, res, its
 
     def _check_fitted(self) -> None:
@@ -485,8 +532,15 @@ class LinearProbe:
         """What was fitted, for reports: solver, inputs, alpha, train MSE (and CG passes, residuals, preconditioner)."""
         self._check_fitted()
         converged = all(r <= self.cg_tol for r in self.residual_.values())
-        return {"solver": self.solver_, "inputs": self.inputs_, "alpha": self.alpha_, "train_mse": self.train_mse_,
-                "val_mse": self.val_mse_, "cg_iterations": self.iterations_, "cg_residual": self.residual_,
-                "cg_converged": converged, "cg_preconditioner": self.preconditioner_,
-                "seconds": self.seconds_}  # fmt: skip
-
+        return {
+            "solver": self.solver_,
+            "inputs": self.inputs_,
+            "alpha": self.alpha_,
+            "train_mse": self.train_mse_,
+            "val_mse": self.val_mse_,
+            "cg_iterations": self.iterations_,
+            "cg_residual": self.residual_,
+            "cg_converged": converged,
+            "cg_preconditioner": self.preconditioner_,
+            "seconds": self.seconds_,
+        }

@@ -10,6 +10,7 @@ pass for a score. ``scipy.stats.spearmanr`` gives NaN for a NaN too (NaN != NaN 
 its own rank and a plausible SPC near 0); for an infinity it ranks it last and returns a number, where a map
 that overflowed is refused here as well.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,9 +26,7 @@ def _flatten(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, to
     elif target.shape == pred.shape:
         t = target.reshape(b, -1)
     else:
-        raise ValueError(
-            f"target shape {tuple(target.shape)} matches neither pred {tuple(pred.shape)} nor its maps"
-        )
+        raise ValueError(f"target shape {tuple(target.shape)} matches neither pred {tuple(pred.shape)} nor its maps")
     return p, t
 
 
@@ -55,9 +54,7 @@ def rankdata(x: torch.Tensor) -> torch.Tensor:
     group = torch.cumsum(new_group.long(), dim=1) - 1  # (B, N) tie-group index in sorted order
     positions = torch.arange(1, n + 1, dtype=torch.float64, device=x.device).expand(b, n)
     sums = torch.zeros(b, n, dtype=torch.float64, device=x.device).scatter_add_(1, group, positions)
-    counts = torch.zeros(b, n, dtype=torch.float64, device=x.device).scatter_add_(
-        1, group, torch.ones_like(positions)
-    )
+    counts = torch.zeros(b, n, dtype=torch.float64, device=x.device).scatter_add_(1, group, torch.ones_like(positions))
     avg_sorted = torch.gather(sums / counts.clamp(min=1), 1, group)  # (B, N) rank of each sorted entry
     ranks = torch.empty_like(avg_sorted)
     ranks.scatter_(1, order, avg_sorted)

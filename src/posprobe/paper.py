@@ -1,4 +1,5 @@
 """The paper's printed numbers, shipped as data (resources/paper_values.json), and their lookup."""
+
 from __future__ import annotations
 
 import json

@@ -10,6 +10,7 @@ that are stored aligned are merged into one part. ``FeatureBatch.aligned()`` giv
 A stored part may be float16 with a power-of-two ``scale`` (the cache keeps large features that way): its
 values are ``data * scale``, with float16's 11 significant bits wherever |value| > 6.1e-5 * scale.
 """
+
 from __future__ import annotations
 
 import functools
@@ -78,8 +79,9 @@ class Part:
     native: bool
     scale: float = 1.0
 
-    def values(self, rows: torch.Tensor | slice | None = None, device: str | torch.device | None = None
-               ) -> torch.Tensor:  # fmt: skip
+    def values(
+        self, rows: torch.Tensor | slice | None = None, device: str | torch.device | None = None
+    ) -> torch.Tensor:
         """The part's (selected rows') values as float32, channels_last, on ``device``."""
         x = self.data if rows is None else self.data[rows]
         x = x.to(device=device if device is not None else x.device, dtype=torch.float32)
@@ -102,7 +104,9 @@ def split_levels(levels: Sequence[torch.Tensor], feat_size: int) -> list[Part]:
             group.append(levels[i])
             i += 1
         data = group[0] if plan.native is not None else align(group, feat_size)
-        parts.append(Part(plan.lo, plan.hi, data.contiguous(memory_format=torch.channels_last), plan.native is not None))
+        parts.append(
+            Part(plan.lo, plan.hi, data.contiguous(memory_format=torch.channels_last), plan.native is not None)
+        )
     return parts
 
 
@@ -137,13 +141,15 @@ class FeatureBatch:
         if self._aligned is None:
             fs = self.feat_size
             blocks = [p.values() for p in self.parts]
-            blocks = [F.interpolate(x, size=(fs, fs), mode="bilinear", align_corners=True) if p.native else x
-                      for p, x in zip(self.parts, blocks)]  # fmt: skip
+            blocks = [
+                F.interpolate(x, size=(fs, fs), mode="bilinear", align_corners=True) if p.native else x
+                for p, x in zip(self.parts, blocks)
+            ]
             x = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
             self._aligned = x.contiguous(memory_format=torch.channels_last)
         return self._aligned
 
-    def select(self, channels: torch.Tensor | None) -> "FeatureBatch":
+    def select(self, channels: torch.Tensor | None) -> FeatureBatch:
         """The batch restricted to ``channels`` (indices into the aligned channels, in that order)."""
         if channels is None:
             return self
@@ -162,8 +168,9 @@ class FeatureBatch:
                 a, b = key[i] - part.lo, key[j - 1] + 1 - part.lo
                 data = part.data if (a, b) == (0, part.hi - part.lo) else part.data[:, a:b]
                 lo = parts[-1].hi if parts else 0
-                parts.append(Part(lo, lo + (b - a), data.contiguous(memory_format=torch.channels_last), part.native,
-                                  part.scale))  # fmt: skip
+                parts.append(
+                    Part(lo, lo + (b - a), data.contiguous(memory_format=torch.channels_last), part.native, part.scale)
+                )
                 i = j
             self._selected[key] = FeatureBatch(parts, self.feat_size)
         return self._selected[key]

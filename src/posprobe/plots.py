@@ -1,4 +1,5 @@
 """Figures as pure functions over saved arrays: each returns nothing and writes one PNG."""
+
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
@@ -56,37 +57,6 @@ def prediction_grid(
     plt.close(fig)
 
 
-def model_comparison_grid(
-    path: Path,
-    targets: Mapping[str, torch.Tensor],
-    image: tuple[str, torch.Tensor],
-    predictions: Mapping[str, Mapping[str, torch.Tensor]],
-    scores: Mapping[str, Mapping[str, float]] | None = None,
-    title: str = "",
-) -> None:
-    """One row per target: the target, then each model's prediction for the same input image.
-
-    predictions[model][pattern]: (H, W); scores[model][pattern]: that image's SPC.
-    """
-    models, patterns = list(predictions), list(targets)
-    rows, cols = len(patterns), len(models) + 2
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.7 * rows), squeeze=False)
-    for i, pattern in enumerate(patterns):
-        if i == 0:
-            _show(axes[i][0], image[1], f"input: {image[0][:18]}")
-        else:
-            axes[i][0].axis("off")
-        _show(axes[i][1], targets[pattern], f"target {pattern}")
-        for j, model in enumerate(models, start=2):
-            spc = f"\nSPC {scores[model][pattern]:.2f}" if scores else ""
-            _show(axes[i][j], predictions[model][pattern], f"{model}{spc}")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def layer_curve_plot(
     path: Path,
     points: Mapping[str, Mapping[str, Sequence[tuple[float, str, float]]]],
@@ -116,8 +86,15 @@ def layer_curve_plot(
             bars = (intervals or {}).get(curve, {}).get(pattern)
             if bars:
                 x, y = [d for d, _, _ in pts], [s for _, _, s in pts]
-                ax.errorbar(x, y, yerr=[[v - lo for v, (lo, _) in zip(y, bars)], [hi - v for v, (_, hi) in zip(y, bars)]],
-                            fmt="none", ecolor=colour, elinewidth=0.8, capsize=2)  # fmt: skip
+                ax.errorbar(
+                    x,
+                    y,
+                    yerr=[[v - lo for v, (lo, _) in zip(y, bars)], [hi - v for v, (_, hi) in zip(y, bars)]],
+                    fmt="none",
+                    ecolor=colour,
+                    elinewidth=0.8,
+                    capsize=2,
+                )
             if together and pattern in together.get(curve, {}):
                 ax.axhline(together[curve][pattern], color=colour, linestyle="--", linewidth=0.8)
         if len(points) == 1:
@@ -166,8 +143,14 @@ def loss_curves_plot(
             for s, curve in enumerate(seeds):
                 if curve:
                     x, y = zip(*curve)
-                    ax.plot(x, y, color=colour, lw=2.0 if thick else 0.9, alpha=1.0 if s == 0 else 0.5,
-                            label=pattern if s == 0 else None)  # fmt: skip
+                    ax.plot(
+                        x,
+                        y,
+                        color=colour,
+                        lw=2.0 if thick else 0.9,
+                        alpha=1.0 if s == 0 else 0.5,
+                        label=pattern if s == 0 else None,
+                    )
             if pattern in constant_losses:
                 ax.axhline(constant_losses[pattern], color=colour, ls="--", lw=0.7)
             if thick:

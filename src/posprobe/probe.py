@@ -4,6 +4,7 @@ state ends in ``_``, then ``predict`` and ``score``.
 A probe encodes each image set once with its frozen backbone and trains one readout per target map from
 those features; ``fit`` and ``score`` also accept an ``EncodedSet`` so callers can share an encoding.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -57,31 +58,53 @@ class PositionProbe:
     def encode(self, images: Dataset | EncodedSet, allow_stream: bool = True) -> EncodedSet:
         """Images -> EncodedSet (or a StreamedSet when the cache says the set is too large to keep, unless
         ``allow_stream`` is False: then in memory)."""
-        return encode_images(self.backbone, images, self.feat_size, self.encode_batch_size, self.device,
-                             strict=self.strict, progress=self.progress, cache=self.cache,
-                             allow_stream=allow_stream)  # fmt: skip
+        return encode_images(
+            self.backbone,
+            images,
+            self.feat_size,
+            self.encode_batch_size,
+            self.device,
+            strict=self.strict,
+            progress=self.progress,
+            cache=self.cache,
+            allow_stream=allow_stream,
+        )
 
     def new_readout(self) -> Readout:
         """A freshly initialised readout; every target's readout starts from the same seeded weights."""
         channels = self.backbone.channels
-        return new_readout(ReadoutSetting(self.kernel_size, self.depth, self.padding), self.seed, channels,
-                           self.feat_size, self.image_size, self.train_config.readout_width(channels))  # fmt: skip
+        return new_readout(
+            ReadoutSetting(self.kernel_size, self.depth, self.padding),
+            self.seed,
+            channels,
+            self.feat_size,
+            self.image_size,
+            self.train_config.readout_width(channels),
+        )
 
     def cells(self) -> dict[str, Cell]:
         """Target name -> the engine's cell for it: this probe's readout setting and seed."""
         setting = ReadoutSetting(self.kernel_size, self.depth, self.padding)
         return {name: Cell(setting, name, self.seed) for name in self.targets}
 
-    def fit(self, images: Dataset | EncodedSet) -> "PositionProbe":
+    def fit(self, images: Dataset | EncodedSet) -> PositionProbe:
         encoded = self.encode(images)
         channels = encoded.channels
         if channels != self.backbone.channels:
             raise PosprobeError(
-                f"features have {channels} channels; {self.backbone.name} declares "
-                f"{self.backbone.channels}"
+                f"features have {channels} channels; {self.backbone.name} declares {self.backbone.channels}"
             )
-        trained = train_cells(encoded, list(self.cells().values()), self.targets, self.backbone, self.train_config,
-                              self.feat_size, self.image_size, self.device, self.progress)  # fmt: skip
+        trained = train_cells(
+            encoded,
+            list(self.cells().values()),
+            self.targets,
+            self.backbone,
+            self.train_config,
+            self.feat_size,
+            self.image_size,
+            self.device,
+            self.progress,
+        )
         self.trained_ = {name: trained[cell] for name, cell in self.cells().items()}
         self.readouts_ = {name: t.readout.cpu() for name, t in self.trained_.items()}
         self.losses_ = {name: t.losses for name, t in self.trained_.items()}  # every update's training loss
@@ -103,6 +126,7 @@ class PositionProbe:
         """Per-image SPC and MAE at full resolution for every target."""
         self._check_fitted()
         cells = self.cells()
-        scores = score_cells({cells[name]: t for name, t in self.trained_.items()}, self.encode(images),
-                             self.targets, self.device)  # fmt: skip
+        scores = score_cells(
+            {cells[name]: t for name, t in self.trained_.items()}, self.encode(images), self.targets, self.device
+        )
         return {name: scores[cell] for name, cell in cells.items()}

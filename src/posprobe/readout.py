@@ -9,6 +9,7 @@ Xavier-uniform, biases zero. The map is upsampled bilinearly (align_corners=Fals
 ``align`` is split from the trainable ``head`` so a frozen encoder's aligned features can be computed
 once and reused by any number of readouts.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,10 +23,7 @@ from .errors import PosprobeError
 
 def align(levels: Sequence[torch.Tensor], feat_size: int) -> torch.Tensor:
     """Resize every (B, C_i, h_i, w_i) level to feat_size x feat_size and concatenate: (B, sum C_i, fs, fs)."""
-    resized = [
-        F.interpolate(f, size=(feat_size, feat_size), mode="bilinear", align_corners=True)
-        for f in levels
-    ]
+    resized = [F.interpolate(f, size=(feat_size, feat_size), mode="bilinear", align_corners=True) for f in levels]
     return torch.cat(resized, dim=1)
 
 

@@ -1,5 +1,6 @@
 """The reproduce report: our numbers beside the paper's, a header that says exactly what ran, and the
 paper's qualitative findings checked plainly on our numbers."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -18,11 +19,15 @@ def result_rows(result: StudyResult, presets: Sequence[StudyPreset]) -> list[dic
     rows = []
     for r in aggregate(result):
         paper = paper_cell(tables[r["study"]], r["row"], r["pattern"], r["test_set"])
-        rows.append({
-            **r, "paper_spc": paper["spc"] if paper else None, "paper_mae": paper["mae"] if paper else None,
-            "diff_spc": r["spc"] - paper["spc"] if paper else None,
-            "diff_mae": r["mae"] - paper["mae"] if paper else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                **r,
+                "paper_spc": paper["spc"] if paper else None,
+                "paper_mae": paper["mae"] if paper else None,
+                "diff_spc": r["spc"] - paper["spc"] if paper else None,
+                "diff_mae": r["mae"] - paper["mae"] if paper else None,
+            }
+        )
     return rows
 
 
@@ -95,9 +100,11 @@ def check_direction(direction: Direction, result: StudyResult, rows: list[dict],
                 step = "unconverged"
             steps.append(step)
             flat = sum(c.flat for c in cells[1])
-            words.append(f"{key.rsplit('/', 1)[-1]} {float(after.double().mean()):.3f}"
-                         + (f" ◌ flat map in {flat}/{len(cells[1])} seeds" if flat else "")
-                         + f" ({step}: Δ {diff.mean:+.3f} [{diff.lo:+.3f}, {diff.hi:+.3f}])")  # fmt: skip
+            words.append(
+                f"{key.rsplit('/', 1)[-1]} {float(after.double().mean()):.3f}"
+                + (f" ◌ flat map in {flat}/{len(cells[1])} seeds" if flat else "")
+                + f" ({step}: Δ {diff.mean:+.3f} [{diff.lo:+.3f}, {diff.hi:+.3f}])"
+            )
         parts.append(f"{pattern}: " + " → ".join(words))
         ran = [r for r in rows if r["study"] == study and r["row"] in direction.chain and r["pattern"] == pattern]
         stand_ins.update(f"{r['row']} ran as {r['backbone']}" for r in ran if r["substituted"])
@@ -125,52 +132,84 @@ def training_section(result: StudyResult, rows: list[dict], loss_figure: str | N
     total = sum(len(v) for _, _, v in distinct_trainings(result))
     lines += ["", f"Convergence rule: {RULE}.", ""]
     if unfinished:
-        lines += [f"**{len(unfinished)} readout(s) did not finish training in every seed** (⚠ in the tables; their "
-                  "scores understate what the features hold, and no verdict step rests on them):", "",
-                  *[f"- {k}: {v}" for k, v in sorted(unfinished.items())], ""]  # fmt: skip
+        lines += [
+            f"**{len(unfinished)} readout(s) did not finish training in every seed** (⚠ in the tables; their "
+            "scores understate what the features hold, and no verdict step rests on them):",
+            "",
+            *[f"- {k}: {v}" for k, v in sorted(unfinished.items())],
+            "",
+        ]
     else:
         lines += [f"Every readout finished training ({total} readout trainings, all seeds).", ""]
     if flat:
-        lines += [f"{len(flat)} readout(s) draw a flat map (◌ in the tables) in some seeds: their features carry "
-                  "(almost) no position they can read, which is what a control should show, or their training "
-                  "collapsed early (a loss "
-                  "that falls to the dashed line within a few updates and stays there):", "",
-                  *[f"- {k}: {v}" for k, v in sorted(flat.items())]]  # fmt: skip
-    unstable = sorted({f"{r['label']} ({r['backbone']}) · {r['pattern']}: seed sd {r['spc_seed_std']:.3f}"
-                       for r in rows if r["seed_unstable"]})
+        lines += [
+            f"{len(flat)} readout(s) draw a flat map (◌ in the tables) in some seeds: their features carry "
+            "(almost) no position they can read, which is what a control should show, or their training "
+            "collapsed early (a loss "
+            "that falls to the dashed line within a few updates and stays there):",
+            "",
+            *[f"- {k}: {v}" for k, v in sorted(flat.items())],
+        ]
+    unstable = sorted(
+        {
+            f"{r['label']} ({r['backbone']}) · {r['pattern']}: seed sd {r['spc_seed_std']:.3f}"
+            for r in rows
+            if r["seed_unstable"]
+        }
+    )
     if unstable:
-        lines += ["", f"{len(unstable)} readout(s) finished training but their seeds disagree by more than "
-                  f"{SEED_SPREAD_LIMIT} SPC (std across seeds; ± in the tables): a longer schedule (the official "
-                  "profile) settles them; until then read their cells through the interval, which includes the "
-                  "seed spread:", "", *[f"- {u}" for u in unstable]]  # fmt: skip
+        lines += [
+            "",
+            f"{len(unstable)} readout(s) finished training but their seeds disagree by more than "
+            f"{SEED_SPREAD_LIMIT} SPC (std across seeds; ± in the tables): a longer schedule (the official "
+            "profile) settles them; until then read their cells through the interval, which includes the "
+            "seed spread:",
+            "",
+            *[f"- {u}" for u in unstable],
+        ]
     if loss_figure:
         lines += ["", f"![training loss curves]({loss_figure})"]
     return lines
 
 
-def render(result: StudyResult, presets: Sequence[StudyPreset], header: dict, figures: dict[str, list[str]],
-           loss_figure: str | None = None) -> str:  # fmt: skip
+def render(
+    result: StudyResult,
+    presets: Sequence[StudyPreset],
+    header: dict,
+    figures: dict[str, list[str]],
+    loss_figure: str | None = None,
+) -> str:
     rows = result_rows(result, presets)
     names = ", ".join(p.name for p in presets)
     seeds = max((r["seeds"] for r in rows), default=1)
-    spread = (f"over test images and {seeds} seeds" if seeds > 1 else "over test images (one seed)")
-    lines = [f"# posprobe reproduce: {names}", "",
-             f"Cells are SPC [95% interval] / MAE: means over test images and seeds, the interval a two-way bootstrap "
-             f"{spread}; ours beside the values printed in Islam, Jia & Bruce, ICLR 2020; ΔSPC = ours − paper; "
-             "`n/p`: the paper prints no value for this cell; ⚠: a seed's readout did not finish training, ◌: one drew a "
-             f"flat map, ±: the seeds' SPCs differ by more than {SEED_SPREAD_LIMIT} (see Training). "
-             "SPC is the Spearman correlation between predicted and target map (1 = perfect, 0 = no position "
-             "information); a constant prediction scores 0. MAE is the mean absolute difference (0 = perfect). "
-             "A single synthetic image with one seed has no interval. Per-image spreads, MAE intervals, counts of "
-             "constant maps and every seed's numbers are in results.csv / results.json.",
-             "", READING_GUIDE, "", f"**How a verdict is decided.** For every paper direction: {TEST}.",
-             "", "## What ran", ""]  # fmt: skip
+    spread = f"over test images and {seeds} seeds" if seeds > 1 else "over test images (one seed)"
+    lines = [
+        f"# posprobe reproduce: {names}",
+        "",
+        f"Cells are SPC [95% interval] / MAE: means over test images and seeds, the interval a two-way bootstrap "
+        f"{spread}; ours beside the values printed in Islam, Jia & Bruce, ICLR 2020; ΔSPC = ours − paper; "
+        "`n/p`: the paper prints no value for this cell; ⚠: a seed's readout did not finish training, ◌: one drew a "
+        f"flat map, ±: the seeds' SPCs differ by more than {SEED_SPREAD_LIMIT} (see Training). "
+        "SPC is the Spearman correlation between predicted and target map (1 = perfect, 0 = no position "
+        "information); a constant prediction scores 0. MAE is the mean absolute difference (0 = perfect). "
+        "A single synthetic image with one seed has no interval. Per-image spreads, MAE intervals, counts of "
+        "constant maps and every seed's numbers are in results.csv / results.json.",
+        "",
+        READING_GUIDE,
+        "",
+        f"**How a verdict is decided.** For every paper direction: {TEST}.",
+        "",
+        "## What ran",
+        "",
+    ]
     lines.append("| Asked for | Ran as | Weights | Substituted | Encoder input |")
     lines.append("|---|---|---|---|---|")
     for paper_name, ran in result.backbones.items():  # 'vgg16' or 'vgg16:random'
-        lines.append(f"| {paper_name} | `{ran['ran_as']}` | {ran['weights']} | "
-                     f"{'**yes: a stand-in, not the paper’s network**' if ran['substituted'] else 'no'} | "
-                     f"{ran.get('input', '')} |")  # fmt: skip
+        lines.append(
+            f"| {paper_name} | `{ran['ran_as']}` | {ran['weights']} | "
+            f"{'**yes: a stand-in, not the paper’s network**' if ran['substituted'] else 'no'} | "
+            f"{ran.get('input', '')} |"
+        )
     lines.append("")
     for key, value in header.items():
         lines.append(f"- {key}: {value}")
@@ -180,8 +219,11 @@ def render(result: StudyResult, presets: Sequence[StudyPreset], header: dict, fi
     if any(r["substituted"] for r in result.backbones.values()) or any(
         "random" in str(r["weights"]) for r in result.backbones.values()
     ):
-        lines += ["", "**Numbers from a substituted or random-weight backbone are not the paper's network; "
-                  "compare directions, not values.**"]  # fmt: skip
+        lines += [
+            "",
+            "**Numbers from a substituted or random-weight backbone are not the paper's network; "
+            "compare directions, not values.**",
+        ]
     lines += training_section(result, rows, loss_figure)
     for preset in presets:
         lines += ["", f"## {preset.title}", ""]

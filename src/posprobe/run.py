@@ -1,6 +1,7 @@
 """One probe run, as the ``probe`` command does it: resolve and validate the settings, encode each image
 set once, train a readout per target, score every test set and write one run directory.
 """
+
 from __future__ import annotations
 
 import time
@@ -12,21 +13,31 @@ from torch.utils.data import Dataset
 
 from .backbones import Backbone, create_backbone
 from .cache import FeatureCache, default_cache_dir
+from .convergence import RULE, constant_map_loss, loss_curve
 from .data import SYNTHETIC, synthetic_images, train_and_test_images
+from .engine import Scores
 from .errors import PosprobeError
 from .features import EncodedSet
-from .convergence import RULE, constant_map_loss, loss_curve
 from .intervals import Interval
 from .plots import loss_curves_plot, prediction_grid
-from .engine import Scores
 from .probe import PositionProbe
 from .readout import check_readout_config
 from .rundir import atomic_run_dir, environment, write_csv, write_json
 from .targets import PATTERNS, load_target_image
 from .train import PROFILES, TrainConfig
 
-METRIC_FIELDS = ("spc_mean", "spc_lo", "spc_hi", "spc_std", "mae_mean", "mae_lo", "mae_hi", "mae_std", "n",
-                 "n_constant")
+METRIC_FIELDS = (
+    "spc_mean",
+    "spc_lo",
+    "spc_hi",
+    "spc_std",
+    "mae_mean",
+    "mae_lo",
+    "mae_hi",
+    "mae_std",
+    "n",
+    "n_constant",
+)
 
 
 @dataclass(frozen=True)
@@ -108,8 +119,9 @@ class ProbeRun:
             rows = [{"readout": "pem", **r} for r in rows]
             for target in self.linear.targets:
                 for test_name, by_target in self.linear_scores.items():
-                    rows.append({"readout": "linear", "pattern": target, "test_set": test_name,
-                                 **by_target[target].summary()})  # fmt: skip
+                    rows.append(
+                        {"readout": "linear", "pattern": target, "test_set": test_name, **by_target[target].summary()}
+                    )
         return rows
 
 
@@ -120,15 +132,33 @@ def prepare(config: ProbeRunConfig, progress: bool = True) -> tuple[Backbone, Po
         raise PosprobeError(f"--image-size must be at least 8; given {config.image_size}")
     if config.readout not in ("pem", "linear"):
         raise PosprobeError(f"--readout must be pem or linear; given '{config.readout}'")
-    backbone = create_backbone(config.backbone, config.weights, config.seed, config.input_norm, layers=config.layers,
-                               padding=config.backbone_padding, pos_embed=config.pos_embed,
-                               image_size=config.image_size)  # fmt: skip
+    backbone = create_backbone(
+        config.backbone,
+        config.weights,
+        config.seed,
+        config.input_norm,
+        layers=config.layers,
+        padding=config.backbone_padding,
+        pos_embed=config.pos_embed,
+        image_size=config.image_size,
+    )
     backbone.level_shapes(config.image_size)  # a too-small input fails here, clearly
     extra = {Path(p).stem: load_target_image(p, config.image_size, config.image_size) for p in config.target_images}
     probe = PositionProbe(
-        backbone, config.patterns, config.kernel_size, config.depth, config.readout_padding, config.feat_size,
-        config.image_size, config.train, config.seed, config.device, extra_targets=extra, strict=config.strict, progress=progress,
-    )  # fmt: skip
+        backbone,
+        config.patterns,
+        config.kernel_size,
+        config.depth,
+        config.readout_padding,
+        config.feat_size,
+        config.image_size,
+        config.train,
+        config.seed,
+        config.device,
+        extra_targets=extra,
+        strict=config.strict,
+        progress=progress,
+    )
     probe.cache = config.feature_cache()
     train_set, natural = config.image_sets()
     tests: dict[str, object] = {natural.name: natural}
@@ -161,10 +191,18 @@ def execute(config: ProbeRunConfig, progress: bool = True) -> ProbeRun:
     if config.readout == "linear":
         from .linear import LinearProbe
 
-        linear = LinearProbe(backbone, config.patterns, config.kernel_size, config.readout_padding, config.feat_size,
-                             config.image_size, seed=config.seed, device=config.device,
-                             extra_targets={k: v for k, v in probe.targets.items() if k not in config.patterns},
-                             progress=progress).fit(train)  # fmt: skip
+        linear = LinearProbe(
+            backbone,
+            config.patterns,
+            config.kernel_size,
+            config.readout_padding,
+            config.feat_size,
+            config.image_size,
+            seed=config.seed,
+            device=config.device,
+            extra_targets={k: v for k, v in probe.targets.items() if k not in config.patterns},
+            progress=progress,
+        ).fit(train)
         run.linear, run.linear_scores = linear, {name: linear.score(enc) for name, enc in tests.items()}
         seconds["linear_probe"] = time.perf_counter() - t4
     return run
@@ -181,7 +219,7 @@ def format_table(rows: list[dict], convergence: dict | None = None) -> str:
             f"{pattern:<8}{r['test_set'][:15]:<16}{str(Interval(r['spc_mean'], r['spc_lo'], r['spc_hi'])):<25}"
             f"{str(Interval(r['mae_mean'], r['mae_lo'], r['mae_hi'])):<25}{r['n']:>5}{r['n_constant']:>7}"
             + ("" if status == "converged" else f"  {status}")
-        )  # fmt: skip
+        )
     return "\n".join(lines)
 
 
@@ -189,55 +227,96 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
     """Write the run directory atomically."""
     cfg = run.config
     with atomic_run_dir(out, overwrite) as tmp:
-        write_json(tmp / "config.json", {
-            **cfg.to_dict(),
-            "resolved": {
-                "backbone_weights": run.backbone.weights_label, "input_norm": run.backbone.input_norm,
-                "input": run.backbone.input_description, "schedule": run.probe.schedule_.to_dict(),
-                "levels": [asdict(level) for level in run.backbone.levels],
-                "level_shapes": run.backbone.level_shapes(cfg.image_size), "channels": run.backbone.channels,
-                "interpolation": run.backbone.interpolation,
-                "backbone_padding": run.backbone.padding_report.to_dict() if run.backbone.padding_report else None,
-                "pos_embed": run.backbone.pos_embed_note,
-                "train_set": {"description": run.train.description, "n": len(run.train), "skipped": run.train.skipped},
-                "test_sets": {k: {"description": v.description, "n": len(v), "skipped": v.skipped}
-                              for k, v in run.tests.items()},
+        write_json(
+            tmp / "config.json",
+            {
+                **cfg.to_dict(),
+                "resolved": {
+                    "backbone_weights": run.backbone.weights_label,
+                    "input_norm": run.backbone.input_norm,
+                    "input": run.backbone.input_description,
+                    "schedule": run.probe.schedule_.to_dict(),
+                    "levels": [asdict(level) for level in run.backbone.levels],
+                    "level_shapes": run.backbone.level_shapes(cfg.image_size),
+                    "channels": run.backbone.channels,
+                    "interpolation": run.backbone.interpolation,
+                    "backbone_padding": run.backbone.padding_report.to_dict() if run.backbone.padding_report else None,
+                    "pos_embed": run.backbone.pos_embed_note,
+                    "train_set": {
+                        "description": run.train.description,
+                        "n": len(run.train),
+                        "skipped": run.train.skipped,
+                    },
+                    "test_sets": {
+                        k: {"description": v.description, "n": len(v), "skipped": v.skipped}
+                        for k, v in run.tests.items()
+                    },
+                },
             },
-        })  # fmt: skip
+        )
         rows = run.metric_rows()
         write_csv(tmp / "metrics.csv", rows)
         per_image = [
-            {"pattern": t, "test_set": ts, "image": i, "spc": float(s.spc[k]), "mae": float(s.mae[k]),
-             "constant": bool(s.constant[k])}
-            for ts, by_target in run.scores.items() for t, s in by_target.items() for k, i in enumerate(s.ids)
-        ]  # fmt: skip
+            {
+                "pattern": t,
+                "test_set": ts,
+                "image": i,
+                "spc": float(s.spc[k]),
+                "mae": float(s.mae[k]),
+                "constant": bool(s.constant[k]),
+            }
+            for ts, by_target in run.scores.items()
+            for t, s in by_target.items()
+            for k, i in enumerate(s.ids)
+        ]
         write_csv(tmp / "per_image.csv", per_image)
         probe = run.probe
         curves = {k: loss_curve(v) for k, v in probe.losses_.items()}
         panel = f"{run.backbone.name}, k={cfg.kernel_size} depth={cfg.depth}"
-        write_json(tmp / "metrics.json", {
-            "metrics": rows, "schedule": probe.schedule_.to_dict(),
-            "convergence": {k: c.to_dict() for k, c in probe.convergence_.items()}, "convergence_rule": RULE,
-            "train_loss_curve": curves, "seconds": run.seconds,
-            **({"linear_probe": run.linear.summary()} if run.linear is not None else {}),
-        })  # fmt: skip
+        write_json(
+            tmp / "metrics.json",
+            {
+                "metrics": rows,
+                "schedule": probe.schedule_.to_dict(),
+                "convergence": {k: c.to_dict() for k, c in probe.convergence_.items()},
+                "convergence_rule": RULE,
+                "train_loss_curve": curves,
+                "seconds": run.seconds,
+                **({"linear_probe": run.linear.summary()} if run.linear is not None else {}),
+            },
+        )
         write_json(tmp / "environment.json", environment(cfg.device))
-        torch.save({"config": cfg.to_dict(), "in_channels": run.backbone.channels,
-                    "readouts": {k: r.state_dict() for k, r in run.probe.readouts_.items()},
-                    **({"linear_readouts": {k: r.state_dict() for k, r in run.linear.readouts_.items()}}
-                       if run.linear is not None else {})},
-                   tmp / "readouts.pt")  # fmt: skip
-        loss_curves_plot(tmp / "loss_curves.png", {panel: {k: [c] for k, c in curves.items()}},
-                         {k: constant_map_loss(t) for k, t in probe.targets.items()},
-                         {(panel, k): c.status for k, c in probe.convergence_.items() if c.status != "converged"},
-                         [m for m in probe.schedule_.milestones if m < probe.schedule_.updates])  # fmt: skip
+        torch.save(
+            {
+                "config": cfg.to_dict(),
+                "in_channels": run.backbone.channels,
+                "readouts": {k: r.state_dict() for k, r in run.probe.readouts_.items()},
+                **(
+                    {"linear_readouts": {k: r.state_dict() for k, r in run.linear.readouts_.items()}}
+                    if run.linear is not None
+                    else {}
+                ),
+            },
+            tmp / "readouts.pt",
+        )
+        loss_curves_plot(
+            tmp / "loss_curves.png",
+            {panel: {k: [c] for k, c in curves.items()}},
+            {k: constant_map_loss(t) for k, t in probe.targets.items()},
+            {(panel, k): c.status for k, c in probe.convergence_.items() if c.status != "converged"},
+            [m for m in probe.schedule_.milestones if m < probe.schedule_.updates],
+        )
         pred_dir = tmp / "predictions"
         pred_dir.mkdir()
         for name, (ids, images) in run.previews.items():
             preds = run.probe.predict(run.tests[name].head(len(ids)))
             spc = {t: run.scores[name][t].spc[: len(ids)] for t in preds}
             prediction_grid(
-                pred_dir / f"{name}.png", run.probe.targets, list(zip(ids, images)), preds, spc,
+                pred_dir / f"{name}.png",
+                run.probe.targets,
+                list(zip(ids, images)),
+                preds,
+                spc,
                 title=f"{run.backbone.name} ({run.backbone.weights_label}) on {name}",
-            )  # fmt: skip
+            )
     return out

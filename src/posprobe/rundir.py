@@ -1,4 +1,5 @@
 """Run directories: written whole or not at all, never silently overwritten, with environment facts."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,6 @@ import torch
 
 from .data import display_name  # a file name that is not UTF-8 (caf\xe9.png) is written escaped
 from .errors import PosprobeError
-
 
 # The run directory this process is producing, for an interrupted run's message: {"out": Path, "written": bool}.
 _ACTIVE: dict = {}
@@ -51,18 +51,23 @@ def _check_names(out: Path, ancestor: Path) -> None:
     missing = [p.name for p in [out, *out.parents] if p != ancestor and ancestor in p.parents]
     for name in missing[1:]:
         if name_max and len(os.fsencode(name)) > name_max:
-            raise PosprobeError(f"cannot create output directory {out}: the folder name '{name}' is "
-                                f"{len(os.fsencode(name))} bytes, over this file system's {name_max}")  # fmt: skip
+            raise PosprobeError(
+                f"cannot create output directory {out}: the folder name '{name}' is "
+                f"{len(os.fsencode(name))} bytes, over this file system's {name_max}"
+            )
     longest = max(len(os.fsencode(n)) for n in hidden)
     if name_max and longest > name_max:
-        raise PosprobeError(f"output name '{out.name}' is too long: {len(os.fsencode(out.name))} bytes, and its "
-                            f"temporary name while written ('{hidden[0]}') {longest}, over this file system's "
-                            f"{name_max}; choose a name of at most {name_max - (longest - len(os.fsencode(out.name)))}"
-                            " bytes")  # fmt: skip
+        raise PosprobeError(
+            f"output name '{out.name}' is too long: {len(os.fsencode(out.name))} bytes, and its "
+            f"temporary name while written ('{hidden[0]}') {longest}, over this file system's "
+            f"{name_max}; choose a name of at most {name_max - (longest - len(os.fsencode(out.name)))}"
+            " bytes"
+        )
     full = len(os.fsencode(str(out.parent.absolute() / hidden[0]))) + 64  # room for the files inside
     if path_max and full > path_max:
-        raise PosprobeError(f"output path {out} is too long: its files' paths would exceed this file system's "
-                            f"{path_max} bytes")  # fmt: skip
+        raise PosprobeError(
+            f"output path {out} is too long: its files' paths would exceed this file system's {path_max} bytes"
+        )
 
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
@@ -127,16 +132,21 @@ def _sweep_stale(out: Path) -> None:
             p.rename(out)  # an --overwrite killed between its two renames: the previous results go back in place
         else:
             shutil.rmtree(p, ignore_errors=True)
-    print(f"posprobe: removed {len(stale)} folder(s) left beside {out} by interrupted runs: "
-          + ", ".join(p.name for p in stale), file=sys.stderr)  # fmt: skip
+    print(
+        f"posprobe: removed {len(stale)} folder(s) left beside {out} by interrupted runs: "
+        + ", ".join(p.name for p in stale),
+        file=sys.stderr,
+    )
 
 
 def _outside_name(err: OSError, tmp: Path, out: Path) -> OSError:
     """The error with the temporary folder's path shown as OUT's (the user never named .OUT.partial-...)."""
     if err.errno is None:
         return err
-    names = [str(out / Path(f).relative_to(tmp)) if isinstance(f, str) and Path(f).is_relative_to(tmp) else f
-             for f in (err.filename, err.filename2)]  # fmt: skip
+    names = [
+        str(out / Path(f).relative_to(tmp)) if isinstance(f, str) and Path(f).is_relative_to(tmp) else f
+        for f in (err.filename, err.filename2)
+    ]
     if names[0] is None:
         names[0] = str(out)
     return OSError(err.errno, err.strerror or str(err), names[0], None, names[1])
@@ -213,8 +223,9 @@ def git_commit() -> str | None:
     """The commit of the posprobe source tree, when it is a git checkout."""
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=False)  # fmt: skip
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -228,10 +239,16 @@ def environment(device: str | torch.device = "cpu") -> dict:
 
     dev = torch.device(device)
     facts = {
-        "posprobe": __version__, "git_commit": git_commit(), "python": platform.python_version(),
-        "platform": platform.platform(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "numpy": np.__version__, "device": str(dev), "cpu_threads": torch.get_num_threads(),
-    }  # fmt: skip
+        "posprobe": __version__,
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "device": str(dev),
+        "cpu_threads": torch.get_num_threads(),
+    }
     if dev.type == "cuda":
         facts["cuda_device"] = torch.cuda.get_device_name(dev)
         facts["cuda"] = torch.version.cuda

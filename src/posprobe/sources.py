@@ -5,6 +5,7 @@ Training and prediction only ever need one batch of features at a time, so they 
 the encoder itself, re-run on every pass (``StreamedSet``: constant memory in the number of images, for
 sets too large to cache). A batch is a ``parts.FeatureBatch`` of float32 channel parts.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,12 @@ class MemorySource:
             whole = []
             for p in self.parts:
                 x = p.data
-                if not (x.dtype == torch.float32 and p.scale == 1.0 and x.device == device
-                        and x.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
+                if not (
+                    x.dtype == torch.float32
+                    and p.scale == 1.0
+                    and x.device == device
+                    and x.is_contiguous(memory_format=torch.channels_last)
+                ):
                     x = torch.empty(x.shape, device=device, memory_format=torch.channels_last)
                     for i in range(0, len(self), 64):  # a memory-mapped part is read 64 images at a time
                         x[i : i + 64] = p.values(slice(i, i + 64), device)
@@ -73,8 +78,9 @@ class MemorySource:
             self._whole = whole
         return self._whole
 
-    def batches(self, order: torch.Tensor, batch_size: int, device: str | torch.device = "cpu"
-                ) -> Iterator[tuple[torch.Tensor, FeatureBatch]]:  # fmt: skip
+    def batches(
+        self, order: torch.Tensor, batch_size: int, device: str | torch.device = "cpu"
+    ) -> Iterator[tuple[torch.Tensor, FeatureBatch]]:
         """(indices, batch) for consecutive slices of ``order``.
 
         From the working copy, a batch is gathered into buffers reused from batch to batch (a fresh
@@ -84,8 +90,12 @@ class MemorySource:
         whole = self._whole_parts(device)
         buffers: list[torch.Tensor] = []
         if whole is not None:
-            buffers = [torch.empty(min(batch_size, len(order)), *p.data.shape[2:], p.data.shape[1],
-                                   dtype=p.data.dtype, device=device) for p in whole]  # (b, h, w, c) each
+            buffers = [
+                torch.empty(
+                    min(batch_size, len(order)), *p.data.shape[2:], p.data.shape[1], dtype=p.data.dtype, device=device
+                )
+                for p in whole
+            ]  # (b, h, w, c) each
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             if whole is not None:
@@ -130,8 +140,16 @@ class StreamedSet:
     and the batch order is the one an in-memory set of the same images would get.
     """
 
-    def __init__(self, backbone, images: Dataset, feat_size: int = 28, device: str | torch.device = "cpu",
-                 strict: bool = False, num_workers: int | None = None, encode_batch_size: int = 16):  # fmt: skip
+    def __init__(
+        self,
+        backbone,
+        images: Dataset,
+        feat_size: int = 28,
+        device: str | torch.device = "cpu",
+        strict: bool = False,
+        num_workers: int | None = None,
+        encode_batch_size: int = 16,
+    ):
         self.backbone, self.images, self.feat_size = backbone, images, feat_size
         self.device = torch.device(device)
         self.name = getattr(images, "name", "images")
@@ -140,8 +158,7 @@ class StreamedSet:
         self.num_workers = default_workers(images) if num_workers is None else num_workers
         self.encode_batch_size = encode_batch_size
         if hasattr(images, "paths"):  # files may be unreadable: find them once
-            loader = DataLoader(_Readable(images), batch_size=64, num_workers=self.num_workers,
-                                collate_fn=_as_list)  # fmt: skip
+            loader = DataLoader(_Readable(images), batch_size=64, num_workers=self.num_workers, collate_fn=_as_list)
             flags = [ok for batch in loader for _, ok in batch]
         else:
             flags = [True] * len(images)
@@ -150,8 +167,9 @@ class StreamedSet:
             raise PosprobeError(f"unreadable image in {self.name}: {bad[0]} (--strict stops at the first)")
         self.kept = [i for i, ok in enumerate(flags) if ok]
         if not self.kept:
-            raise PosprobeError(f"none of the {len(images)} image(s) in {self.name} could be read: "
-                                + unreadable_list(bad, images))  # fmt: skip
+            raise PosprobeError(
+                f"none of the {len(images)} image(s) in {self.name} could be read: " + unreadable_list(bad, images)
+            )
         self.ids, self.skipped = [all_ids[i] for i in self.kept], bad
         first = images[self.kept[0]]
         self.levels: list[Shape] = [tuple(s) for s in backbone.level_shapes(first.shape[-1])]
@@ -160,8 +178,9 @@ class StreamedSet:
     def __len__(self) -> int:
         return len(self.kept)
 
-    def batches(self, order: torch.Tensor, batch_size: int, device: str | torch.device | None = None
-                ) -> Iterator[tuple[torch.Tensor, FeatureBatch]]:  # fmt: skip
+    def batches(
+        self, order: torch.Tensor, batch_size: int, device: str | torch.device | None = None
+    ) -> Iterator[tuple[torch.Tensor, FeatureBatch]]:
         """Encode the images of ``order`` in consecutive batches and yield (indices, features)."""
         device = self.device if device is None else torch.device(device)
         backbone = self.backbone.to(device).eval()
@@ -191,8 +210,9 @@ class StreamedSet:
         """The first ``limit`` images' features in memory, as an ``EncodedSet`` (for previews)."""
         n = len(self) if limit is None else min(limit, len(self))
         batches = [b.parts for _, b in self.batches(torch.arange(n), self.encode_batch_size)]
-        return EncodedSet(self.name, concat_parts(batches), self.feat_size, self.ids[:n], self.skipped,
-                          self.description)  # fmt: skip
+        return EncodedSet(
+            self.name, concat_parts(batches), self.feat_size, self.ids[:n], self.skipped, self.description
+        )
 
 
 FeatureSource = MemorySource | StreamedSet
@@ -207,4 +227,3 @@ def as_source(features, budget_bytes: int | None = None) -> FeatureSource:
     if isinstance(features, EncodedSet):
         return MemorySource(features, budget_bytes)
     raise TypeError(f"not a feature source: {type(features).__name__}")
-

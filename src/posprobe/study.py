@@ -4,6 +4,7 @@ A study is a set of readout variants (backbone, weights, readout kernel/depth/pa
 target patterns x test sets. The engine groups variants by backbone, encodes each image set once per
 backbone, and trains every (variant, pattern) readout of that backbone in one joint pass over the features.
 """
+
 from __future__ import annotations
 
 import time
@@ -87,7 +88,9 @@ def parse_backbone_map(items: Sequence[str]) -> dict[str, tuple[str, str | None]
     mapping: dict[str, tuple[str, str | None]] = {}
     for item in [s.strip() for entry in items for s in entry.split(",") if s.strip()]:
         if "=" not in item:
-            raise PosprobeError(f"--backbone-map expects PAPER=BACKBONE[:WEIGHTS], e.g. vgg16=vgg16_hed; given '{item}'")
+            raise PosprobeError(
+                f"--backbone-map expects PAPER=BACKBONE[:WEIGHTS], e.g. vgg16=vgg16_hed; given '{item}'"
+            )
         src, dst = (s.strip() for s in item.split("=", 1))
         name, _, weights = dst.partition(":")
         get_backbone_spec(src)  # unknown names fail with the list-and-suggest error
@@ -104,8 +107,9 @@ STAND_INS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def resolve_backbone(paper_name: str, weights: str | None, mapping: Mapping[str, tuple[str, str | None]],
-                     auto: bool = False) -> ResolvedBackbone:  # fmt: skip
+def resolve_backbone(
+    paper_name: str, weights: str | None, mapping: Mapping[str, tuple[str, str | None]], auto: bool = False
+) -> ResolvedBackbone:
     """Apply the map; with ``auto``, substitute a bundled stand-in only where the weights are missing here."""
     if paper_name in mapping and weights is None:  # a row that names its weights (vgg16:random) keeps them
         name, w = mapping[paper_name]
@@ -201,14 +205,19 @@ def run_study(
     for (name, weights), cells in groups.items():
         backbone = backbones[(name, weights)]
         for _, v, r in cells:
-            ran[v.backbone_key] = {"ran_as": name, "weights": backbone.weights_label, "substituted": r.substituted,
-                                   "input": backbone.input_description}  # fmt: skip
+            ran[v.backbone_key] = {
+                "ran_as": name,
+                "weights": backbone.weights_label,
+                "substituted": r.substituted,
+                "input": backbone.input_description,
+            }
         needed = list(dict.fromkeys(t for p, _, _ in cells for t in p.test_sets))
         # Test sets first: they are small, and an unreadable one then fails before the costly training pass.
         tests = {}
         for t in needed:
-            tests[t] = encode_images(backbone, test_images[t], feat_size, device=device, progress=progress,
-                                     cache=cache, allow_stream=False)  # fmt: skip
+            tests[t] = encode_images(
+                backbone, test_images[t], feat_size, device=device, progress=progress, cache=cache, allow_stream=False
+            )
         train = encode_images(backbone, train_images, feat_size, device=device, progress=progress, cache=cache)
         for t, enc in tests.items():  # the first decodable images of each set, for the figures
             if t not in preview_images:
@@ -226,8 +235,9 @@ def run_study(
                     wanted.setdefault(Cell(v.setting, p, seed), []).append((preset, v, r))
         targets = {cell.target: make_target(cell.target, image_size, image_size) for cell in wanted}
         labels = {cell: _cell_label(cell, users) for cell, users in wanted.items()}
-        trained = train_cells(train, list(wanted), targets, backbone, train_config, feat_size, image_size, device,
-                              progress, labels)  # fmt: skip
+        trained = train_cells(
+            train, list(wanted), targets, backbone, train_config, feat_size, image_size, device, progress, labels
+        )
         scored = {}  # (cell, test set) -> Scores
         for t, enc in tests.items():
             used = {c: trained[c] for c, users in wanted.items() if any(t in pr.test_sets for pr, _, _ in users)}
@@ -241,23 +251,45 @@ def run_study(
                 for t in preset.test_sets:
                     sc = scored[(cell, t)]
                     spc, err = sc.spc.double(), sc.mae.double()
-                    records.append({
-                        "study": preset.name, "row": v.key, "label": v.label, "pattern": cell.target, "test_set": t,
-                        "seed": cell.seed, "backbone": r.name, "weights": backbone.weights_label,
-                        "substituted": r.substituted, "spc_mean": float(spc.mean()),
-                        "spc_std": float(spc.std(correction=0)), "mae_mean": float(err.mean()),
-                        "mae_std": float(err.std(correction=0)), "n": len(sc.ids),
-                        "n_constant": int(sc.constant.sum()), "updates": done.schedule.updates,
-                        "convergence": done.convergence.status,
-                    })  # fmt: skip
+                    records.append(
+                        {
+                            "study": preset.name,
+                            "row": v.key,
+                            "label": v.label,
+                            "pattern": cell.target,
+                            "test_set": t,
+                            "seed": cell.seed,
+                            "backbone": r.name,
+                            "weights": backbone.weights_label,
+                            "substituted": r.substituted,
+                            "spc_mean": float(spc.mean()),
+                            "spc_std": float(spc.std(correction=0)),
+                            "mae_mean": float(err.mean()),
+                            "mae_std": float(err.std(correction=0)),
+                            "n": len(sc.ids),
+                            "n_constant": int(sc.constant.sum()),
+                            "updates": done.schedule.updates,
+                            "convergence": done.convergence.status,
+                        }
+                    )
                     grid = per_image.setdefault((preset.name, v.key, cell.target, t), {"spc": [], "mae": []})
                     grid["spc"].append(sc.spc)
                     grid["mae"].append(sc.mae)
                     if cell.seed == 0:
                         previews[(preset.name, v.key, cell.target, t)] = sc.first_maps
     per_image = {k: {m: torch.stack(v) for m, v in g.items()} for k, g in per_image.items()}  # (S, N) each
-    return StudyResult(records, previews, preview_images, ran, data, time.perf_counter() - started, per_image,
-                       convergence, curves, schedules)  # fmt: skip
+    return StudyResult(
+        records,
+        previews,
+        preview_images,
+        ran,
+        data,
+        time.perf_counter() - started,
+        per_image,
+        convergence,
+        curves,
+        schedules,
+    )
 
 
 def distinct_trainings(result: StudyResult) -> list[tuple[list[tuple[str, str]], str, list[Convergence]]]:
@@ -296,14 +328,30 @@ def aggregate(result: StudyResult) -> list[dict]:
         err = torch.tensor([r["mae_mean"] for r in rs], dtype=torch.float64)
         grid = result.per_image[key]
         spc_ci, mae_ci = bootstrap(grid["spc"]), bootstrap(grid["mae"])
-        first = {k: v for k, v in rs[0].items()
-                 if k not in ("seed", "spc_mean", "spc_std", "mae_mean", "mae_std", "convergence")}  # fmt: skip
+        first = {
+            k: v
+            for k, v in rs[0].items()
+            if k not in ("seed", "spc_mean", "spc_std", "mae_mean", "mae_std", "convergence")
+        }
         statuses = [r["convergence"] for r in rs]  # each seed's convergence.Convergence.status
-        out.append({**first, "seeds": len(rs), "spc": spc_ci.mean, "spc_lo": spc_ci.lo, "spc_hi": spc_ci.hi,
-                    "mae": mae_ci.mean, "mae_lo": mae_ci.lo, "mae_hi": mae_ci.hi,
-                    "spc_seed_std": float(spc.std(correction=0)), "mae_seed_std": float(err.std(correction=0)),
-                    "spc_image_std": rs[0]["spc_std"], "n_constant": rs[0]["n_constant"],
-                    "unfinished_seeds": sum(s not in ("converged", "flat map") for s in statuses),
-                    "flat_seeds": statuses.count("flat map"), "convergence": "; ".join(sorted(set(statuses))),
-                    "seed_unstable": key in unsettled})  # fmt: skip
+        out.append(
+            {
+                **first,
+                "seeds": len(rs),
+                "spc": spc_ci.mean,
+                "spc_lo": spc_ci.lo,
+                "spc_hi": spc_ci.hi,
+                "mae": mae_ci.mean,
+                "mae_lo": mae_ci.lo,
+                "mae_hi": mae_ci.hi,
+                "spc_seed_std": float(spc.std(correction=0)),
+                "mae_seed_std": float(err.std(correction=0)),
+                "spc_image_std": rs[0]["spc_std"],
+                "n_constant": rs[0]["n_constant"],
+                "unfinished_seeds": sum(s not in ("converged", "flat map") for s in statuses),
+                "flat_seeds": statuses.count("flat map"),
+                "convergence": "; ".join(sorted(set(statuses))),
+                "seed_unstable": key in unsettled,
+            }
+        )
     return out

@@ -11,6 +11,7 @@ Axis conventions: a map is a float32 tensor of shape (H, W) indexed ``[y, x]``; 
   2.5 periods, 1 at the top row.
 - ``VS`` vertical stripes: the same along x, 1 at the left column.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,13 +24,6 @@ from PIL import Image, UnidentifiedImageError
 from .errors import PosprobeError, unknown_choice
 
 PATTERNS: tuple[str, ...] = ("H", "V", "G", "HS", "VS")
-PATTERN_NAMES = {
-    "H": "horizontal gradient",
-    "V": "vertical gradient",
-    "G": "Gaussian",
-    "HS": "horizontal stripes",
-    "VS": "vertical stripes",
-}
 GAUSSIAN_SIGMA_FRACTION = 0.496  # 127 px of 256 in the authors' ground-truth maps
 STRIPE_PERIODS = 2.5
 

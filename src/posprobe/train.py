@@ -10,6 +10,7 @@ Several readouts that share one feature tensor train in the same pass over it, e
 parameters and optimiser. The batch order comes from ``TrainConfig.seed`` alone, so training readouts
 together ends where training each alone does, up to float rounding.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ import torch
 
 from .convergence import Convergence, check_convergence
 from .errors import PosprobeError, unknown_choice
-from .joint import predict_source, train_jobs
+from .joint import train_jobs
 from .readout import Readout
 
 PAPER_TRAIN_IMAGES = 10_553  # DUT-S train
@@ -42,14 +43,20 @@ class Schedule:
         return self.updates / self.batches_per_epoch
 
     def to_dict(self) -> dict:
-        return {"updates": self.updates, "lr_decay_after_updates": list(self.milestones),
-                "batches_per_epoch": self.batches_per_epoch, "epochs": round(self.epochs, 3),
-                "distinct_training_images": self.images}  # fmt: skip
+        return {
+            "updates": self.updates,
+            "lr_decay_after_updates": list(self.milestones),
+            "batches_per_epoch": self.batches_per_epoch,
+            "epochs": round(self.epochs, 3),
+            "distinct_training_images": self.images,
+        }
 
     def describe(self) -> str:
         decay = ", ".join(f"{m:,}" for m in self.milestones if m < self.updates) or "never"
-        return (f"{self.updates:,} SGD updates = {self.epochs:.3g} passes over {self.images:,} distinct training "
-                f"images (lr decay after update {decay})")
+        return (
+            f"{self.updates:,} SGD updates = {self.epochs:.3g} passes over {self.images:,} distinct training "
+            f"images (lr decay after update {decay})"
+        )
 
 
 @dataclass(frozen=True)
@@ -73,14 +80,22 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         finite = all(math.isfinite(v) for v in (self.lr, self.momentum, self.weight_decay, self.lr_gamma))
-        if (self.epochs < 1 or self.batch_size < 1 or not finite or self.lr <= 0 or self.momentum < 0
-                or self.weight_decay < 0 or self.lr_gamma < 0 or (self.steps is not None and self.steps < 1)):
+        if (
+            self.epochs < 1
+            or self.batch_size < 1
+            or not finite
+            or self.lr <= 0
+            or self.momentum < 0
+            or self.weight_decay < 0
+            or self.lr_gamma < 0
+            or (self.steps is not None and self.steps < 1)
+        ):
             raise PosprobeError(
                 "training needs steps >= 1, epochs >= 1, batch size >= 1, a finite lr > 0 and finite momentum, "
                 f"weight decay and lr gamma >= 0; given steps={self.steps}, epochs={self.epochs}, "
                 f"batch_size={self.batch_size}, lr={self.lr}, momentum={self.momentum}, "
                 f"weight_decay={self.weight_decay}, lr_gamma={self.lr_gamma}"
-            )  # fmt: skip
+            )
         if any(not 0 < f for f in self.decay_at):
             raise PosprobeError(f"lr decay points are fractions of training > 0; given {self.decay_at}")
         if self.max_readout_width is not None and self.max_readout_width < 1:
@@ -120,9 +135,11 @@ class TrainConfig:
             length = f"{self.steps:,} SGD updates" + (f" (at least {self.epochs} epochs)" if self.epochs > 1 else "")
         decay = ", ".join(f"{f:.3g}" for f in self.decay_at)
         width = "C -> C" if self.max_readout_width is None else f"at most {self.max_readout_width} channels"
-        return (f"{length}, SGD lr {self.lr} (x{self.lr_gamma} after {decay} of training), momentum "
-                f"{self.momentum}, weight decay {self.weight_decay}, batch {self.batch_size}"
-                + (f"; intermediate readout layers {width}" if deep else ""))
+        return (
+            f"{length}, SGD lr {self.lr} (x{self.lr_gamma} after {decay} of training), momentum "
+            f"{self.momentum}, weight decay {self.weight_decay}, batch {self.batch_size}"
+            + (f"; intermediate readout layers {width}" if deep else "")
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -199,13 +216,3 @@ def train_readouts(
     float rounding only).
     """
     return train_jobs(features, jobs, config, device, progress)
-
-
-def predict(readout: Readout, features, batch_size: int = 64, device: str | torch.device = "cpu",
-            channels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """(N, S, S) predicted maps of an eval-mode readout for aligned features (N, C, fs, fs) or any feature
-    source (``joint.predict_source`` predicts several readouts in one pass).
-
-    ``channels`` selects the input channels the readout was trained on (None: all).
-    """
-    return predict_source({"map": readout}, features, batch_size, device, {"map": channels})["map"]

@@ -1,4 +1,5 @@
 """Registered backbones. Importing this package registers every built-in family."""
+
 # Registration order is listing order: the control, the paper's CNNs, then the bundled-weights models.
 # tv_models and timm_models resolve the "tv:NAME" and "timm:NAME" backbones on demand (timm imported lazily).
 from . import posenet, torchvision_cnns, hed, efficientnet_lite, tv_models, timm_models  # noqa: F401,I001
@@ -19,6 +20,22 @@ from .registry import (
     register_resolver,
 )
 
-__all__ = ["BACKBONE_PADDINGS", "INPUT_NORMS", "POS_EMBEDS", "Backbone", "BackboneSpec", "LayerInfo", "Level",
-           "PaddingReport", "create_backbone", "get_backbone_spec", "layer_table", "list_backbones", "parse_layers",
-           "register_backbone", "register_resolver", "repad", "set_pos_embed"]  # fmt: skip
+__all__ = [
+    "BACKBONE_PADDINGS",
+    "INPUT_NORMS",
+    "POS_EMBEDS",
+    "Backbone",
+    "BackboneSpec",
+    "LayerInfo",
+    "Level",
+    "PaddingReport",
+    "create_backbone",
+    "get_backbone_spec",
+    "layer_table",
+    "list_backbones",
+    "parse_layers",
+    "register_backbone",
+    "register_resolver",
+    "repad",
+    "set_pos_embed",
+]

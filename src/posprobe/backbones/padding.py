@@ -11,6 +11,7 @@ centre-crop the larger operand (the skip) to the smaller one, so ``valid`` works
 DenseNets alike. Other models (timm, custom forwards) are refused with the mismatch named: the dry run's
 shape error is caught and explained by ``explain_forward_error``.
 """
+
 from __future__ import annotations
 
 import operator
@@ -27,8 +28,14 @@ BACKBONE_PADDINGS = ("zeros", "reflect", "replicate", "circular", "valid")
 _PAD_LAYERS = (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 # Layers that compute TF-style "same" padding inside their forward from the input size: nothing to rewrite.
-_DYNAMIC_SAME = ("Conv2dSame", "Conv2dSameExport", "MaxPool2dSame", "AvgPool2dSame",
-                 "Conv2dDynamicSamePadding", "MaxPool2dDynamicSamePadding")  # fmt: skip
+_DYNAMIC_SAME = (
+    "Conv2dSame",
+    "Conv2dSameExport",
+    "MaxPool2dSame",
+    "AvgPool2dSame",
+    "Conv2dDynamicSamePadding",
+    "MaxPool2dDynamicSamePadding",
+)
 
 
 @dataclass(frozen=True)
@@ -46,8 +53,9 @@ class PaddingReport:
         parts = f"{self.convs} conv(s), {self.pools} pooling layer(s), {self.pad_layers} padding layer(s)"
         line = f"backbone padding {self.mode}: rewrote {parts}"
         if self.mode == "valid" and self.cropping_skips:
-            line += (f"; {self.cropping_skips} sum/concatenation node(s) centre-crop the larger operand "
-                     "where sizes differ")  # fmt: skip
+            line += (
+                f"; {self.cropping_skips} sum/concatenation node(s) centre-crop the larger operand where sizes differ"
+            )
         elif self.mode == "valid" and not self.traced:
             line += "; not an FX graph, so a residual sum whose branches no longer match is refused"
         return line
@@ -87,8 +95,12 @@ def _pads(padding) -> bool:
 def _new_pad_layer(padding: tuple[int, ...], mode: str) -> nn.Module:
     if mode == "valid":
         return nn.Identity()
-    cls = {"zeros": nn.ZeroPad2d, "reflect": nn.ReflectionPad2d, "replicate": nn.ReplicationPad2d,
-           "circular": nn.CircularPad2d}[mode]  # fmt: skip
+    cls = {
+        "zeros": nn.ZeroPad2d,
+        "reflect": nn.ReflectionPad2d,
+        "replicate": nn.ReplicationPad2d,
+        "circular": nn.CircularPad2d,
+    }[mode]
     return cls(padding)
 
 
@@ -157,6 +169,7 @@ def repad(model: nn.Module, mode: str, backbone: str = "the backbone") -> Paddin
 
 # ---- centre-cropping skips in FX graphs ----------------------------------------------------------------
 
+
 def _centre_crop(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
     top, left = (t.shape[-2] - h) // 2, (t.shape[-1] - w) // 2
     return t[..., top : top + h, left : left + w]
@@ -207,14 +220,18 @@ def crop_skips(gm: fx.GraphModule) -> int:
 
 # ---- explaining a failed dry run --------------------------------------------------------------------------
 
-def explain_forward_error(err: Exception, backbone: str, image_size: int, padding: str | None,
-                          where: str | None) -> PosprobeError:  # fmt: skip
+
+def explain_forward_error(
+    err: Exception, backbone: str, image_size: int, padding: str | None, where: str | None
+) -> PosprobeError:
     """One line saying why a forward pass at ``image_size`` failed: a broken skip, a too-large pad, a tiny input."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     at = f" after {where}" if where else ""
     if "out of memory" in first:
-        return PosprobeError(f"backbone {backbone} ran out of memory on a {image_size}x{image_size} input{at}; "
-                             "use a smaller --image-size or another --device")  # fmt: skip
+        return PosprobeError(
+            f"backbone {backbone} ran out of memory on a {image_size}x{image_size} input{at}; "
+            "use a smaller --image-size or another --device"
+        )
     broken_skip = r"must match the size|[Ss]izes of tensors must match|broadcast a dimension"
     if padding == "valid" and re.search(broken_skip, first):
         return PosprobeError(

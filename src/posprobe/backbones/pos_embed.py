@@ -7,6 +7,7 @@ permutation (``shuffle``) keeps every vector but breaks its tie to the grid, so 
 position must then rely on whatever else the network has. Class and register token positions are left
 alone: they carry no grid location.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,9 +53,11 @@ def set_pos_embed(model: nn.Module, mode: str, seed: int = 0, backbone: str = "t
     owner = _owner(model)
     if owner is None:
         names = [n for n, _ in model.named_parameters()]
-        how = ("it encodes position with a relative position bias inside attention"
-               if any("relative_position" in n for n in names)
-               else "it is not a vision transformer with a pos_embed parameter")  # fmt: skip
+        how = (
+            "it encodes position with a relative position bias inside attention"
+            if any("relative_position" in n for n in names)
+            else "it is not a vision transformer with a pos_embed parameter"
+        )
         if any(isinstance(getattr(m, "pos_embed", None), nn.Module) for m in model.modules()):
             how = "its pos_embed is a module (a conditional, convolutional position encoding), not a parameter"
         raise PosprobeError(

@@ -2,8 +2,8 @@
 
 This is the paper's control: with no padding anywhere, no absolute position can be read out.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 from torch import nn
@@ -16,9 +16,14 @@ class Identity(nn.Module):
         return [x]
 
 
-register_backbone(BackboneSpec(
-    name="posenet", description="no encoder: the readout sees the raw RGB image (the paper's control)",
-    levels=(Level("image", 3, 1),), build=lambda weights, seed: Identity(),
-    weight_names=("none", "random"), default_weights="none",
-    weight_labels={"none": "none (no encoder)", "random": "none (no encoder)"},
-))  # fmt: skip
+register_backbone(
+    BackboneSpec(
+        name="posenet",
+        description="no encoder: the readout sees the raw RGB image (the paper's control)",
+        levels=(Level("image", 3, 1),),
+        build=lambda weights, seed: Identity(),
+        weight_names=("none", "random"),
+        default_weights="none",
+        weight_labels={"none": "none (no encoder)", "random": "none (no encoder)"},
+    )
+)

@@ -4,6 +4,7 @@ Registered names (``vgg16``, ``resnet50``...) are presets. Prefixed names (``tv:
 ``timm:convnext_tiny``) are resolved on demand by the family that owns the prefix (``register_resolver``),
 so any torchvision or timm model is a backbone without being registered.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,10 +34,15 @@ class NonFiniteFeatures(PosprobeError):
         super().__init__(self._line(f"in rows {_listed([str(r) for r in rows])} of a batch of {batch}"))
 
     def _line(self, where: str) -> str:
-        what = ("the input images are not finite" if self.level == "<input>"
-                else f"{self.backbone} features are not finite at level '{self.level}'")  # fmt: skip
-        return (f"{what} ({self.value}) {where}: nothing trained on or scored from them; check the weights "
-                "(a checkpoint whose values overflow float32) and the input images")
+        what = (
+            "the input images are not finite"
+            if self.level == "<input>"
+            else f"{self.backbone} features are not finite at level '{self.level}'"
+        )
+        return (
+            f"{what} ({self.value}) {where}: nothing trained on or scored from them; check the weights "
+            "(a checkpoint whose values overflow float32) and the input images"
+        )
 
     def named(self, ids: Sequence[str], set_name: str = "") -> PosprobeError:
         """The same error naming the images (``ids`` of the batch rows), for the one line a user sees."""
@@ -48,8 +54,9 @@ def _listed(names: list[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def check_finite_levels(levels: Sequence[torch.Tensor], names: Sequence[str], backbone: str,
-                        images: torch.Tensor | None = None) -> None:  # fmt: skip
+def check_finite_levels(
+    levels: Sequence[torch.Tensor], names: Sequence[str], backbone: str, images: torch.Tensor | None = None
+) -> None:
     """Raise ``NonFiniteFeatures`` for the first of ``images`` and ``levels`` that holds a NaN or an infinity.
 
     A sum per tensor and one host sync for them all: a NaN or an infinity makes a sum non-finite, and a finite
@@ -198,14 +205,19 @@ def get_backbone_spec(name: str, image_size: int | None = None) -> BackboneSpec:
     prefix, sep, model = name.partition(":")
     if sep:
         if prefix not in _RESOLVERS:
-            raise unknown_choice("backbone family", f"{prefix}:", [f"{p}:" for p in _RESOLVERS],
-                                 "write tv:MODEL for a torchvision model or timm:MODEL for a timm model")  # fmt: skip
+            raise unknown_choice(
+                "backbone family",
+                f"{prefix}:",
+                [f"{p}:" for p in _RESOLVERS],
+                "write tv:MODEL for a torchvision model or timm:MODEL for a timm model",
+            )
         if not model:
             raise PosprobeError(f"backbone '{name}' names no model; expected {prefix}:MODEL, e.g. {prefix}:resnet18")
         return _RESOLVERS[prefix](model, image_size)
     if name not in _REGISTRY:
-        raise unknown_choice("backbone", name, _REGISTRY,
-                             "run 'posprobe backbones' to list them, or write tv:MODEL / timm:MODEL")  # fmt: skip
+        raise unknown_choice(
+            "backbone", name, _REGISTRY, "run 'posprobe backbones' to list them, or write tv:MODEL / timm:MODEL"
+        )
     return _REGISTRY[name]
 
 
@@ -243,12 +255,16 @@ def select_layers(spec: BackboneSpec, layers: str | Sequence[str]) -> BackboneSp
         return spec
     for n in names:
         if n not in by_name:
-            raise unknown_choice(f"layer of {spec.name}", n, [*by_name, "all"],
-                                 f"run 'posprobe layers {spec.name}' to list them")  # fmt: skip
+            raise unknown_choice(
+                f"layer of {spec.name}", n, [*by_name, "all"], f"run 'posprobe layers {spec.name}' to list them"
+            )
     indices = sorted(by_name[n] for n in names)
     build = spec.build
-    return replace(spec, levels=tuple(spec.levels[i] for i in indices),
-                   build=lambda weights, seed: SelectLevels(build(weights, seed), indices))  # fmt: skip
+    return replace(
+        spec,
+        levels=tuple(spec.levels[i] for i in indices),
+        build=lambda weights, seed: SelectLevels(build(weights, seed), indices),
+    )
 
 
 class Backbone(nn.Module):
@@ -322,16 +338,16 @@ class Backbone(nn.Module):
             "imagenet": "(RGB in [0, 1] - ImageNet mean) / ImageNet std",
             "weights": f"the weights' own normalisation: (RGB in [0, 1] - ({mean})) x ({scale})",
             "paper": f"RGB in [0, 1] x ({scale}), no mean subtracted: the input mismatch the authors' code gives an "
-                     "ImageNet network ([0, 1] where it expects (x - mean) / std), carried over to these weights' "
-                     "own normalisation (x ImageNet std / the weights' std)",
-        }[self.input_norm]  # fmt: skip
+            "ImageNet network ([0, 1] where it expects (x - mean) / std), carried over to these weights' "
+            "own normalisation (x ImageNet std / the weights' std)",
+        }[self.input_norm]
 
     @property
     def weights_label(self) -> str:
         """What the weights are, in words, for reports (a stand-in says so)."""
         return self.spec.weight_labels.get(self.weights, self.weights)
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         return super().train(False)  # frozen: BatchNorm statistics and dropout never change
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -456,8 +472,10 @@ def layer_table(name: str, image_size: int = 224, padding: str | None = None) ->
         return spec.layer_table(image_size, padding)
     backbone = create_backbone(name, "random", padding=padding, image_size=image_size)
     shapes = backbone.level_shapes(image_size)
-    return [LayerInfo(lv.name, lv.channels, lv.stride, (h, w), default=True)
-            for lv, (_, h, w) in zip(backbone.levels, shapes)]  # fmt: skip
+    return [
+        LayerInfo(lv.name, lv.channels, lv.stride, (h, w), default=True)
+        for lv, (_, h, w) in zip(backbone.levels, shapes)
+    ]
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -485,6 +503,4 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path, op
         raise PosprobeError(f"checkpoint {source} does not fit the model: {first}") from None
     missing = [k for k in result.missing_keys if not k.startswith(tuple(o + "." for o in optional))]
     if missing:
-        raise PosprobeError(
-            f"checkpoint {source} lacks {len(missing)} of the model's tensors (first: {missing[0]})"
-        )
+        raise PosprobeError(f"checkpoint {source} lacks {len(missing)} of the model's tensors (first: {missing[0]})")

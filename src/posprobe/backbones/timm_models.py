@@ -11,6 +11,7 @@ vector per patch of the grid it sees, named weights get timm's one-time resampli
 at load, and ``--pos-embed`` acts on exactly what is added to the tokens (a dynamic-size model would
 re-interpolate a 224-px grid at every call, smearing a shuffled embedding).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -122,6 +123,7 @@ class TimmTaps(nn.Module):
 
 # ---- weights ----------------------------------------------------------------------------------------------
 
+
 def cached_weights(cfg: dict) -> Path | None:
     """The local copy of a pretrained config's weights (Hugging Face or torch hub cache), if there is one."""
     hub = cfg.get("hf_hub_id")
@@ -204,6 +206,7 @@ def _load_local(model: nn.Module, path: Path, label: str) -> None:
 
 # ---- specs --------------------------------------------------------------------------------------------------
 
+
 def default_indices(info: tuple[dict, ...]) -> list[int]:
     """Every stage end of a hierarchical model; the ends of the four quarters of an isotropic one (ViT)."""
     n = len(info)
@@ -219,8 +222,9 @@ def _resolve(info: tuple[dict, ...], names: tuple[str, ...], label: str) -> list
     for n in names:
         if n not in by_name:
             valid = [f["module"] for f in info] + [str(i) for i in range(len(info))] + ["all"]
-            raise unknown_choice(f"layer of {label}", n, valid, f"run 'posprobe layers {label}' to list them",
-                                 max_listed=40)  # fmt: skip
+            raise unknown_choice(
+                f"layer of {label}", n, valid, f"run 'posprobe layers {label}' to list them", max_listed=40
+            )
     return sorted(by_name[n] for n in names)
 
 
@@ -231,8 +235,10 @@ def timm_spec(name: str, side: int | None = None, indices: tuple[int, ...] | Non
     timm, label = _timm(), f"{PREFIX}:{name}"
     info, cfg, has_intermediates = _meta_facts(name, side)
     if not has_intermediates or not info:
-        raise PosprobeError(f"{label} has no forward_intermediates() / feature_info in timm {timm.__version__}, "
-                            "so its layers cannot be tapped; try the tv: version or a newer timm")  # fmt: skip
+        raise PosprobeError(
+            f"{label} has no forward_intermediates() / feature_info in timm {timm.__version__}, "
+            "so its layers cannot be tapped; try the tv: version or a newer timm"
+        )
     taps = list(indices) if indices is not None else default_indices(info)
     tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{name}.*")]
     labels = {"pretrained": f"timm {name}.{cfg.get('tag') or 'default'}", **{t: f"timm {name}.{t}" for t in tags}}
@@ -255,20 +261,34 @@ def timm_spec(name: str, side: int | None = None, indices: tuple[int, ...] | Non
             repad(tapped, padding, label)
         with torch.inference_mode():
             maps = explained_forward(tapped, torch.empty(1, 3, image_size, image_size, device="meta"), label, padding)
-        return [LayerInfo(f["module"], int(f["num_chs"]), int(f["reduction"]), (int(m.shape[2]), int(m.shape[3])),
-                          (str(i),), i in taps) for i, (f, m) in enumerate(zip(info, maps))]  # fmt: skip
+        return [
+            LayerInfo(
+                f["module"],
+                int(f["num_chs"]),
+                int(f["reduction"]),
+                (int(m.shape[2]), int(m.shape[3])),
+                (str(i),),
+                i in taps,
+            )
+            for i, (f, m) in enumerate(zip(info, maps))
+        ]
 
     mean, std = cfg.get("mean"), cfg.get("std")
     return BackboneSpec(
-        name=label, description=f"timm {name}, forward_intermediates taps", build=build,
+        name=label,
+        description=f"timm {name}, forward_intermediates taps",
+        build=build,
         levels=tuple(Level(info[i]["module"], int(info[i]["num_chs"]), int(info[i]["reduction"])) for i in taps),
         weight_names=("pretrained", *tags, "random") if tags else ("random",),
         default_weights="pretrained" if tags else "random",
         norm=(tuple(mean), tuple(std)) if mean and std else None,
-        weights_file=functools.partial(weights_file, name), weight_labels=labels,
+        weights_file=functools.partial(weights_file, name),
+        weight_labels=labels,
         select=lambda names: timm_spec(name, side, tuple(_resolve(info, names, label))),
-        layer_table=layer_table, interpolation=cfg.get("interpolation"), input_size=side,
-    )  # fmt: skip
+        layer_table=layer_table,
+        interpolation=cfg.get("interpolation"),
+        input_size=side,
+    )
 
 
 def _resolver(name: str, image_size: int | None) -> BackboneSpec:

@@ -7,6 +7,7 @@ its output is a 4-d map whose side follows the input side (adaptive pools and th
 The layout is found the same way, so channels-last maps (torchvision's Swin) are permuted to NCHW.
 Without ``layers`` the taps are the last node at each stride: the end of every resolution stage.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,9 @@ class TappedModel(nn.Module):
     levels named in ``nhwc`` come out of the graph channels-last and are permuted to (B, C, H, W).
     """
 
-    def __init__(self, model: nn.Module, taps: Mapping[str, str] | Sequence[tuple[str, str]],
-                 nhwc: Collection[str] = ()):  # fmt: skip
+    def __init__(
+        self, model: nn.Module, taps: Mapping[str, str] | Sequence[tuple[str, str]], nhwc: Collection[str] = ()
+    ):
         super().__init__()
         pairs = list(taps.items()) if isinstance(taps, Mapping) else list(taps)
         nodes = list(dict.fromkeys(node for node, _ in pairs))  # one output per node: FX pairs each query once
@@ -88,6 +90,7 @@ def _no_inplace_calls(gm: fx.GraphModule) -> None:
 
 
 # ---- weights ----------------------------------------------------------------------------------------------
+
 
 def hub_checkpoint(weights_enum) -> Path:
     """Where torchvision's weights API keeps (or would download) this weights file."""
@@ -122,6 +125,7 @@ def _transform_facts(weights_enum) -> tuple[tuple[tuple[float, ...], tuple[float
 
 
 # ---- the graph: every tappable node, its shape and its names ---------------------------------------------
+
 
 @dataclass(frozen=True)
 class Node:
@@ -177,9 +181,13 @@ def tv_architectures() -> list[str]:
 
 def _check_arch(arch: str) -> None:
     if arch not in tv_architectures():
-        raise unknown_choice("torchvision model", arch, tv_architectures(),
-                             "torchvision.models.list_models() lists them; timm models are timm:NAME",
-                             max_listed=20)  # fmt: skip
+        raise unknown_choice(
+            "torchvision model",
+            arch,
+            tv_architectures(),
+            "torchvision.models.list_models() lists them; timm models are timm:NAME",
+            max_listed=20,
+        )
 
 
 def _new_model(arch: str) -> nn.Module:
@@ -248,16 +256,25 @@ def resolve_layers(graph: Graph, names: Sequence[str], aliases: Mapping[str, str
     for name in names:
         query = aliases.get(name, name)
         if query not in graph.queries:
-            valid = [*aliases, *(graph.short_name(n.name) for n in graph.stage_ends()),
-                     *sorted(graph.queries, key=lambda q: graph.node(graph.queries[q]).position), "all"]  # fmt: skip
-            raise unknown_choice(f"layer of {label}", name, list(dict.fromkeys(valid)),
-                                 f"run 'posprobe layers {label}' to list them with channels and strides",
-                                 max_listed=25)  # fmt: skip
+            valid = [
+                *aliases,
+                *(graph.short_name(n.name) for n in graph.stage_ends()),
+                *sorted(graph.queries, key=lambda q: graph.node(graph.queries[q]).position),
+                "all",
+            ]
+            raise unknown_choice(
+                f"layer of {label}",
+                name,
+                list(dict.fromkeys(valid)),
+                f"run 'posprobe layers {label}' to list them with channels and strides",
+                max_listed=25,
+            )
         pairs.append((graph.queries[query], name))
     return sorted(pairs, key=lambda p: graph.node(p[0]).position)
 
 
 # ---- specs --------------------------------------------------------------------------------------------------
+
 
 def tv_backbone_spec(
     name: str,
@@ -282,8 +299,10 @@ def tv_backbone_spec(
         taps = [(n.name, graph.short_name(n.name)) for n in graph.stage_ends()]
     if levels is None:
         graph = graph_of(arch)
-        levels = tuple(Level(level, graph.node(graph.queries[node]).channels,
-                             graph.node(graph.queries[node]).stride) for node, level in taps)  # fmt: skip
+        levels = tuple(
+            Level(level, graph.node(graph.queries[node]).channels, graph.node(graph.queries[node]).stride)
+            for node, level in taps
+        )
     taps = list(taps)
     first = weights_for(default_weights) if default_weights != "random" else None
     norm, interpolation = _transform_facts(first) if first is not None else ((IMAGENET_MEAN, IMAGENET_STD), None)
@@ -304,13 +323,24 @@ def tv_backbone_spec(
 
     def select(names: tuple[str, ...]) -> BackboneSpec:
         pairs = resolve_layers(graph_of(arch), names, aliases, name)
-        return tv_backbone_spec(name, arch, description, pairs, weights_for, weight_names, default_weights,
-                                weight_labels, aliases=aliases, base_padding=base_padding)  # fmt: skip
+        return tv_backbone_spec(
+            name,
+            arch,
+            description,
+            pairs,
+            weights_for,
+            weight_names,
+            default_weights,
+            weight_labels,
+            aliases=aliases,
+            base_padding=base_padding,
+        )
 
     def layer_table(image_size: int, padding: str | None) -> list[LayerInfo]:
         graph = graph_of(arch)
-        tapped = TappedModel(_meta_model(arch), [(n.name, n.name) for n in graph.nodes],
-                             {n.name for n in graph.nodes if n.nhwc})  # fmt: skip
+        tapped = TappedModel(
+            _meta_model(arch), [(n.name, n.name) for n in graph.nodes], {n.name for n in graph.nodes if n.nhwc}
+        )
         for mode in (base_padding, padding):
             if mode is not None:
                 repad(tapped, mode, name)
@@ -322,18 +352,32 @@ def tv_backbone_spec(
         for alias, query in aliases.items():
             preset_names.setdefault(graph.queries.get(query, ""), []).append(alias)
         return [
-            LayerInfo(n.name, n.channels, n.stride, (int(m.shape[2]), int(m.shape[3])),
-                      tuple(preset_names.get(n.name, []) + graph.aliases(n.name)), n.name in defaults)
+            LayerInfo(
+                n.name,
+                n.channels,
+                n.stride,
+                (int(m.shape[2]), int(m.shape[3])),
+                tuple(preset_names.get(n.name, []) + graph.aliases(n.name)),
+                n.name in defaults,
+            )
             for n, m in zip(graph.nodes, maps)
-        ]  # fmt: skip
+        ]
 
     return BackboneSpec(
-        name=name, description=description, levels=levels, build=build, weight_names=weight_names,
-        default_weights=default_weights, norm=norm,
+        name=name,
+        description=description,
+        levels=levels,
+        build=build,
+        weight_names=weight_names,
+        default_weights=default_weights,
+        norm=norm,
         weights_file=lambda w: hub_checkpoint(weights_for(w)) if w in weight_names and w != "random" else None,
-        weight_labels=dict(weight_labels), exact_strides=base_padding != "valid", select=select,
-        layer_table=layer_table, interpolation=interpolation,
-    )  # fmt: skip
+        weight_labels=dict(weight_labels),
+        exact_strides=base_padding != "valid",
+        select=select,
+        layer_table=layer_table,
+        interpolation=interpolation,
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -346,12 +390,16 @@ def tv_spec(arch: str) -> BackboneSpec:
     labels["DEFAULT"] = f"{enum.DEFAULT.name} (torchvision DEFAULT)"
     graph = graph_of(arch)
     return tv_backbone_spec(
-        name=f"{PREFIX}:{arch}", arch=arch,
+        name=f"{PREFIX}:{arch}",
+        arch=arch,
         description=f"torchvision {arch}, FX taps at the end of each resolution stage",
-        taps=None, weights_for=lambda w: enum.DEFAULT if w == "DEFAULT" else enum[w],
-        weight_names=(*members, "DEFAULT", "random"), default_weights="DEFAULT", weight_labels=labels,
+        taps=None,
+        weights_for=lambda w: enum.DEFAULT if w == "DEFAULT" else enum[w],
+        weight_names=(*members, "DEFAULT", "random"),
+        default_weights="DEFAULT",
+        weight_labels=labels,
         levels=tuple(Level(graph.short_name(n.name), n.channels, n.stride) for n in graph.stage_ends()),
-    )  # fmt: skip
+    )
 
 
 register_resolver(PREFIX, lambda arch, image_size: tv_spec(arch))
