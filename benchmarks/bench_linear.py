@@ -6,6 +6,7 @@ Fits ``LinearProbe`` (5 patterns, alpha chosen on 20% held out, then refitted) o
 once per setting and prints one markdown row each (for benchmarks/RESULTS.md). The pass count is what the
 preconditioner is for: every pass reads all the features, whatever the device.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,9 @@ import platform
 import torch
 
 from posprobe.backbones import create_backbone
-from posprobe.bench import bench_images
-from posprobe.features import encode
-from posprobe.linear import LinearProbe
+from posprobe.features.encode import encode
+from posprobe.readouts.linear import LinearProbe
+from posprobe.studies.bench import bench_images
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@
 
 The same as ``posprobe bench``, plus a markdown table of the figures (for benchmarks/RESULTS.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from posprobe.bench import run_bench
+from posprobe.studies.bench import run_bench
 
 
 def markdown(results: list[dict]) -> str:
     """One row per backbone: the three timings, the ratios and the peak memory of each phase."""
     lines = [
-        "| backbone | (a) floor s | (b) posprobe s | (b2) warm cache s | (c) authors s | b/a | c/b | peak RSS MB a / b / c |",
+        "| backbone | (a) floor s | (b) posprobe s | (b2) warm cache s | (c) authors s | b/a | c/b "
+        "| peak RSS MB a / b / c |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

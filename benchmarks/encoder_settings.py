@@ -8,6 +8,7 @@ each reports its fastest and its median round, so that load from other work on a
 every setting alike. The DataLoader-worker rows decode JPEG files from a temporary folder; the others
 encode images already in memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,10 @@ def _one(backbone: str, n: int, batch: int, threads: int, channels_last: bool, w
     import torch
 
     torch.set_num_threads(threads)
-    from posprobe import features
     from posprobe.backbones import create_backbone
-    from posprobe.bench import bench_images
     from posprobe.data import FolderImages
+    from posprobe.features.encode import encode as features
+    from posprobe.studies.bench import bench_images
 
     bb = create_backbone(backbone, "random")
     images = FolderImages(folder, 224) if folder else bench_images(n, 1, 224)[0]
@@ -56,7 +57,7 @@ def main() -> None:
         print(json.dumps(_one(args.backbone, args.images, c["batch"], c["threads"], c["channels_last"], c["workers"],
                               c.get("folder"), 1)))  # fmt: skip
         return
-    from posprobe.bench import bench_images
+    from posprobe.studies.bench import bench_images
 
     base = {"batch": 16, "threads": 2, "channels_last": True, "workers": 0, "omp_wait": "PASSIVE"}
     grid = [dict(base)]
@@ -88,6 +89,7 @@ def main() -> None:
                 label = f"JPEG folder, workers={setting['workers']}"
             ts = sorted(ts)
             print(f"{label:<40}fastest {ts[0] * 1000:6.0f}   median {ts[len(ts) // 2] * 1000:6.0f} ms/image")
+
 
 if __name__ == "__main__":
     main()

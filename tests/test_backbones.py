@@ -440,7 +440,7 @@ def test_image_too_small_for_vgg16_nopad_is_refused(random_backbone):
 def test_encoding_images_too_small_for_vgg16_nopad_is_refused(random_backbone):
     """The library path (encode, hence PositionProbe.fit/score) must refuse as clearly as level_shapes."""
     from posprobe.data import synthetic_images
-    from posprobe.features import encode
+    from posprobe.features.encode import encode
 
     with pytest.raises(PosprobeError, match="too small"):
         encode(random_backbone("vgg16_nopad"), synthetic_images("noise", 64), num_workers=0, progress=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from posprobe.bench import run_bench
+from posprobe.studies.bench import run_bench
 
 
 def test_bench_reports_the_floor_posprobe_and_the_authors_protocol():

@@ -11,14 +11,14 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import save_image
-from posprobe import cache as cache_mod
 from posprobe.backbones import create_backbone
-from posprobe.cache import FeatureCache, feature_key
 from posprobe.cli import app
 from posprobe.data import FolderImages, TensorImages
 from posprobe.errors import PosprobeError
-from posprobe.features import EncodedSet, encode
-from posprobe.sources import StreamedSet
+from posprobe.features.cache import FeatureCache, feature_key
+from posprobe.features.encode import EncodedSet, encode
+from posprobe.features import cache as cache_mod
+from posprobe.features.sources import StreamedSet
 
 SIZE, FEAT = 32, 12
 
@@ -80,7 +80,7 @@ def test_a_checkpoint_is_keyed_by_its_content(tmp_path, resnet):
     ckpt = tmp_path / "w.pt"
     torch.save(resnet.extractor.state_dict(), ckpt)
     images = noise_images()
-    from posprobe.cache import weights_digest
+    from posprobe.features.cache import weights_digest
 
     # same weights loaded another way (a random backbone vs the same tensors from a file) hash alike
     state = {k: v.clone() for k, v in resnet.extractor.state_dict().items()}
@@ -207,7 +207,7 @@ def test_values_beyond_float16_are_stored_scaled_by_a_power_of_two_not_as_inf(tm
     "peak,scale", [(0.0, 1.0), (4094.0, 1.0), (4094.5, 2.0), (8188.0, 2.0), (8189.0, 4.0), (2e8, 2.0**16)]
 )
 def test_part_scale_keeps_sixteen_times_headroom(peak, scale):
-    from posprobe.cache import FP16_MAX, part_scale
+    from posprobe.features.cache import FP16_MAX, part_scale
 
     assert part_scale(peak) == scale
     assert peak / scale * 16 <= FP16_MAX

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from posprobe.convergence import check_convergence, constant_map_loss, loss_curve
+from posprobe.readouts.convergence import check_convergence, constant_map_loss, loss_curve
 from posprobe.targets import make_target
 
 G = make_target("G", 32, 32)

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from posprobe.backbones import create_backbone
-from posprobe.cache import FeatureCache
 from posprobe.data import TensorImages, synthetic_images
-from posprobe.features import encode
-from posprobe.joint import predict_source
+from posprobe.features.cache import FeatureCache
+from posprobe.features.encode import encode
 from posprobe.metrics import spearman
-from posprobe.probe import PositionProbe
-from posprobe.readout import Readout
+from posprobe.readouts.joint import predict_source
+from posprobe.readouts.pem import Readout
+from posprobe.readouts.probe import PositionProbe
+from posprobe.readouts.train import ReadoutJob, TrainConfig, train_readouts
 from posprobe.targets import make_target
-from posprobe.train import ReadoutJob, TrainConfig, train_readouts
 
 
 def predict(readout, features, batch_size: int = 64, device="cpu", channels=None) -> torch.Tensor:

@@ -24,7 +24,7 @@ from posprobe.data import (
     synthetic_images,
 )
 from posprobe.errors import PosprobeError
-from posprobe.features import encode
+from posprobe.features.encode import encode
 
 READABLE = [
     "a_rgb.jpg",

@@ -8,12 +8,12 @@ from scipy.stats import spearmanr
 
 from posprobe.backbones import create_backbone
 from posprobe.data import TensorImages
-from posprobe.engine import Cell, ReadoutSetting, level_channels, score_cells, train_cells
 from posprobe.errors import PosprobeError
-from posprobe.features import encode
-from posprobe.joint import predict_source
+from posprobe.features.encode import encode
+from posprobe.readouts.engine import Cell, ReadoutSetting, level_channels, score_cells, train_cells
+from posprobe.readouts.joint import predict_source
+from posprobe.readouts.train import TrainConfig
 from posprobe.targets import make_target
-from posprobe.train import TrainConfig
 
 SIZE, FEAT = 32, 8
 CONFIG = TrainConfig(steps=12, epochs=1, batch_size=4)

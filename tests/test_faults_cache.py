@@ -19,13 +19,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from posprobe import cache as cache_mod
 from posprobe.backbones import create_backbone
-from posprobe.cache import FeatureCache, feature_key
 from posprobe.cli import app
 from posprobe.data import TensorImages
 from posprobe.errors import PosprobeError
-from posprobe.sources import StreamedSet
+from posprobe.features.cache import FeatureCache, feature_key
+from posprobe.features import cache as cache_mod
+from posprobe.features.sources import StreamedSet
 
 SIZE, FEAT = 32, 12
 
@@ -203,9 +203,9 @@ def test_an_unwritable_cache_folder_falls_back_to_memory(tmp_path, resnet):
 
 KILLED_RUN = textwrap.dedent("""
     import sys, time, torch
-    from posprobe import cache as cache_mod
+    from posprobe.features import cache as cache_mod
     from posprobe.backbones import create_backbone
-    from posprobe.cache import FeatureCache
+    from posprobe.features.cache import FeatureCache
     from posprobe.data import TensorImages
     real = cache_mod.encode_batches
     def slow(*args, **kw):

@@ -21,8 +21,8 @@ from conftest import save_image
 from posprobe.backbones import create_backbone
 from posprobe.data import FolderImages, display_name, to_tensor
 from posprobe.errors import PosprobeError
-from posprobe.features import encode
-from posprobe.rundir import write_csv, write_json
+from posprobe.features.encode import encode
+from posprobe.output.rundir import write_csv, write_json
 
 CAFE = "caf\udce9.png"  # b"caf\xe9.png" as os.listdir gives it: the undecodable byte as a lone surrogate
 CAFE_SHOWN = "caf\\xe9.png"  # as it is written out
@@ -129,7 +129,7 @@ def test_probe_cli_without_cache_runs_end_to_end_on_non_utf8_names(tmp_path, rng
 
 
 def test_prediction_grid_labels_a_non_utf8_name(tmp_path):
-    from posprobe.plots import prediction_grid
+    from posprobe.output.plots import prediction_grid
 
     target = {"H": torch.zeros(8, 8)}
     prediction_grid(tmp_path / "p.png", target, [(CAFE, torch.zeros(3, 8, 8))], {"H": torch.zeros(1, 8, 8)})

@@ -25,12 +25,12 @@ from posprobe import cli
 from posprobe.backbones import create_backbone
 from posprobe.data import TensorImages
 from posprobe.errors import PosprobeError
-from posprobe.features import encode
+from posprobe.features.encode import encode
+from posprobe.features.sources import StreamedSet
 from posprobe.metrics import mae, spearman
-from posprobe.probe import PositionProbe
-from posprobe.sources import StreamedSet
+from posprobe.readouts.probe import PositionProbe
+from posprobe.readouts.train import ReadoutJob, TrainConfig, train_readouts
 from posprobe.targets import make_target
-from posprobe.train import ReadoutJob, TrainConfig, train_readouts
 
 SIZE, FEAT = 32, 8
 
@@ -147,7 +147,7 @@ def test_non_finite_features_stop_encoding_naming_the_level_and_images(overflowi
 
 
 def test_the_cache_never_sees_a_non_finite_batch(overflowing, tmp_path):
-    from posprobe.cache import FeatureCache
+    from posprobe.features.cache import FeatureCache
 
     cache = FeatureCache(tmp_path, log=lambda m: None)
     with pytest.raises(PosprobeError, match="level 'layer2'.*im0"):

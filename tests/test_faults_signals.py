@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from posprobe import cli, rundir
+from posprobe import cli
+from posprobe.output import rundir
 
 FAST = [
     "--backbone",
@@ -47,7 +48,7 @@ cli.main()
 """
 # Results being written: the first JSON file of the run directory is written, then the process pauses.
 PAUSE_WRITING = """
-import posprobe.run as run
+import posprobe.studies.probe_run as run
 _write_json = run.write_json
 def write_json(path, obj):
     _write_json(path, obj)
@@ -57,7 +58,7 @@ run.write_json = write_json
 """
 # An extraction with its first batch stored in the cache, then the process pauses before the next batch.
 PAUSE_EXTRACTING = """
-import posprobe.cache as cache
+import posprobe.features.cache as cache
 _encode_batches = cache.encode_batches
 def encode_batches(*args, **kwargs):
     for i, batch in enumerate(_encode_batches(*args, **kwargs)):
@@ -202,12 +203,12 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
 @pytest.fixture
 def no_compute(monkeypatch):
     """Any command that gets past its checks fails the test: they must come before the work."""
-    import posprobe.run
+    import posprobe.studies.probe_run
 
     def execute(*args, **kwargs):
         raise AssertionError("compute started")
 
-    monkeypatch.setattr(posprobe.run, "execute", execute)
+    monkeypatch.setattr(posprobe.studies.probe_run, "execute", execute)
 
 
 def test_out_name_too_long_for_its_temp_name_is_refused_before_compute(tmp_path, capsys, monkeypatch, no_compute):
@@ -239,12 +240,12 @@ def test_out_under_read_only_folder_is_refused_before_compute(tmp_path, capsys, 
 def test_os_error_while_writing_results_is_one_line(tmp_path, capsys, monkeypatch, code_):
     """D6: a disk that fills (or turns read-only) while results are written: the path and the reason, exit 2,
     no traceback, no OUT and no temp folder left."""
-    import posprobe.run
+    import posprobe.studies.probe_run
 
     def write_json(path, obj):
         raise OSError(code_, os.strerror(code_), str(path))
 
-    monkeypatch.setattr(posprobe.run, "write_json", write_json)
+    monkeypatch.setattr(posprobe.studies.probe_run, "write_json", write_json)
     out = tmp_path / "r"
     code, err = run_cli(["probe", *FAST, "--epochs", "1", "--no-cache", "--out", str(out)], capsys, monkeypatch)
     # the temp folder's path is shown as OUT's: the user never named .r.partial-...
@@ -254,12 +255,12 @@ def test_os_error_while_writing_results_is_one_line(tmp_path, capsys, monkeypatc
 
 def test_os_error_without_a_path_names_out(tmp_path, capsys, monkeypatch):
     """A write that fails at close (ENOSPC there carries no file name) still names the run directory."""
-    import posprobe.run
+    import posprobe.studies.probe_run
 
     def write_csv(path, rows):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(posprobe.run, "write_csv", write_csv)
+    monkeypatch.setattr(posprobe.studies.probe_run, "write_csv", write_csv)
     out = tmp_path / "r"
     code, err = run_cli(["probe", *FAST, "--epochs", "1", "--no-cache", "--out", str(out)], capsys, monkeypatch)
     assert_one_line_error(code, err, f"{out}: No space left on device (ENOSPC); free space there")

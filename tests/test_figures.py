@@ -6,10 +6,10 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from posprobe import figures
 from posprobe.data import SYNTHETIC, synthetic_images
-from posprobe.presets import PRESETS
-from posprobe.study import StudyPreset, StudyResult
+from posprobe.studies import figures
+from posprobe.studies.presets import PRESETS
+from posprobe.studies.study import StudyPreset, StudyResult
 from posprobe.targets import make_target
 
 SIZE = 32
@@ -71,7 +71,7 @@ def test_padding_figure_has_the_papers_black_white_and_noise_rows(drawn, tmp_pat
 
 
 def test_layer_curve_legend_marks_stand_ins(monkeypatch, tmp_path):
-    from posprobe.plots import layer_curve_plot
+    from posprobe.output.plots import layer_curve_plot
 
     seen = []
     close = plt.close

@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posprobe.features import EncodedSet
-from posprobe.joint import MapLoss, conv_parts, predict_source
-from posprobe.parts import FeatureBatch, Part, PartPlan
-from posprobe.readout import Readout, align
-from posprobe.sources import as_source
+from posprobe.features.encode import EncodedSet
+from posprobe.features.parts import FeatureBatch, Part, PartPlan, align
+from posprobe.features.sources import as_source
+from posprobe.readouts.joint import MapLoss, conv_parts, predict_source
+from posprobe.readouts.pem import Readout
+from posprobe.readouts.train import ReadoutJob, TrainConfig, train_readouts
 from posprobe.targets import PATTERNS, make_target
-from posprobe.train import ReadoutJob, TrainConfig, train_readouts
 
 FEAT, OUT = 10, 20
 LEVELS = ((4, 16, 16), (3, 10, 10), (5, 4, 4), (6, 2, 2))  # down-, same-, up- and far-upsampled

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from posprobe.errors import PosprobeError
-from posprobe.layer_curve import LayerCurveConfig, curves_of, parse_entry, run_layer_curve, write_layer_curve
-from posprobe.train import get_profile
+from posprobe.readouts.train import get_profile
+from posprobe.studies.layer_curve import LayerCurveConfig, curves_of, parse_entry, run_layer_curve, write_layer_curve
 
 
 def test_entries_take_their_own_layers_or_the_shared_ones():

@@ -8,11 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from posprobe.errors import PosprobeError
-from posprobe.features import EncodedSet
-from posprobe.linear import LinearProbe, LinearReadout, NystromPreconditioner, conjugate_gradients, sketch_basis
-from posprobe.parts import interp_matrix
+from posprobe.features.encode import EncodedSet
+from posprobe.features.parts import interp_matrix
+from posprobe.readouts.linear import (
+    LinearProbe,
+    LinearReadout,
+    NystromPreconditioner,
+    conjugate_gradients,
+    sketch_basis,
+)
+from posprobe.readouts.train import ReadoutJob, TrainConfig, train_readouts
 from posprobe.targets import make_target
-from posprobe.train import ReadoutJob, TrainConfig, train_readouts
 
 FEAT, OUT, C = 6, 10, 3
 

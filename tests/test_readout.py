@@ -11,7 +11,8 @@ from torch import nn
 
 import posprobe
 from posprobe.errors import PosprobeError
-from posprobe.readout import Readout, align, check_readout_config, readout_map_size
+from posprobe.features.parts import align
+from posprobe.readouts.pem import Readout, check_readout_config, readout_map_size
 
 LEVEL_SHAPES = [(2, 9, 9), (3, 30, 30), (1, 7, 11)]  # (channels, h, w) of three tapped levels
 IN_CHANNELS = sum(c for c, _, _ in LEVEL_SHAPES)

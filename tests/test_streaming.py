@@ -12,17 +12,17 @@ from torch.utils.data import Dataset
 
 from conftest import save_image
 from posprobe.backbones import Backbone, BackboneSpec, Level, create_backbone
-from posprobe.bench import reset_peak_rss
-from posprobe.cache import FeatureCache
 from posprobe.data import FolderImages, TensorImages
 from posprobe.errors import PosprobeError
-from posprobe.features import encode
-from posprobe.joint import predict_source
-from posprobe.probe import PositionProbe
-from posprobe.readout import Readout
-from posprobe.sources import StreamedSet
+from posprobe.features.cache import FeatureCache
+from posprobe.features.encode import encode
+from posprobe.features.sources import StreamedSet
+from posprobe.readouts.joint import predict_source
+from posprobe.readouts.pem import Readout
+from posprobe.readouts.probe import PositionProbe
+from posprobe.readouts.train import ReadoutJob, TrainConfig, train_readouts
+from posprobe.studies.bench import reset_peak_rss
 from posprobe.targets import make_target
-from posprobe.train import ReadoutJob, TrainConfig, train_readouts
 
 SIZE, FEAT = 32, 12
 

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from posprobe.convergence import check_convergence
 from posprobe.data import TensorImages, synthetic_images
 from posprobe.errors import PosprobeError
-from posprobe.paper import paper_cell, paper_values
-from posprobe.presets import FIGURES, PRESETS, TABLES, get_preset
-from posprobe.report import check_direction
-from posprobe.reproduce import run_reproduce
-from posprobe.study import (
+from posprobe.readouts.convergence import check_convergence
+from posprobe.readouts.train import TrainConfig
+from posprobe.studies.paper import paper_cell, paper_values
+from posprobe.studies.presets import FIGURES, PRESETS, TABLES, get_preset
+from posprobe.studies.report import check_direction
+from posprobe.studies.reproduce import run_reproduce
+from posprobe.studies.study import (
     Direction,
     StudyPreset,
     StudyResult,
@@ -27,7 +28,6 @@ from posprobe.study import (
     unsettled_seeds,
 )
 from posprobe.targets import make_target
-from posprobe.train import TrainConfig
 
 PAPER_MD = Path(__file__).resolve().parents[2] / "shared" / "paper" / "PAPER.md"
 
@@ -254,7 +254,7 @@ def test_seeds_report_spread_and_a_missing_weight_says_how_to_substitute(tmp_pat
 
 def test_a_study_through_the_feature_cache_encodes_once_and_repeats_exactly(tmp_path):
     """The second study on the same backbone and images reads every set from the cache, with equal numbers."""
-    from posprobe.cache import FeatureCache
+    from posprobe.features.cache import FeatureCache
 
     train, tests = _tiny_sets()
     preset = StudyPreset(
@@ -282,7 +282,7 @@ def test_a_study_through_the_feature_cache_encodes_once_and_repeats_exactly(tmp_
 
 
 def test_the_demo_covers_tables_1_2b_and_4_and_every_figure_with_three_seeds():
-    from posprobe.demo import DEMO_PRESETS, DEMO_SEEDS
+    from posprobe.studies.demo import DEMO_PRESETS, DEMO_SEEDS
 
     names = {p.name for p in DEMO_PRESETS}
     assert {"table1", "table2b", "table4"} <= names

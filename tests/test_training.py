@@ -11,13 +11,13 @@ import torch
 from posprobe.backbones import create_backbone
 from posprobe.data import TensorImages, synthetic_images
 from posprobe.errors import PosprobeError
-from posprobe.features import EncodedSet
-from posprobe.joint import predict_source
-from posprobe.probe import PositionProbe
-from posprobe.readout import Readout
-from posprobe.sources import MemorySource
+from posprobe.features.encode import EncodedSet
+from posprobe.features.sources import MemorySource
+from posprobe.readouts.joint import predict_source
+from posprobe.readouts.pem import Readout
+from posprobe.readouts.probe import PositionProbe
+from posprobe.readouts.train import PROFILES, ReadoutJob, TrainConfig, get_profile, is_official, train_readouts
 from posprobe.targets import make_target
-from posprobe.train import PROFILES, ReadoutJob, TrainConfig, get_profile, is_official, train_readouts
 
 
 def predict(readout, features, batch_size: int = 64, device="cpu", channels=None) -> torch.Tensor:

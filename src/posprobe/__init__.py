@@ -15,18 +15,19 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .backbones import Backbone, Level, create_backbone, get_backbone_spec, list_backbones, register_backbone
-from .cache import FeatureCache
 from .data import FolderImages, TensorImages, bundled_test_set, bundled_train_set, synthetic_images
-from .engine import Cell, ReadoutSetting, Scores, score_cells, train_cells
 from .errors import PosprobeError
-from .features import EncodedSet, encode
-from .linear import LinearProbe, LinearReadout
+from .features.cache import FeatureCache
+from .features.encode import EncodedSet, encode
+from .features.parts import align
+from .features.sources import StreamedSet
 from .metrics import is_constant, mae, spearman
-from .probe import PositionProbe
-from .readout import Readout, align
-from .sources import StreamedSet
+from .readouts.engine import Cell, ReadoutSetting, Scores, score_cells, train_cells
+from .readouts.linear import LinearProbe, LinearReadout
+from .readouts.pem import Readout
+from .readouts.probe import PositionProbe
+from .readouts.train import PROFILES, TrainConfig, get_profile, train_readouts
 from .targets import PATTERNS, load_target_image, make_target
-from .train import PROFILES, TrainConfig, get_profile, train_readouts
 
 __all__ = [
     "PATTERNS",

@@ -19,7 +19,7 @@ import typer
 from .errors import PosprobeError, describe_os_error
 
 if TYPE_CHECKING:
-    from .cache import FeatureCache
+    from .features.cache import FeatureCache
 
 # Options that several commands share, declared once.
 OutDir = Annotated[Path, typer.Option("--out", help="Directory to create for the results (refused if it exists).")]
@@ -100,7 +100,7 @@ def _train_config(profile: str, epochs=None, lr=None, batch_size=None, seed: int
     """The profile with the command line's overrides; --readout-width 0 lifts the profile's cap."""
     from dataclasses import replace
 
-    from .train import get_profile
+    from .readouts.train import get_profile
 
     if readout_width is not None and readout_width < 0:
         raise PosprobeError(f"--readout-width must be >= 0 (0: C -> C, the authors'); given {readout_width}")
@@ -183,10 +183,10 @@ def probe_cmd(
 ) -> None:
     """Train a readout per position pattern on a frozen backbone's features and score it on every test set."""
     from .data import parse_synthetic
-    from .run import ProbeRunConfig, execute, format_table, write
-    from .rundir import check_out_dir, resolve_device
+    from .output.rundir import check_out_dir, resolve_device
+    from .readouts.train import is_official
+    from .studies.probe_run import ProbeRunConfig, execute, format_table, write
     from .targets import resolve_patterns
-    from .train import is_official
 
     check_out_dir(out, overwrite)
     patterns = resolve_patterns(pattern) if pattern.strip() or not target_image else []
@@ -261,8 +261,8 @@ def demo_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Tables 1, 2(b), 4 and Figs. 4-7 on the bundled photos, 3 seeds, with bundled stand-ins for the paper's CNNs."""
-    from .demo import run_demo
-    from .rundir import check_out_dir, resolve_device
+    from .output.rundir import check_out_dir, resolve_device
+    from .studies.demo import run_demo
 
     check_out_dir(out, overwrite)
     if seeds < 1:
@@ -318,9 +318,9 @@ def reproduce_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Reproduce the paper's tables and figures, our numbers beside the paper's, in one report."""
-    from .reproduce import build_image_sets, describe_data, resolve_presets, run_reproduce
-    from .rundir import check_out_dir, resolve_device
-    from .study import parse_backbone_map
+    from .output.rundir import check_out_dir, resolve_device
+    from .studies.reproduce import build_image_sets, describe_data, resolve_presets, run_reproduce
+    from .studies.study import parse_backbone_map
 
     check_out_dir(out, overwrite)
     if seeds < 1:
@@ -360,7 +360,7 @@ def reproduce_cmd(
 
 def _study_verdicts(result) -> dict:
     """'vgg16/k7 G' -> each seed's Convergence, once per trained readout (rows sharing it named together)."""
-    from .study import distinct_trainings
+    from .studies.study import distinct_trainings
 
     out = {}
     for places, pattern, verdicts in distinct_trainings(result):
@@ -372,7 +372,7 @@ def _study_verdicts(result) -> dict:
 def _warn_unconverged(verdicts: dict) -> None:
     """One line on stderr per readout that did not finish training or draws a flat map (convergence.RULE), so
     no such score passes unread. verdicts: name -> Convergence, or name -> each seed's Convergence."""
-    from .convergence import RULE
+    from .readouts.convergence import RULE
 
     told = False
     for name, cs in verdicts.items():
@@ -389,7 +389,7 @@ def _warn_unconverged(verdicts: dict) -> None:
 def _warn_unsettled(result) -> None:
     """One stderr line per cell whose finished readouts still disagree across seeds (marked ± in the report)."""
     from .intervals import SEED_SPREAD_LIMIT
-    from .study import unsettled_seeds
+    from .studies.study import unsettled_seeds
 
     for (study, row, pattern, test_set), sd in sorted(unsettled_seeds(result).items()):
         print(
@@ -401,7 +401,7 @@ def _warn_unsettled(result) -> None:
 
 def _feature_cache(use: bool, cache_dir: Optional[Path], max_gb: float) -> FeatureCache | None:
     """The FeatureCache the options ask for, or None (--no-cache: features in memory)."""
-    from .cache import FeatureCache
+    from .features.cache import FeatureCache
 
     return FeatureCache(cache_dir, max_gb) if use else None
 
@@ -490,8 +490,8 @@ def layer_curve_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Where position lives: probe every tapped level on its own and plot SPC against depth (Table 3, any network)."""
-    from .layer_curve import LayerCurveConfig, format_curve_table, run_layer_curve, write_layer_curve
-    from .rundir import check_out_dir, resolve_device
+    from .output.rundir import check_out_dir, resolve_device
+    from .studies.layer_curve import LayerCurveConfig, format_curve_table, run_layer_curve, write_layer_curve
     from .targets import resolve_patterns
 
     check_out_dir(out, overwrite)
@@ -539,7 +539,7 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("ls")
 def cache_ls_cmd(cache_dir: CacheDir = None) -> None:
     """One line per entry: key, state, backbone, weights, image set, images x channels x size, GB."""
-    from .cache import GB, FeatureCache
+    from .features.cache import GB, FeatureCache
 
     cache = FeatureCache(cache_dir)
     entries = cache.entries()
@@ -582,7 +582,7 @@ def cache_du_cmd(cache_dir: CacheDir = None) -> None:
     """Total size on disk of the cache, complete and partial entries apart, and the free space left."""
     import shutil
 
-    from .cache import GB, FeatureCache
+    from .features.cache import GB, FeatureCache
 
     cache = FeatureCache(cache_dir)
     entries = cache.entries()
@@ -620,7 +620,7 @@ def cache_verify_cmd(
     cache_dir: CacheDir = None,
 ) -> None:
     """Read every complete entry whole against its checksums; damaged ones are moved aside (exit 1 if any)."""
-    from .cache import GB, FeatureCache
+    from .features.cache import GB, FeatureCache
 
     cache = FeatureCache(cache_dir, log=None)
     _known_keys(cache, keys)
@@ -668,7 +668,7 @@ def cache_clear_cmd(
     cache_dir: CacheDir = None,
 ) -> None:
     """Remove cache entries (entries another process is writing are left alone)."""
-    from .cache import GB, FeatureCache
+    from .features.cache import GB, FeatureCache
 
     cache = FeatureCache(cache_dir)
     _known_keys(cache, keys)
@@ -699,8 +699,8 @@ def bench_cmd(
     """Time a Table 1 column: (a) one encoder pass (the floor), (b) posprobe, (c) the authors' protocol."""
     import json
 
-    from .bench import run_bench
-    from .rundir import resolve_device
+    from .output.rundir import resolve_device
+    from .studies.bench import run_bench
 
     results = []
     for name in backbone:
@@ -730,13 +730,13 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def _interrupted_line() -> str:
     """What an interrupted command leaves: OUT untouched (or written whole), and what the feature cache kept."""
-    rundir = sys.modules.get("posprobe.rundir")  # not imported: the command had no --out to write yet
+    rundir = sys.modules.get("posprobe.output.rundir")  # not imported: the command had no --out to write yet
     line = "posprobe: interrupted"
     active = rundir.active_out() if rundir is not None else None
     if active is not None:
         out, written = active
         line += f": {out} was written whole" if written else f": nothing written to {out}"
-    cache = sys.modules.get("posprobe.cache")  # never imported for a command that had no features to cache
+    cache = sys.modules.get("posprobe.features.cache")  # never imported for a command that had no features to cache
     progress = getattr(cache, "extraction_in_progress", lambda: None)()
     if progress is not None:
         done, total, _ = progress
@@ -760,8 +760,8 @@ def main() -> None:
     one line and exit 130 / 143, after the run directory's temporary folder is removed."""
     warnings.showwarning = _one_line_warning
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
-    if "posprobe.rundir" in sys.modules:  # called again in one process (tests): no previous command's --out
-        sys.modules["posprobe.rundir"]._ACTIVE.clear()
+    if "posprobe.output.rundir" in sys.modules:  # called again in one process (tests): no previous command's --out
+        sys.modules["posprobe.output.rundir"]._ACTIVE.clear()
     received: list[int] = []
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -27,7 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class NonFiniteFeatures(PosprobeError):
     """A level of the encoder's output (or its input) holds a NaN or an infinity: ``Backbone.forward`` stops
     at the first such level, so no readout trains on it and no score comes of it. ``rows`` are the batch
-    rows that hold one; ``named`` turns them into image ids (``features.encode_batches`` knows those)."""
+    rows that hold one; ``named`` turns them into image ids (``features.encode.encode_batches`` knows those)."""
 
     def __init__(self, backbone: str, level: str, rows: list[int], value: str, batch: int):
         self.backbone, self.level, self.rows, self.value, self.batch = backbone, level, rows, value, batch

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import PosprobeError
-from .readout import align
+from ..errors import PosprobeError
 
 Shape = tuple[int, int, int]  # (channels, height, width) of one tapped level at its native size
 
@@ -35,6 +34,12 @@ def interp_matrix(n_out: int, n_in: int, align_corners: bool) -> torch.Tensor:
     eye = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, n_in)  # n_in unit signals of length n_in
     out = F.interpolate(eye, size=n_out, mode="linear", align_corners=align_corners)  # (n_in, 1, n_out)
     return out[:, 0].T.contiguous()
+
+
+def align(levels: Sequence[torch.Tensor], feat_size: int) -> torch.Tensor:
+    """Resize every (B, C_i, h_i, w_i) level to feat_size x feat_size and concatenate: (B, sum C_i, fs, fs)."""
+    resized = [F.interpolate(f, size=(feat_size, feat_size), mode="bilinear", align_corners=True) for f in levels]
+    return torch.cat(resized, dim=1)
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class Part:
 
 def split_levels(levels: Sequence[torch.Tensor], feat_size: int) -> list[Part]:
     """Encoder levels (b, c_i, h_i, w_i) -> parts: levels the alignment would upsample stay as they are,
-    consecutive others are aligned together (``readout.align``). Every part is channels_last."""
+    consecutive others are aligned together (``align``). Every part is channels_last."""
     plans = plan_parts([tuple(f.shape[1:]) for f in levels], feat_size)
     parts, i = [], 0
     for plan in plans:

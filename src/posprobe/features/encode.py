@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .backbones import Backbone
-from .backbones.registry import NonFiniteFeatures
-from .data import display_name
-from .errors import PosprobeError
+from ..backbones import Backbone
+from ..backbones.registry import NonFiniteFeatures
+from ..data import display_name
+from ..errors import PosprobeError
 from .parts import FeatureBatch, Part, concat_parts, split_levels
 
 

@@ -18,13 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import PosprobeError
-
-
-def align(levels: Sequence[torch.Tensor], feat_size: int) -> torch.Tensor:
-    """Resize every (B, C_i, h_i, w_i) level to feat_size x feat_size and concatenate: (B, sum C_i, fs, fs)."""
-    resized = [F.interpolate(f, size=(feat_size, feat_size), mode="bilinear", align_corners=True) for f in levels]
-    return torch.cat(resized, dim=1)
+from ..errors import PosprobeError
+from ..features.parts import align
 
 
 def readout_map_size(feat_size: int, kernel_size: int, depth: int, padding: int) -> int:

@@ -44,15 +44,15 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .cache import encode_images
+from ..errors import PosprobeError, unknown_choice
+from ..features.cache import encode_images
+from ..features.parts import FeatureBatch, align
+from ..features.sources import as_source, memory_budget_bytes
+from ..metrics import is_constant, mae, spearman
+from ..targets import PATTERNS, probe_targets
 from .engine import Scores
-from .errors import PosprobeError, unknown_choice
 from .joint import MapLoss, conv_parts, predict_source
-from .metrics import is_constant, mae, spearman
-from .parts import FeatureBatch
-from .readout import UpsampledHead, align, check_readout_config, readout_map_size
-from .sources import as_source, memory_budget_bytes
-from .targets import PATTERNS, probe_targets
+from .pem import UpsampledHead, check_readout_config, readout_map_size
 
 # Relative ridge strengths tried on the held-out split. Below 1e-4 the held-out MSE of real features is flat
 # to 3 digits while CG needs ~sqrt(1/alpha) iterations; pass smaller ones explicitly for the bare optimum.

@@ -19,13 +19,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .backbones import Backbone
+from ..backbones import Backbone
+from ..errors import PosprobeError
+from ..intervals import bootstrap
+from ..metrics import is_constant, mae, spearman
 from .convergence import Convergence
-from .errors import PosprobeError
-from .intervals import bootstrap
 from .joint import predict_each
-from .metrics import is_constant, mae, spearman
-from .readout import Readout
+from .pem import Readout
 from .train import ReadoutJob, Schedule, TrainConfig, train_readouts
 
 

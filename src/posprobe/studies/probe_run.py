@@ -11,20 +11,20 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .backbones import Backbone, create_backbone
-from .cache import FeatureCache, default_cache_dir
-from .convergence import RULE, constant_map_loss, loss_curve
-from .data import SYNTHETIC, synthetic_images, train_and_test_images
-from .engine import Scores
-from .errors import PosprobeError
-from .features import EncodedSet
-from .intervals import Interval
-from .plots import loss_curves_plot, prediction_grid
-from .probe import PositionProbe
-from .readout import check_readout_config
-from .rundir import atomic_run_dir, environment, write_csv, write_json
-from .targets import PATTERNS, load_target_image
-from .train import PROFILES, TrainConfig
+from ..backbones import Backbone, create_backbone
+from ..data import SYNTHETIC, synthetic_images, train_and_test_images
+from ..errors import PosprobeError
+from ..features.cache import FeatureCache, default_cache_dir
+from ..features.encode import EncodedSet
+from ..intervals import Interval
+from ..output.plots import loss_curves_plot, prediction_grid
+from ..output.rundir import atomic_run_dir, environment, write_csv, write_json
+from ..readouts.convergence import RULE, constant_map_loss, loss_curve
+from ..readouts.engine import Scores
+from ..readouts.pem import check_readout_config
+from ..readouts.probe import PositionProbe
+from ..readouts.train import PROFILES, TrainConfig
+from ..targets import PATTERNS, load_target_image
 
 METRIC_FIELDS = (
     "spc_mean",
@@ -189,7 +189,7 @@ def execute(config: ProbeRunConfig, progress: bool = True) -> ProbeRun:
     seconds = {"encode_tests": t1 - t0, "encode_train": t2 - t1, "train_readouts": t3 - t2, "score_tests": t4 - t3}
     run = ProbeRun(config, backbone, probe, train, tests, scores, previews, seconds)
     if config.readout == "linear":
-        from .linear import LinearProbe
+        from ..readouts.linear import LinearProbe
 
         linear = LinearProbe(
             backbone,

@@ -6,7 +6,7 @@ is written the same way: a StudyPreset naming variants, patterns and test sets.
 
 from __future__ import annotations
 
-from .errors import unknown_choice
+from ..errors import unknown_choice
 from .study import Direction, StudyPreset, Variant
 
 ALL_TESTS = ("natural", "black", "white", "noise")

@@ -10,10 +10,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .data import display_name  # noqa: E402
-from .plots import _show  # noqa: E402
+from ..data import display_name  # noqa: E402
+from ..output.plots import _show  # noqa: E402
+from ..targets import make_target  # noqa: E402
 from .study import StudyPreset, StudyResult  # noqa: E402
-from .targets import make_target  # noqa: E402
 
 
 def _label(preset: StudyPreset, result: StudyResult, key: str) -> str:

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import PosprobeError
-from .parts import FeatureBatch, interp_matrix
-from .readout import UpsampledHead
-from .sources import as_source
+from ..errors import PosprobeError
+from ..features.parts import FeatureBatch, interp_matrix
+from ..features.sources import as_source
+from .pem import UpsampledHead
 
 
 class MapLoss:

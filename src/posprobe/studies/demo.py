@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .cache import FeatureCache
+from ..features.cache import FeatureCache
+from ..readouts.train import get_profile
 from .presets import PRESETS
 from .reproduce import build_image_sets, describe_data, run_reproduce
 from .study import StudyResult
-from .train import get_profile
 
 DEMO_SEEDS = 3  # so that no verdict rests on one seed's initialisation and batch order
 DEMO_TABLE2B = replace(

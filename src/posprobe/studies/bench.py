@@ -27,15 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .backbones import create_backbone
-from .cache import FeatureCache
-from .data import SYNTHETIC, TensorImages, bundled_test_set, bundled_train_set, synthetic_images
-from .errors import PosprobeError
-from .features import _collate, _Indexed, default_workers, prepare_encoder
-from .probe import PositionProbe
-from .readout import Readout, align
-from .targets import PATTERNS, make_target
-from .train import get_profile
+from ..backbones import create_backbone
+from ..data import SYNTHETIC, TensorImages, bundled_test_set, bundled_train_set, synthetic_images
+from ..errors import PosprobeError
+from ..features.cache import FeatureCache
+from ..features.encode import _collate, _Indexed, default_workers, prepare_encoder
+from ..features.parts import align
+from ..readouts.pem import Readout
+from ..readouts.probe import PositionProbe
+from ..readouts.train import get_profile
+from ..targets import PATTERNS, make_target
 
 
 def _rss_kb(field_name: str) -> int | None:

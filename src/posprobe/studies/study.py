@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
-from .backbones import Backbone, create_backbone, get_backbone_spec
-from .cache import FeatureCache, encode_images
-from .convergence import Convergence, loss_curve
-from .engine import Cell, ReadoutSetting, level_channels, score_cells, train_cells
-from .errors import PosprobeError
-from .intervals import SEED_SPREAD_LIMIT, bootstrap
-from .readout import check_readout_config
-from .targets import make_target
-from .train import Schedule, TrainConfig
+from ..backbones import Backbone, create_backbone, get_backbone_spec
+from ..errors import PosprobeError
+from ..features.cache import FeatureCache, encode_images
+from ..intervals import SEED_SPREAD_LIMIT, bootstrap
+from ..readouts.convergence import Convergence, loss_curve
+from ..readouts.engine import Cell, ReadoutSetting, level_channels, score_cells, train_cells
+from ..readouts.pem import check_readout_config
+from ..readouts.train import Schedule, TrainConfig
+from ..targets import make_target
 
 
 @dataclass(frozen=True)

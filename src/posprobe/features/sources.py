@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .backbones.registry import NonFiniteFeatures
-from .errors import PosprobeError
-from .features import EncodedSet, _Indexed, default_workers, unreadable_list
+from ..backbones.registry import NonFiniteFeatures
+from ..errors import PosprobeError
+from .encode import EncodedSet, _Indexed, default_workers, unreadable_list
 from .parts import FeatureBatch, Part, Shape, concat_parts, split_levels
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .convergence import RULE
-from .intervals import SEED_SPREAD_LIMIT, TEST, Interval, step_direction, verdict
+from ..intervals import SEED_SPREAD_LIMIT, TEST, Interval, step_direction, verdict
+from ..readouts.convergence import RULE
 from .paper import paper_cell
 from .study import Direction, StudyPreset, StudyResult, aggregate, distinct_trainings
 

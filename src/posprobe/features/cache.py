@@ -26,7 +26,7 @@ relu5_3 at 14x14) and 19 GB for ResNet-152 (3840 channels, layer3 at 14x14 and l
 throughout they would be 24 and 64 GB. Values beyond float16's range (65504; a randomly initialised
 ResNet-152 reaches 2e8) are never rounded to inf: a part whose first batch comes within 16 times of the
 limit is stored divided by a power of two (``part_scale``; the manifest records it); a later batch beyond
-that makes the entry float32. Features that are not finite never reach the cache (features.encode_batches
+that makes the entry float32. Features that are not finite never reach the cache (encode.encode_batches
 stops the run). Above ``max_gb``, or when the disk would fill, posprobe streams instead: the encoder re-runs
 every epoch (``sources.StreamedSet``) and nothing is written. An entry's file is allocated whole before the
 first image (``posix_fallocate``), so a full disk is known at once; a disk that fills anyway (another process
@@ -54,8 +54,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import PosprobeError
-from .features import EncodedSet, encode, encode_batches, unreadable_list
+from ..errors import PosprobeError
+from .encode import EncodedSet, encode, encode_batches, unreadable_list
 from .parts import Part, PartPlan, plan_parts
 from .sources import MemorySource, StreamedSet
 
@@ -563,7 +563,7 @@ class FeatureCache:
         """
         from tqdm.auto import tqdm
 
-        from . import __version__
+        from .. import __version__
 
         d = self.entry_dir(key)
         d.mkdir(parents=True, exist_ok=True)

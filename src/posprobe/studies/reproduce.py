@@ -6,17 +6,17 @@ import platform
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cache import FeatureCache
-from .convergence import constant_map_loss
-from .data import synthetic_images, train_and_test_images
+from ..data import synthetic_images, train_and_test_images
+from ..features.cache import FeatureCache
+from ..output.plots import loss_curves_plot
+from ..output.rundir import atomic_run_dir, environment, write_csv, write_json
+from ..readouts.convergence import constant_map_loss
+from ..readouts.train import TrainConfig, is_official
+from ..targets import make_target
 from .figures import draw
-from .plots import loss_curves_plot
 from .presets import PRESETS, get_preset
 from .report import render, result_rows
-from .rundir import atomic_run_dir, environment, write_csv, write_json
 from .study import StudyPreset, StudyResult, distinct_trainings, run_study
-from .targets import make_target
-from .train import TrainConfig, is_official
 
 
 def resolve_presets(names: Sequence[str]) -> list[StudyPreset]:

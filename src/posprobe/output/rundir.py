@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import display_name  # a file name that is not UTF-8 (caf\xe9.png) is written escaped
-from .errors import PosprobeError
+from ..data import display_name  # a file name that is not UTF-8 (caf\xe9.png) is written escaped
+from ..errors import PosprobeError
 
 # The run directory this process is producing, for an interrupted run's message: {"out": Path, "written": bool}.
 _ACTIVE: dict = {}
@@ -235,7 +235,7 @@ def environment(device: str | torch.device = "cpu") -> dict:
     """Versions, device and commit, so a number can be traced to what produced it."""
     import torchvision
 
-    from . import __version__
+    from .. import __version__
 
     dev = torch.device(device)
     facts = {

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .data import display_name  # noqa: E402
+from ..data import display_name  # noqa: E402
 
 
 def _show(ax, img: torch.Tensor, title: str = "", cmap: str | None = "gray") -> None:

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from ..errors import PosprobeError, unknown_choice
 from .convergence import Convergence, check_convergence
-from .errors import PosprobeError, unknown_choice
 from .joint import train_jobs
-from .readout import Readout
+from .pem import Readout
 
 PAPER_TRAIN_IMAGES = 10_553  # DUT-S train
 PAPER_UPDATES = 15 * math.ceil(PAPER_TRAIN_IMAGES / 32)  # 4,950: 15 epochs of 330 batches of 32

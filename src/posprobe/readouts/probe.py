@@ -12,14 +12,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .backbones import Backbone
-from .cache import encode_images
+from ..backbones import Backbone
+from ..errors import PosprobeError
+from ..features.cache import encode_images
+from ..features.encode import EncodedSet
+from ..targets import PATTERNS, probe_targets
 from .engine import Cell, ReadoutSetting, Scores, new_readout, score_cells, train_cells
-from .errors import PosprobeError
-from .features import EncodedSet
 from .joint import predict_source
-from .readout import Readout, check_readout_config
-from .targets import PATTERNS, probe_targets
+from .pem import Readout, check_readout_config
 from .train import PROFILES, TrainConfig
 
 

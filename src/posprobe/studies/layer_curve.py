@@ -13,19 +13,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .backbones import create_backbone
-from .backbones.padding import check_padding_mode
-from .backbones.pos_embed import check_pos_embed_mode
-from .backbones.registry import parse_layers
-from .cache import encode_images
-from .convergence import RULE, Convergence, loss_curve
-from .engine import Cell, ReadoutSetting, score_cells, train_cells
-from .errors import PosprobeError
-from .plots import layer_curve_plot
-from .readout import check_readout_config
-from .run import ReadoutSettings
-from .rundir import atomic_run_dir, environment, write_csv, write_json
-from .targets import make_target, resolve_patterns
+from ..backbones import create_backbone
+from ..backbones.padding import check_padding_mode
+from ..backbones.pos_embed import check_pos_embed_mode
+from ..backbones.registry import parse_layers
+from ..errors import PosprobeError
+from ..features.cache import encode_images
+from ..output.plots import layer_curve_plot
+from ..output.rundir import atomic_run_dir, environment, write_csv, write_json
+from ..readouts.convergence import RULE, Convergence, loss_curve
+from ..readouts.engine import Cell, ReadoutSetting, score_cells, train_cells
+from ..readouts.pem import check_readout_config
+from ..targets import make_target, resolve_patterns
+from .probe_run import ReadoutSettings
 
 ALL = "all"
 
