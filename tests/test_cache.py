@@ -15,9 +15,9 @@ from posprobe.backbones import create_backbone
 from posprobe.cli import app
 from posprobe.data import FolderImages, TensorImages
 from posprobe.errors import PosprobeError
+from posprobe.features import cache as cache_mod
 from posprobe.features.cache import FeatureCache, feature_key
 from posprobe.features.encode import EncodedSet, encode
-from posprobe.features import cache as cache_mod
 from posprobe.features.sources import StreamedSet
 
 SIZE, FEAT = 32, 12

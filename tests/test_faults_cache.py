@@ -23,8 +23,8 @@ from posprobe.backbones import create_backbone
 from posprobe.cli import app
 from posprobe.data import TensorImages
 from posprobe.errors import PosprobeError
-from posprobe.features.cache import FeatureCache, feature_key
 from posprobe.features import cache as cache_mod
+from posprobe.features.cache import FeatureCache, feature_key
 from posprobe.features.sources import StreamedSet
 
 SIZE, FEAT = 32, 12

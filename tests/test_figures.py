@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -36,15 +38,10 @@ def fake_result(preset: StudyPreset, substituted: bool = False) -> StudyResult:
 
 @pytest.fixture
 def drawn(monkeypatch):
-    """Calls figures.draw and returns the figure it built (still open), as well as writing the PNG."""
+    """Calls figures.draw and returns the figure it built, as well as writing the PNG."""
     seen = {}
-    close = plt.close
-
-    def keep(fig=None):
-        seen["fig"] = fig
-        close(fig)
-
-    monkeypatch.setattr(figures.plt, "close", keep)
+    grid = figures._grid
+    monkeypatch.setattr(figures, "_grid", lambda *args, **kw: seen.setdefault("fig", grid(*args, **kw)))
 
     def draw(preset: StudyPreset, tmp_path, **kw):
         paths = figures.draw(fake_result(preset, **kw), preset, tmp_path)
@@ -73,14 +70,21 @@ def test_padding_figure_has_the_papers_black_white_and_noise_rows(drawn, tmp_pat
 def test_layer_curve_legend_marks_stand_ins(monkeypatch, tmp_path):
     from posprobe.output.plots import layer_curve_plot
 
-    seen = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: (seen.append(fig), close(fig)))
     points = {
         "vgg16_hed": {"H": [(0.0, "relu1_2", 0.2), (1.0, "relu5_3", 0.7)]},
         "tv:resnet18": {"H": [(0.0, "relu", 0.1), (1.0, "layer4", 0.8)]},
     }
-    layer_curve_plot(tmp_path / "layer_curve.png", points, stand_ins={"vgg16_hed"})
+    fig = layer_curve_plot(tmp_path / "layer_curve.png", points, stand_ins={"vgg16_hed"})
     assert (tmp_path / "layer_curve.png").is_file()
-    legend = [t.get_text() for t in seen[0].axes[0].get_legend().get_texts()]
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert legend == ["vgg16_hed (stand-in)", "tv:resnet18"]
+
+
+def test_importing_posprobe_leaves_the_matplotlib_backend_alone():
+    code = (
+        "import matplotlib; matplotlib.use('svg'); "
+        "import posprobe, posprobe.cli, posprobe.studies.figures, posprobe.output.plots; "
+        "print(matplotlib.get_backend())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "svg"

@@ -1,4 +1,7 @@
-"""Figures as pure functions over saved arrays: each returns nothing and writes one PNG."""
+"""Figures as pure functions over saved arrays: each writes one PNG and returns its ``Figure``.
+
+They build ``matplotlib.figure.Figure`` objects directly, without pyplot: no backend is chosen at import (a
+notebook keeps its own) and no figure is left registered anywhere."""
 
 from __future__ import annotations
 
@@ -6,12 +9,10 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from ..data import display_name  # noqa: E402
+from ..data import display_name
 
 
 def _show(ax, img: torch.Tensor, title: str = "", cmap: str | None = "gray") -> None:
@@ -33,14 +34,15 @@ def prediction_grid(
     predictions: Mapping[str, torch.Tensor],
     scores: Mapping[str, torch.Tensor] | None = None,
     title: str = "",
-) -> None:
+) -> Figure:
     """Top row: the targets; then one row per input image: the input and each target's prediction.
 
     predictions[name]: (N, H, W) for the N inputs; scores[name]: (N,) SPC shown in the titles.
     """
     names = list(targets)
     rows, cols = len(inputs) + 1, len(names) + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+    fig = Figure(figsize=(1.6 * cols, 1.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     axes[0][0].axis("off")
     axes[0][0].text(0.5, 0.5, "targets", ha="center", va="center", fontsize=9)
     for j, name in enumerate(names, start=1):
@@ -54,7 +56,7 @@ def prediction_grid(
         fig.suptitle(display_name(title), fontsize=10)  # it names the test folder
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def layer_curve_plot(
@@ -64,7 +66,7 @@ def layer_curve_plot(
     title: str = "",
     stand_ins: Collection[str] = (),
     intervals: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]] | None = None,
-) -> None:
+) -> Figure:
     """SPC against depth, one panel per pattern and one line per curve (backbone / padding / pos-embed).
 
     points[curve][pattern]: (relative depth in [0, 1], level name, SPC) per tapped level, in order;
@@ -75,8 +77,9 @@ def layer_curve_plot(
     intervals[curve][pattern]: the 95% interval (lo, hi) of each point, drawn as an error bar.
     """
     patterns = list(dict.fromkeys(p for by_pattern in points.values() for p in by_pattern))
-    fig, axes = plt.subplots(1, len(patterns), figsize=(4.2 * len(patterns), 3.6), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(4.2 * len(patterns), 3.6))
+    axes = fig.subplots(1, len(patterns), squeeze=False)
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, pattern in zip(axes[0], patterns):
         for k, (curve, by_pattern) in enumerate(points.items()):
             pts = by_pattern.get(pattern, [])
@@ -112,7 +115,7 @@ def layer_curve_plot(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def loss_curves_plot(
@@ -121,7 +124,7 @@ def loss_curves_plot(
     constant_losses: Mapping[str, float],
     flagged: Mapping[tuple[str, str], str] | None = None,
     decay_at: Sequence[int] = (),
-) -> None:
+) -> Figure:
     """Training loss against SGD updates: one panel per readout setting, a colour per pattern, a line per seed.
 
     panels[title][pattern] = each seed's [(update, mean loss over the window)]; the dashed line in the pattern's
@@ -132,8 +135,9 @@ def loss_curves_plot(
     n = len(panels)
     cols = min(4, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.5 * rows), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(3.4 * cols, 2.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, by_pattern) in zip(axes.flat, panels.items()):
         bad: dict[str, list[str]] = {}
         for i, (pattern, seeds) in enumerate(by_pattern.items()):
@@ -168,4 +172,4 @@ def loss_curves_plot(
     fig.suptitle("Training loss (MSE) per readout; dashed: the best constant map; grey: lr decay", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

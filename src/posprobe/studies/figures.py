@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from ..data import display_name  # noqa: E402
-from ..output.plots import _show  # noqa: E402
-from ..targets import make_target  # noqa: E402
-from .study import StudyPreset, StudyResult  # noqa: E402
+from ..data import display_name
+from ..output.plots import _show
+from ..targets import make_target
+from .study import StudyPreset, StudyResult
 
 
 def _label(preset: StudyPreset, result: StudyResult, key: str) -> str:
@@ -29,7 +26,7 @@ def _grid(
     cmap: str = "gray",
     vmax: float = 1.0,
     colorbar: str | None = None,
-) -> None:
+) -> Figure:
     """rows: (row label, input image (3,H,W), [(column title, map (H,W) or None, annotation)]).
 
     colorbar: a label for a colour bar at the right, for maps whose colours stand for values (not pictures);
@@ -38,7 +35,8 @@ def _grid(
     cols = 1 + max(len(r[2]) for r in rows)
     bar_room = 1.2 if colorbar else 0.0  # inches at the right for the bar, its ticks and label
     width = 1.9 * cols + bar_room
-    fig, axes = plt.subplots(len(rows), cols, figsize=(width, 2.3 * len(rows) + 0.4), squeeze=False)
+    fig = Figure(figsize=(width, 2.3 * len(rows) + 0.4))
+    axes = fig.subplots(len(rows), cols, squeeze=False)
     shown = None
     for i, (label, image, cells) in enumerate(rows):
         _show(axes[i][0], image, display_name(label)[:24])
@@ -61,7 +59,7 @@ def _grid(
         bar.set_label(colorbar, fontsize=7)
         bar.ax.tick_params(labelsize=7)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _spc_note(result: StudyResult, preset: StudyPreset, key: str, pattern: str, test_set: str, i: int) -> str:
