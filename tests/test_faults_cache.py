@@ -107,6 +107,17 @@ def test_a_truncated_or_missing_file_is_damage_not_a_dead_end(tmp_path, resnet, 
     assert [e.complete for e in cache.entries()] == [True]
 
 
+@pytest.mark.parametrize("fault", ["empty manifest", "truncate data"])
+def test_cache_verify_reports_an_entry_whose_manifest_or_size_is_wrong(tmp_path, resnet, fault):
+    _, _, entry, _ = made(tmp_path, resnet, noise_images(4))
+    if fault == "empty manifest":
+        (entry / "manifest.json").write_text("")
+    else:
+        os.truncate(entry / "features.bin", 100)
+    verified = CliRunner().invoke(app, ["cache", "verify", "--cache-dir", str(tmp_path)])
+    assert verified.exit_code == 1 and "DAMAGED" in verified.output and not entry.exists()  # moved aside
+
+
 def test_cache_verify_reads_every_entry_and_exits_1_on_damage(tmp_path, resnet):
     cache, _, entry, _ = made(tmp_path, resnet, noise_images(4))
     made(tmp_path, resnet, noise_images(4, seed=1))

@@ -265,7 +265,7 @@ def test_cli_lr_must_be_finite_and_positive(folders, tmp_path, capsys, monkeypat
     code, err = run_cli(
         ["probe", "--backbone", "posenet", "--lr", lr, *folders, "--out", str(tmp_path / "o")], capsys, monkeypatch
     )
-    assert "a finite lr > 0" in one_line_error(code, err)
+    assert f"--lr must be a finite number > 0; given {float(lr)}" in one_line_error(code, err)
 
 
 def test_cli_refuses_a_nan_checkpoint(folders, tmp_path, capsys, monkeypatch):

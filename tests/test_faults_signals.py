@@ -11,6 +11,7 @@ import errno
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -318,3 +319,42 @@ def test_interrupted_overwrite_keeps_the_previous_results(tmp_path):
             raise KeyboardInterrupt
     assert (out / "metrics.json").read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 4 MB tmpfs (root only): its free space is what the test leaves, a real ENOSPC when it runs out."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("this container may not mount a tmpfs")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave: int) -> None:
+    (disk / "filler").write_bytes(bytes(max(0, shutil.disk_usage(disk).free - leave)))
+
+
+@pytest.mark.parametrize("leave", [0, 80 * 1024])
+def test_a_real_full_out_disk_is_one_line(tiny_disk, capsys, monkeypatch, leave):
+    """D6 for real: a disk already full is refused before any compute; one that fills while the results (the
+    readouts' torch.save included) are written gives the path and ENOSPC; exit 2 either way, nothing left."""
+    fill(tiny_disk, leave)
+    out = tiny_disk / "r"
+    code, err = run_cli(["probe", *FAST, "--epochs", "1", "--no-cache", "--out", str(out)], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err and "No space left on device" in err, err
+    assert len([line for line in err.splitlines() if line.startswith("posprobe: error:")]) == 1
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler"]
+
+
+def test_saving_tensors_on_a_full_disk_raises_an_os_error(tiny_disk):
+    """torch.save's own writer turns ENOSPC into a RuntimeError that no handler reads as a full disk."""
+    import torch
+
+    fill(tiny_disk, 16 * 1024)
+    with pytest.raises(OSError) as caught:
+        rundir.write_torch(tiny_disk / "readouts.pt", {"w": torch.zeros(100_000)})
+    assert caught.value.errno == errno.ENOSPC

@@ -627,11 +627,13 @@ def cache_verify_cmd(
     results = cache.verify(keys or None)
     for e, damage in results:
         print(f"{e.key[:12]}  {'DAMAGED: ' + damage if damage else 'ok'}  ({e.bytes / GB:.2f} GB)")
-    bad = sum(damage is not None for _, damage in results)
+    bad = [e for e, damage in results if damage is not None]
+    stuck = [e for e in bad if e.path.exists()]  # a read-only cache: damaged, but still in place
+    where = f"moved to {cache.root / 'damaged'}" if not stuck else f"{len(stuck)} could not be moved aside"
     print(
         f"verified {len(results)} entr{'y' if len(results) == 1 else 'ies'} in {cache.root}: "
         + (
-            f"{bad} damaged, moved to {cache.root / 'damaged'} ('posprobe cache clear --damaged' removes them)"
+            f"{len(bad)} damaged, {where} ('posprobe cache clear --damaged' removes them)"
             if bad
             else "all match their checksums"
         )

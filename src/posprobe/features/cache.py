@@ -87,6 +87,11 @@ def extraction_in_progress() -> tuple[int, int, Path] | None:
 _VERIFIED: set[tuple[str, int, int]] = set()  # (entry folder, data mtime, size) this process has verified
 
 
+def _size(n: float) -> str:
+    """Bytes in words: '1.7 GB', '3.9 MB'."""
+    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
 def os_reason(err: OSError) -> str:
     """'No space left on device' for an OSError: the reason without Python's decoration."""
     return err.strerror or str(err)
@@ -180,8 +185,12 @@ def feature_key(backbone, images: Dataset, feat_size: int) -> tuple[str, dict] |
 
 def _write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no stray temporary file in the entry
+        raise
 
 
 def _read_json(path: Path) -> dict | None:
@@ -432,7 +441,8 @@ class FeatureCache:
             with tempfile.TemporaryFile(dir=self.root):
                 pass
         except OSError as err:
-            self.log(f"feature cache {self.root} cannot be written ({os_reason(err)}): encoding {name} in memory")
+            why = "a file, not a folder" if self.root.exists() and not self.root.is_dir() else os_reason(err)
+            self.log(f"feature cache {self.root} cannot be written ({why}): encoding {name} in memory")
             return encode(
                 backbone,
                 images,
@@ -455,7 +465,7 @@ class FeatureCache:
             )
             free = shutil.disk_usage(self.root).free
             too_big = size > self.max_gb * GB
-            why = f"over --cache-max-gb {self.max_gb:g}" if too_big else f"only {free / GB:.1f} GB free on {self.root}"
+            why = f"over --cache-max-gb {self.max_gb:g}" if too_big else f"only {_size(free)} free on {self.root}"
             if too_big or free - size < DISK_RESERVE_GB * GB:
                 if allow_stream:
                     self.log(f"{why}: streaming instead (the encoder re-runs every epoch; memory stays constant)")
@@ -758,8 +768,8 @@ class FeatureCache:
         checksums: (entry, damage or None); damaged entries are moved aside."""
         out = []
         for e in self.entries():
-            if e.outdated or e.manifest is None or e.path.parent.name == DAMAGED:
-                continue
+            if e.outdated or e.path.parent.name == DAMAGED or (e.manifest is None and not e.damage):
+                continue  # of an older format, already set aside, or still being extracted
             if keys and not any(e.key.startswith(k) for k in keys):
                 continue
             damage = e.damage or verify_entry(e.path, e.manifest)

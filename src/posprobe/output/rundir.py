@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import platform
@@ -90,8 +91,24 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
         why = "is on a read-only file system" if _read_only(ancestor) else "is not writable"
         raise PosprobeError(f"cannot create output directory {out}: {ancestor} {why}")
     _check_names(out, ancestor)
+    _check_room(out, ancestor)
     _ACTIVE.update(out=out, written=False)
     return out
+
+
+ROOM_PROBE_BYTES = 64 * 1024  # a run directory's JSON, CSV and figures need at least this much
+
+
+def _check_room(out: Path, ancestor: Path) -> None:
+    """Write (and remove) a small file where OUT will go, so a disk that is already full stops the run before
+    any compute instead of after it; a disk that fills later still gives one line (the CLI's OS-error handler)."""
+    try:
+        with tempfile.TemporaryFile(dir=ancestor) as f:
+            f.write(bytes(ROOM_PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise PosprobeError(f"cannot create output directory {out}: {ancestor}: {err.strerror or err}") from None
 
 
 def _read_only(path: Path) -> bool:
@@ -205,6 +222,14 @@ def _jsonable(obj):
 def write_json(path: Path, obj) -> None:
     """JSON in UTF-8; strings holding the surrogate escapes of a non-UTF-8 file name are written escaped."""
     path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n", encoding="utf-8")
+
+
+def write_torch(path: Path, obj) -> None:
+    """torch.save through a buffer: a full disk raises OSError (ENOSPC), not the RuntimeError torch.save's own
+    writer gives, so the CLI reports it in one line."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path.write_bytes(buffer.getbuffer())
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:

@@ -79,23 +79,23 @@ class TrainConfig:
     max_readout_width: int | None = None
 
     def __post_init__(self) -> None:
-        finite = all(math.isfinite(v) for v in (self.lr, self.momentum, self.weight_decay, self.lr_gamma))
-        if (
-            self.epochs < 1
-            or self.batch_size < 1
-            or not finite
-            or self.lr <= 0
-            or self.momentum < 0
-            or self.weight_decay < 0
-            or self.lr_gamma < 0
-            or (self.steps is not None and self.steps < 1)
-        ):
-            raise PosprobeError(
-                "training needs steps >= 1, epochs >= 1, batch size >= 1, a finite lr > 0 and finite momentum, "
-                f"weight decay and lr gamma >= 0; given steps={self.steps}, epochs={self.epochs}, "
-                f"batch_size={self.batch_size}, lr={self.lr}, momentum={self.momentum}, "
-                f"weight_decay={self.weight_decay}, lr_gamma={self.lr_gamma}"
-            )
+        rules = [  # (the option as a user sets it, its value, what it must be)
+            ("--steps", self.steps, self.steps is None or self.steps >= 1, "an integer >= 1"),
+            ("--epochs", self.epochs, self.epochs >= 1, "an integer >= 1"),
+            ("--batch-size", self.batch_size, self.batch_size >= 1, "an integer >= 1"),
+            ("--lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("momentum", self.momentum, math.isfinite(self.momentum) and self.momentum >= 0, "finite and >= 0"),
+            (
+                "weight decay",
+                self.weight_decay,
+                math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                "finite and >= 0",
+            ),
+            ("lr gamma", self.lr_gamma, math.isfinite(self.lr_gamma) and self.lr_gamma >= 0, "finite and >= 0"),
+        ]
+        for option, value, ok, expected in rules:
+            if not ok:
+                raise PosprobeError(f"{option} must be {expected}; given {value}")
         if any(not 0 < f for f in self.decay_at):
             raise PosprobeError(f"lr decay points are fractions of training > 0; given {self.decay_at}")
         if self.max_readout_width is not None and self.max_readout_width < 1:

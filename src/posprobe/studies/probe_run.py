@@ -18,7 +18,7 @@ from ..features.cache import FeatureCache, default_cache_dir
 from ..features.encode import EncodedSet
 from ..intervals import Interval
 from ..output.plots import loss_curves_plot, prediction_grid
-from ..output.rundir import atomic_run_dir, environment, write_csv, write_json
+from ..output.rundir import atomic_run_dir, environment, write_csv, write_json, write_torch
 from ..readouts.convergence import RULE, constant_map_loss, loss_curve
 from ..readouts.engine import Scores
 from ..readouts.pem import check_readout_config
@@ -286,7 +286,8 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
             },
         )
         write_json(tmp / "environment.json", environment(cfg.device))
-        torch.save(
+        write_torch(
+            tmp / "readouts.pt",
             {
                 "config": cfg.to_dict(),
                 "in_channels": run.backbone.channels,
@@ -297,7 +298,6 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
                     else {}
                 ),
             },
-            tmp / "readouts.pt",
         )
         loss_curves_plot(
             tmp / "loss_curves.png",
