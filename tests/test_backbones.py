@@ -444,3 +444,22 @@ def test_encoding_images_too_small_for_vgg16_nopad_is_refused(random_backbone):
 
     with pytest.raises(PosprobeError, match="too small"):
         encode(random_backbone("vgg16_nopad"), synthetic_images("noise", 64), num_workers=0, progress=False)
+
+
+def test_register_backbone_refuses_a_taken_name_and_bad_levels():
+    from dataclasses import replace
+
+    from posprobe.backbones.registry import _REGISTRY, Level, register_backbone
+
+    posenet = get_backbone_spec("posenet")
+    with pytest.raises(PosprobeError, match="'posenet' is already registered; pass replace=True"):
+        register_backbone(posenet)
+    with pytest.raises(PosprobeError, match="distinct level names"):
+        register_backbone(replace(posenet, name="twice", levels=(Level("a", 3, 1), Level("a", 3, 1))))
+    with pytest.raises(PosprobeError, match="without ':'"):
+        register_backbone(replace(posenet, name="tv:mine"))
+    try:
+        assert register_backbone(replace(posenet, name="mine")).name == "mine"
+        assert register_backbone(replace(posenet, name="mine"), replace=True).name == "mine"
+    finally:
+        _REGISTRY.pop("mine", None)

@@ -181,7 +181,30 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 _RESOLVERS: dict[str, Callable[[str, int | None], BackboneSpec]] = {}
 
 
-def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+def register_backbone(spec: BackboneSpec, replace: bool = False) -> BackboneSpec:
+    """Make ``spec`` available by its name (``posprobe backbones`` lists it, ``create_backbone`` builds it).
+
+    A name already registered is refused unless ``replace``: two plug-ins choosing the same name would
+    otherwise silently change what a study ran. Its levels must be distinct, with channels and strides >= 1.
+    """
+    if not spec.name or ":" in spec.name:
+        raise PosprobeError(
+            f"a backbone name must be non-empty and without ':' (kept for tv:/timm:); given '{spec.name}'"
+        )
+    if spec.name in _REGISTRY and not replace:
+        raise PosprobeError(f"backbone '{spec.name}' is already registered; pass replace=True to replace it")
+    names = [lv.name for lv in spec.levels]
+    bad = [lv for lv in spec.levels if lv.channels < 1 or lv.stride < 1]
+    if not names or len(set(names)) != len(names) or bad:
+        raise PosprobeError(
+            f"backbone '{spec.name}' needs at least one level, distinct level names and channels and strides >= 1; "
+            f"given {[(lv.name, lv.channels, lv.stride) for lv in spec.levels]}"
+        )
+    if spec.default_weights not in (*spec.weight_names, "random"):
+        raise PosprobeError(
+            f"backbone '{spec.name}': default weights '{spec.default_weights}' are not among its weight names "
+            f"{list(spec.weight_names)} or 'random'"
+        )
     _REGISTRY[spec.name] = spec
     return spec
 
