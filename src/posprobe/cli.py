@@ -387,13 +387,18 @@ def _warn_unconverged(verdicts: dict) -> None:
 
 
 def _warn_unsettled(result) -> None:
-    """One stderr line per cell whose finished readouts still disagree across seeds (marked ± in the report)."""
+    """One stderr line per trained readout and test set whose finished seeds still disagree (± in the report);
+    table rows that share the readout are named together."""
     from .intervals import SEED_SPREAD_LIMIT
     from .studies.study import unsettled_seeds
 
+    shared: dict[tuple, tuple[list[str], float]] = {}
     for (study, row, pattern, test_set), sd in sorted(unsettled_seeds(result).items()):
+        readout = tuple(id(c) for c in result.convergence[(study, row, pattern)])  # shared readouts: same objects
+        shared.setdefault((readout, pattern, test_set), ([], sd))[0].append(f"{study} {row}")
+    for (_, pattern, test_set), (rows, sd) in shared.items():
         print(
-            f"posprobe: warning: {study} {row} {pattern} ({test_set}): seeds disagree, SPC sd {sd:.3f} > "
+            f"posprobe: warning: {' = '.join(rows)} {pattern} ({test_set}): seeds disagree, SPC sd {sd:.3f} > "
             f"{SEED_SPREAD_LIMIT} (± in the report; a longer schedule settles it)",
             file=sys.stderr,
         )

@@ -583,32 +583,9 @@ class FeatureCache:
                     return  # another process finished it while we waited
                 (d / "manifest.json").unlink()  # damaged and not movable aside: extracted again in place
             n, fs = len(images), feat_size
-            sizes = [math.prod(p.shape(fs)) for p in plans]
-            row = sum(sizes)
+            row = sum(math.prod(p.shape(fs)) for p in plans)  # values per image
             data, prog_path = d / "features.bin", d / "progress.json"
-            prog = _read_json(prog_path)
-            if (
-                prog
-                and prog.get("key") == key
-                and prog.get("row") == row
-                and prog.get("dtype") in ("float16", "float32")
-                and data.exists()
-                and data.stat().st_size == n * row * np.dtype(prog["dtype"]).itemsize
-            ):
-                dtype, scales = prog["dtype"], prog["scales"]  # an interrupted entry keeps its dtype and scales
-                start, kept, bad = prog["done"], prog["kept"], prog["skipped"]
-                self.log(f"resuming an interrupted extraction at image {start} of {n}")
-                with open(data, "r+b") as f:
-                    _allocate(f, n * row * np.dtype(dtype).itemsize)
-            else:
-                try:
-                    with open(data, "wb") as f:
-                        f.truncate(n * row * np.dtype(dtype).itemsize)
-                        _allocate(f, n * row * np.dtype(dtype).itemsize)
-                except _NoSpace:
-                    data.unlink(missing_ok=True)
-                    raise
-                start, kept, bad, scales = 0, [], [], None
+            dtype, scales, start, kept, bad = self._open_data(key, data, _read_json(prog_path), n, row, dtype)
             mm = np.memmap(data, dtype=np.dtype(dtype), mode="r+", shape=(n, row))
             ids = list(getattr(images, "ids", [str(i) for i in range(n)]))
             started = time.perf_counter()
@@ -642,26 +619,8 @@ class FeatureCache:
                             "first)"
                         )
                     rows = None
-                    if parts is not None:
-                        # (b, h * w * c) per part: the channels_last data read as NHWC rows, a view
-                        flat = [p.data.permute(0, 2, 3, 1).reshape(len(idx), -1) for p in parts]
-                        if dtype == "float16":
-                            peaks = [_peak(x) for x in flat]
-                            if not all(math.isfinite(v) for v in peaks):  # encode_batches should have stopped it
-                                raise PosprobeError(
-                                    f"{backbone.name} features are not finite for image "
-                                    f"{ids[idx[0]]}: nothing of them is cached"
-                                )
-                            scales = scales or [part_scale(v) for v in peaks]
-                            if any(not v / s <= FP16_MAX for v, s in zip(peaks, scales)):
-                                raise _Overflow(max(peaks))
-                        scales = scales or [1.0] * len(plans)
-                        staged = torch.empty(len(idx), row, dtype=getattr(torch, dtype))
-                        at = 0
-                        for x, size, scale in zip(flat, sizes, scales):
-                            staged[:, at : at + size] = x if scale == 1.0 else x * (1.0 / scale)  # exact: powers of 2
-                            at += size
-                        rows = staged.numpy()
+                    if parts is not None:  # the first batch decides the scales
+                        rows, scales = _stage_rows(parts, row, dtype, scales, f"{backbone.name} x {ids[idx[0]]}")
                     at = len(kept)
                     kept, bad = kept + idx, bad + failed
                     record = {
@@ -702,11 +661,6 @@ class FeatureCache:
                 )
             os.truncate(data, len(kept) * row * np.dtype(dtype).itemsize)  # drop the rows of unreadable images
             row_bytes = row * np.dtype(dtype).itemsize
-            checksums = {
-                "algorithm": "sha256",
-                "rows_per_chunk": rows_per_chunk(row_bytes),
-                "sha256": chunk_digests(data, row_bytes, len(kept)),
-            }
             manifest = {
                 "key": key,
                 "format": CACHE_FORMAT,
@@ -719,11 +673,15 @@ class FeatureCache:
                 "layout": "one row per image: each part's (h, w, c) values in turn",
                 "parts": [
                     {"lo": p.lo, "hi": p.hi, "shape": list(p.shape(fs)), "native": p.native is not None, "scale": s}
-                    for p, s in zip(plans, scales)
+                    for p, s in zip(plans, scales or [1.0] * len(plans))
                 ],
                 "ids": [ids[i] for i in kept],
                 "skipped": [ids[i] for i in bad],
-                "checksums": checksums,
+                "checksums": {
+                    "algorithm": "sha256",
+                    "rows_per_chunk": rows_per_chunk(row_bytes),
+                    "sha256": chunk_digests(data, row_bytes, len(kept)),
+                },
                 "image_set": getattr(images, "name", "images"),
                 "description": getattr(images, "description", ""),
                 "backbone": backbone.name,
@@ -739,6 +697,32 @@ class FeatureCache:
             stat = data.stat()
             _VERIFIED.add((str(d.resolve()), stat.st_mtime_ns, stat.st_size))  # its checksums were just taken
         self._check_strict(self.load(key, images), strict)
+
+    def _open_data(
+        self, key: str, data: Path, prog: dict | None, n: int, row: int, dtype: str
+    ) -> tuple[str, list[float] | None, int, list[int], list[int]]:
+        """The entry's data file allocated whole: an interrupted extraction's (which keeps its dtype and scales)
+        or a new one. (dtype, scales or None until the first batch, next image, rows kept, rows skipped)."""
+        if (
+            prog
+            and prog.get("key") == key
+            and prog.get("row") == row
+            and prog.get("dtype") in ("float16", "float32")
+            and data.exists()
+            and data.stat().st_size == n * row * np.dtype(prog["dtype"]).itemsize
+        ):
+            self.log(f"resuming an interrupted extraction at image {prog['done']} of {n}")
+            with open(data, "r+b") as f:
+                _allocate(f, n * row * np.dtype(prog["dtype"]).itemsize)
+            return prog["dtype"], prog["scales"], prog["done"], prog["kept"], prog["skipped"]
+        try:
+            with open(data, "wb") as f:
+                f.truncate(n * row * np.dtype(dtype).itemsize)
+                _allocate(f, n * row * np.dtype(dtype).itemsize)
+        except _NoSpace:
+            data.unlink(missing_ok=True)
+            raise
+        return dtype, None, 0, [], []
 
     # -- housekeeping ---------------------------------------------------------------------------------------
     def entries(self) -> list[CacheEntry]:
@@ -807,6 +791,34 @@ def _peak(x: torch.Tensor) -> float:
     """Largest |value| of a contiguous tensor (inf, or nan when it holds NaN), in one fast pass."""
     lo, hi = torch.aminmax(x.reshape(-1))  # on a flat view: 20x faster than abs().amax() on a 4-D channels_last one
     return max(-float(lo), float(hi)) if not (lo.isnan() or hi.isnan()) else math.nan
+
+
+def _flat_rows(part: Part) -> torch.Tensor:
+    """(b, h * w * c): a channels_last part read as NHWC rows, a view."""
+    return part.data.permute(0, 2, 3, 1).reshape(part.data.shape[0], -1)
+
+
+def _stage_rows(
+    parts: list[Part], row: int, dtype: str, scales: list[float] | None, what: str
+) -> tuple[np.ndarray, list[float]]:
+    """(b, row) rows in the entry's dtype, each part divided by its scale (exact: powers of two), and the scales:
+    for float16 the first batch's (``part_scale``), 1 for float32. A float16 batch beyond its scaled range raises
+    _Overflow (the entry is then made float32)."""
+    flat = [_flat_rows(p) for p in parts]
+    if dtype == "float16":
+        peaks = [_peak(x) for x in flat]
+        if not all(math.isfinite(v) for v in peaks):  # encode_batches stops non-finite features before this
+            raise PosprobeError(f"{what}: features are not finite; nothing of them is cached")
+        scales = scales or [part_scale(v) for v in peaks]
+        if any(not v / s <= FP16_MAX for v, s in zip(peaks, scales)):
+            raise _Overflow(max(peaks))
+    scales = scales or [1.0] * len(flat)
+    staged = torch.empty(len(flat[0]), row, dtype=getattr(torch, dtype))
+    at = 0
+    for x, scale in zip(flat, scales):
+        staged[:, at : at + x.shape[1]] = x if scale == 1.0 else x * (1.0 / scale)
+        at += x.shape[1]
+    return staged.numpy(), scales
 
 
 def part_scale(peak: float) -> float:

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..backbones import create_backbone
+from ..backbones import Backbone, create_backbone
 from ..backbones.padding import check_padding_mode
 from ..backbones.pos_embed import check_pos_embed_mode
 from ..backbones.registry import parse_layers
@@ -104,6 +104,31 @@ class LayerCurve:
     convergence: dict[str, Convergence] = field(default_factory=dict)  # same keys: the training verdict
 
 
+def _level_columns(backbone: Backbone, shapes: list, level: str) -> dict:
+    """Where a level sits: its index, relative depth (0 first .. 1 last), channels, stride and map size;
+    blank for ALL (every level together)."""
+    i = next((k for k, lv in enumerate(backbone.levels) if lv.name == level), None)
+    if i is None:
+        return {"level": level, "index": "", "depth": "", "channels": backbone.channels, "stride": "", "size": ""}
+    n = len(backbone.levels)
+    return {
+        "level": level,
+        "index": i,
+        "depth": i / (n - 1) if n > 1 else 0.0,
+        "channels": backbone.levels[i].channels,
+        "stride": backbone.levels[i].stride,
+        "size": f"{shapes[i][1]}x{shapes[i][2]}",
+    }
+
+
+def _encode_pair(backbone: Backbone, train_set, test_set, config: LayerCurveConfig, cache, progress: bool):
+    """(train, test) features; the test set first: it is small, and an unreadable one then fails before the
+    costly training pass."""
+    common = dict(device=config.device, progress=progress, cache=cache)
+    test = encode_images(backbone, test_set, config.feat_size, allow_stream=False, **common)
+    return encode_images(backbone, train_set, config.feat_size, **common), test
+
+
 def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCurve:
     """Probe every tapped level of every curve on its own (and all levels together)."""
     check_readout_config(config.feat_size, config.kernel_size, config.depth, config.readout_padding)
@@ -129,19 +154,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
     rows, resolved, losses, data, verdicts = [], {}, {}, {}, {}
     for c in curves:
         backbone = backbones[c.label]
-        # the test set first: it is small, and an unreadable one then fails before the costly training pass
-        test = encode_images(
-            backbone,
-            test_set,
-            config.feat_size,
-            device=config.device,
-            progress=progress,
-            cache=cache,
-            allow_stream=False,
-        )
-        train = encode_images(
-            backbone, train_set, config.feat_size, device=config.device, progress=progress, cache=cache
-        )
+        train, test = _encode_pair(backbone, train_set, test_set, config, cache, progress)
         data = {
             "train": {"description": train.description, "n": len(train), "skipped": train.skipped},
             "test": {"description": test.description, "n": len(test), "skipped": test.skipped},
@@ -174,23 +187,15 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
         )
         scores = score_cells(trained, test, targets, config.device)
         shapes = backbone.level_shapes(config.image_size)
-        n_levels = len(backbone.levels)
         for cell, level in cells.items():
             p, done = cell.target, trained[cell]
-            i = next((k for k, lv in enumerate(backbone.levels) if lv.name == level), None)
-            lv = backbone.levels[i] if i is not None else None
             rows.append(
                 {
                     "curve": c.label,
                     "backbone": c.backbone,
                     "padding": c.padding or "model",
                     "pos_embed": c.pos_embed,
-                    "level": level,
-                    "index": i if i is not None else "",
-                    "depth": (i / (n_levels - 1) if n_levels > 1 else 0.0) if i is not None else "",
-                    "channels": lv.channels if lv else backbone.channels,
-                    "stride": lv.stride if lv else "",
-                    "size": f"{shapes[i][1]}x{shapes[i][2]}" if i is not None else "",
+                    **_level_columns(backbone, shapes, level),
                     "pattern": p,
                     "test_set": test.name,
                     **scores[cell].summary(),

@@ -19,7 +19,7 @@ from ..errors import PosprobeError
 from ..features.cache import FeatureCache, encode_images
 from ..intervals import SEED_SPREAD_LIMIT, bootstrap
 from ..readouts.convergence import Convergence, loss_curve
-from ..readouts.engine import Cell, ReadoutSetting, level_channels, score_cells, train_cells
+from ..readouts.engine import Cell, ReadoutSetting, Scores, TrainedCell, level_channels, score_cells, train_cells
 from ..readouts.pem import check_readout_config
 from ..readouts.train import Schedule, TrainConfig
 from ..targets import make_target
@@ -147,6 +147,63 @@ def _cell_label(cell: Cell, users: Sequence[tuple[StudyPreset, Variant, Resolved
     return f"{cell.target} of {named} (seed {cell.seed})"
 
 
+def _load_backbones(
+    groups: Mapping[tuple[str, str | None], list[tuple[StudyPreset, Variant, ResolvedBackbone]]],
+    input_norm: str,
+    image_size: int,
+) -> dict[tuple[str, str | None], Backbone]:
+    """Every backbone the cells ask for, built and dry-run first: missing weights or an unknown level fail
+    before any encoding."""
+    backbones = {}
+    for (name, weights), cells in groups.items():
+        try:
+            backbone = create_backbone(name, weights, input_norm=input_norm)
+        except PosprobeError as err:
+            reason = str(err).replace(", or pass --weights random or a checkpoint path", "")  # probe's options
+            raise PosprobeError(
+                f"{reason}; to run this table without them, pass --backbone-map auto (bundled stand-ins) or map "
+                "the network yourself, e.g. --backbone-map vgg16=vgg16_hed or --backbone-map vgg16=vgg16:random"
+            ) from None
+        backbone.level_shapes(image_size)
+        for _, v, _ in cells:
+            level_channels(backbone, v.levels)
+        backbones[(name, weights)] = backbone
+    return backbones
+
+
+def _record(
+    preset: StudyPreset,
+    v: Variant,
+    r: ResolvedBackbone,
+    backbone: Backbone,
+    cell: Cell,
+    test_set: str,
+    scores: Scores,
+    done: TrainedCell,
+) -> dict:
+    """One row of results.csv: a table row's cell, one seed, one test set, scored over its images."""
+    spc, err = scores.spc.double(), scores.mae.double()
+    return {
+        "study": preset.name,
+        "row": v.key,
+        "label": v.label,
+        "pattern": cell.target,
+        "test_set": test_set,
+        "seed": cell.seed,
+        "backbone": r.name,
+        "weights": backbone.weights_label,
+        "substituted": r.substituted,
+        "spc_mean": float(spc.mean()),
+        "spc_std": float(spc.std(correction=0)),
+        "mae_mean": float(err.mean()),
+        "mae_std": float(err.std(correction=0)),
+        "n": len(scores.ids),
+        "n_constant": int(scores.constant.sum()),
+        "updates": done.schedule.updates,
+        "convergence": done.convergence.status,
+    }
+
+
 def run_study(
     presets: Sequence[StudyPreset],
     train_images: Dataset,
@@ -171,7 +228,6 @@ def run_study(
     ImageNet networks and the same mismatch for a stand-in trained with another normalisation).
     """
     started = time.perf_counter()
-    mapping = dict(backbone_map or {})
     for preset in presets:  # validate every cell before any heavy work
         for v in preset.variants:
             check_readout_config(feat_size, v.kernel_size, v.depth, v.padding)
@@ -181,21 +237,9 @@ def run_study(
     groups: dict[tuple[str, str | None], list[tuple[StudyPreset, Variant, ResolvedBackbone]]] = {}
     for preset in presets:
         for v in preset.variants:
-            r = resolve_backbone(v.backbone, v.weights, mapping, auto_substitute)
+            r = resolve_backbone(v.backbone, v.weights, dict(backbone_map or {}), auto_substitute)
             groups.setdefault((r.name, r.weights), []).append((preset, v, r))
-    backbones: dict[tuple[str, str | None], Backbone] = {}
-    for name, weights in groups:  # load every backbone first: missing weights fail before any encoding
-        try:
-            backbones[(name, weights)] = create_backbone(name, weights, input_norm=input_norm)
-        except PosprobeError as err:
-            reason = str(err).replace(", or pass --weights random or a checkpoint path", "")  # probe's options
-            raise PosprobeError(
-                f"{reason}; to run this table without them, pass --backbone-map auto (bundled stand-ins) or map "
-                "the network yourself, e.g. --backbone-map vgg16=vgg16_hed or --backbone-map vgg16=vgg16:random"
-            ) from None
-        backbones[(name, weights)].level_shapes(image_size)
-        for _, v, _ in groups[(name, weights)]:
-            level_channels(backbones[(name, weights)], v.levels)  # an unknown level fails before encoding
+    backbones = _load_backbones(groups, input_norm, image_size)
 
     records, previews, per_image, ran, data = [], {}, {}, {}, {}
     convergence: dict[tuple[str, str, str], list[Convergence]] = {}
@@ -250,28 +294,7 @@ def run_study(
                 schedules[v.backbone_key] = done.schedule
                 for t in preset.test_sets:
                     sc = scored[(cell, t)]
-                    spc, err = sc.spc.double(), sc.mae.double()
-                    records.append(
-                        {
-                            "study": preset.name,
-                            "row": v.key,
-                            "label": v.label,
-                            "pattern": cell.target,
-                            "test_set": t,
-                            "seed": cell.seed,
-                            "backbone": r.name,
-                            "weights": backbone.weights_label,
-                            "substituted": r.substituted,
-                            "spc_mean": float(spc.mean()),
-                            "spc_std": float(spc.std(correction=0)),
-                            "mae_mean": float(err.mean()),
-                            "mae_std": float(err.std(correction=0)),
-                            "n": len(sc.ids),
-                            "n_constant": int(sc.constant.sum()),
-                            "updates": done.schedule.updates,
-                            "convergence": done.convergence.status,
-                        }
-                    )
+                    records.append(_record(preset, v, r, backbone, cell, t, sc, done))
                     grid = per_image.setdefault((preset.name, v.key, cell.target, t), {"spc": [], "mae": []})
                     grid["spc"].append(sc.spc)
                     grid["mae"].append(sc.mae)
