@@ -97,17 +97,10 @@ CacheMaxGb = Annotated[
 
 
 def _train_config(profile: str, epochs=None, lr=None, batch_size=None, seed: int = 0, readout_width=None, steps=None):
-    """The profile with the command line's overrides; --readout-width 0 lifts the profile's cap."""
-    from dataclasses import replace
-
+    """The profile with the command line's overrides (``readouts.train.get_profile``)."""
     from .readouts.train import get_profile
 
-    if readout_width is not None and readout_width < 0:
-        raise PosprobeError(f"--readout-width must be >= 0 (0: C -> C, the authors'); given {readout_width}")
-    config = get_profile(profile, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
-    if readout_width is not None:
-        config = replace(config, max_readout_width=readout_width or None)
-    return config
+    return get_profile(profile, readout_width, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
 app = typer.Typer(
@@ -232,19 +225,7 @@ def probe_cmd(
     print(format_table(run.metric_rows(), run.probe.convergence_))
     _warn_unconverged({f"readout {k}": c for k, c in run.probe.convergence_.items()})
     if run.linear is not None:
-        info = run.linear.summary()
-        pc = info["cg_preconditioner"]
-        pc = f"{pc} preconditioner" if pc and pc != "none" else "unpreconditioned"
-        cg = (
-            f", CG ({pc}) {info['cg_iterations']} passes, residual <= {max(info['cg_residual'].values()):.1e}"
-            if info["solver"] == "cg"
-            else ""
-        )
-        print(
-            f"linear probe: exact ridge ({info['solver']} solver, {info['inputs']} inputs), alpha per pattern "
-            + ", ".join(f"{k} {v:g}" for k, v in info["alpha"].items())
-            + f"{cg}, {info['seconds']:.1f} s"
-        )
+        print(run.linear.describe())
     print(f"wrote {out}")
 
 
@@ -320,15 +301,13 @@ def reproduce_cmd(
     """Reproduce the paper's tables and figures, our numbers beside the paper's, in one report."""
     from .output.rundir import check_out_dir, resolve_device
     from .studies.reproduce import build_image_sets, describe_data, resolve_presets, run_reproduce
-    from .studies.study import parse_backbone_map
+    from .studies.study import parse_backbone_map_option
 
     check_out_dir(out, overwrite)
     if seeds < 1:
         raise PosprobeError(f"--seeds must be at least 1; given {seeds}")
     presets = resolve_presets([t.strip() for t in table.split(",") if t.strip()])
-    entries = [e.strip() for m in backbone_map for e in m.split(",") if e.strip()]
-    auto = "auto" in entries
-    mapping = parse_backbone_map([e for e in entries if e != "auto"])
+    mapping, auto = parse_backbone_map_option(backbone_map)
     config = _train_config(
         profile, epochs=epochs, lr=lr, batch_size=batch_size, readout_width=readout_width, steps=steps
     )

