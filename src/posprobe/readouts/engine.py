@@ -158,6 +158,12 @@ def train_cells(
     return out
 
 
+def score_maps(ids: Sequence[str], pred: torch.Tensor, target: torch.Tensor, n_preview: int = 0) -> Scores:
+    """Per-image SPC and MAE of predicted maps (N, S, S) against one target (S, S), and the first maps."""
+    first = pred[:n_preview].clone() if n_preview else None
+    return Scores(list(ids), spearman(pred, target), mae(pred, target), is_constant(pred), first)
+
+
 def score_cells(
     trained: Mapping[Cell, TrainedCell],
     test,
@@ -176,8 +182,5 @@ def score_cells(
         {c: t.channels for c, t in trained.items()},
         {c: t.label for c, t in trained.items()},
     ):  # (N, S, S) each
-        y = targets[cell.target]
-        out[cell] = Scores(
-            ids, spearman(pred, y), mae(pred, y), is_constant(pred), pred[:n_preview].clone() if n_preview else None
-        )
+        out[cell] = score_maps(ids, pred, targets[cell.target], n_preview)
     return out

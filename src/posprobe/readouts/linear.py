@@ -45,13 +45,11 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import PosprobeError, unknown_choice
-from ..features.cache import encode_images
 from ..features.parts import FeatureBatch, align
 from ..features.sources import as_source, memory_budget_bytes
-from ..metrics import is_constant, mae, spearman
-from ..targets import PATTERNS, probe_targets
-from .engine import Scores
-from .joint import MapLoss, conv_parts, predict_source
+from ..targets import PATTERNS
+from .estimator import Estimator
+from .joint import MapLoss, conv_parts
 from .pem import UpsampledHead, check_readout_config, readout_map_size
 
 # Relative ridge strengths tried on the held-out split. Below 1e-4 the held-out MSE of real features is flat
@@ -313,7 +311,7 @@ def conjugate_gradients(
     return x.view(dim, n_shifts, cols).permute(1, 0, 2), residual.view(n_shifts, cols), it
 
 
-class LinearProbe:
+class LinearProbe(Estimator):
     """The best linear k x k readout per target map, in closed form (ridge, alpha chosen on held-out images).
 
     The same shape as ``PositionProbe``: settings in ``__init__``, ``fit`` returns self, then ``predict``
@@ -322,6 +320,8 @@ class LinearProbe:
     MSE}}), ``train_mse_``, ``solver_``, ``iterations_`` (passes), ``residual_`` and ``preconditioner_`` (CG),
     ``seconds_``.
     """
+
+    fitted_name = "linear probe"
 
     def __init__(
         self,
@@ -347,7 +347,22 @@ class LinearProbe:
         progress: bool = True,
         cache=None,
     ):
-        check_readout_config(feat_size, kernel_size, 1, padding)
+        super().__init__(
+            backbone,
+            patterns,
+            kernel_size,
+            1,
+            padding,
+            feat_size,
+            image_size,
+            seed,
+            torch.device(device),
+            extra_targets,
+            encode_batch_size,
+            strict,
+            progress,
+            cache,
+        )
         if solver not in SOLVERS:
             raise unknown_choice("linear solver", solver, SOLVERS)
         alphas = sorted({float(a) for a in alphas}, reverse=True)
@@ -355,30 +370,12 @@ class LinearProbe:
             raise PosprobeError(f"alphas must be non-negative and at least one; given {alphas}")
         if not 0 <= holdout < 1:
             raise PosprobeError(f"holdout must be in [0, 1); given {holdout}")
-        self.backbone, self.patterns = backbone, list(patterns)
-        self.kernel_size, self.padding, self.feat_size, self.image_size = kernel_size, padding, feat_size, image_size
         self.alphas, self.holdout, self.solver = alphas, holdout, solver
         if cg_rank < 0:
             raise PosprobeError(f"cg_rank must be non-negative (0: no preconditioner); given {cg_rank}")
         self.max_direct_inputs, self.cg_tol, self.cg_max_iter = max_direct_inputs, cg_tol, cg_max_iter
         self.cg_rank = cg_rank
-        self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
-        self.encode_batch_size, self.strict, self.progress, self.cache = encode_batch_size, strict, progress, cache
-        self.targets = probe_targets(self.patterns, extra_targets, image_size)
-
-    def encode(self, images):
-        """Raw images -> features (via the cache when one is set); features pass through."""
-
-        return encode_images(
-            self.backbone,
-            images,
-            self.feat_size,
-            self.encode_batch_size,
-            self.device,
-            strict=self.strict,
-            progress=self.progress,
-            cache=self.cache,
-        )
+        self.batch_size = batch_size
 
     def _split(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if len(self.alphas) == 1 or self.holdout == 0 or n < 4:
@@ -391,10 +388,7 @@ class LinearProbe:
         started = time.perf_counter()
         source = as_source(self.encode(images))
         channels = source.channels
-        if self.backbone is not None and channels != self.backbone.channels:
-            raise PosprobeError(
-                f"features have {channels} channels; {self.backbone.name} declares {self.backbone.channels}"
-            )
+        self._check_channels(channels)
         prob = _Problem(
             source, channels, self.kernel_size, self.padding, self.targets, self.batch_size, self.device, self.progress
         )
@@ -507,26 +501,6 @@ class LinearProbe:
             matvec, s[:, None] * b, shifts, precond, self.cg_tol, self.cg_max_iter, self.progress
         )
         return s[None, :, None] * x_hat, res, its
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "readouts_"):
-            raise PosprobeError("this linear probe is not fitted yet: call fit() first")
-
-    def predict(self, images) -> dict[str, torch.Tensor]:
-        """Predicted maps (N, S, S) per target (unclipped: the linear readout has no Sigmoid)."""
-        self._check_fitted()
-        return predict_source(self.readouts_, self.encode(images), device=self.device)
-
-    def score(self, images):
-        """Per-image SPC and MAE at full resolution for every target (``probe.Scores``)."""
-
-        encoded = self.encode(images)
-        ids = list(getattr(encoded, "ids", [str(i) for i in range(len(as_source(encoded)))]))
-        out = {}
-        for name, pred in self.predict(encoded).items():
-            target = self.targets[name]
-            out[name] = Scores(ids, spearman(pred, target), mae(pred, target), is_constant(pred))
-        return out
 
     def describe(self) -> str:
         """The fit in one line: solver, inputs, each pattern's alpha, the CG passes and residual, the time."""
