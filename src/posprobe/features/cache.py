@@ -87,6 +87,18 @@ def extraction_in_progress() -> tuple[int, int, Path] | None:
 _VERIFIED: set[tuple[str, int, int]] = set()  # (entry folder, data mtime, size) this process has verified
 
 
+def _size_note(
+    backbone, name: str, n: int, feat_size: int, plans: list[PartPlan], dtype: str, size: int, where: Path
+) -> str:
+    """What an entry will hold and where, said before its extraction starts."""
+    native = [f"{p.hi - p.lo} at {p.native[0]}x{p.native[1]}" for p in plans if p.native]
+    kept_native = f" (upsampled levels kept native: {', '.join(native)})" if native else ""
+    return (
+        f"feature cache: {backbone.name} x {name}: {n} image{'s' if n != 1 else ''} x {backbone.channels} "
+        f"channels at {feat_size}x{feat_size}{kept_native}, {dtype} = {size / GB:.2f} GB -> {where}"
+    )
+
+
 def _size(n: float) -> str:
     """Bytes in words: '1.7 GB', '3.9 MB'."""
     return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
@@ -416,10 +428,20 @@ class FeatureCache:
 
         Without ``allow_stream``, a set too large to cache is encoded in memory (float32) instead.
         """
-        keyed = feature_key(backbone, images, feat_size)
         name = getattr(images, "name", "images")
-        if keyed is None:
-            self.log(f"{name}: images without a content identity are not cached; encoding in memory")
+
+        def instead(why: str, stream: bool = allow_stream):
+            """The features without the cache: streamed (re-encoded every pass) or in memory (float32)."""
+            self.log(
+                f"{why}: "
+                + (
+                    "streaming instead (the encoder re-runs every epoch; memory stays constant)"
+                    if stream
+                    else f"encoding {name} in memory instead"
+                )
+            )
+            if stream:
+                return StreamedSet(backbone, images, feat_size, device, strict, num_workers, batch_size)
             return encode(
                 backbone,
                 images,
@@ -430,6 +452,10 @@ class FeatureCache:
                 num_workers=num_workers,
                 progress=progress,
             )
+
+        keyed = feature_key(backbone, images, feat_size)
+        if keyed is None:
+            return instead(f"{name}: images without a content identity are not cached", stream=False)
         key, identity = keyed
         hit = self.load(key, images)
         if hit is not None:
@@ -442,45 +468,16 @@ class FeatureCache:
                 pass
         except OSError as err:
             why = "a file, not a folder" if self.root.exists() and not self.root.is_dir() else os_reason(err)
-            self.log(f"feature cache {self.root} cannot be written ({why}): encoding {name} in memory")
-            return encode(
-                backbone,
-                images,
-                feat_size,
-                batch_size,
-                device,
-                strict=strict,
-                num_workers=num_workers,
-                progress=progress,
-            )
+            return instead(f"feature cache {self.root} cannot be written ({why})", stream=False)
         plans = self.layout(backbone, identity["image_size"], feat_size)
-        native = [f"{p.hi - p.lo} at {p.native[0]}x{p.native[1]}" for p in plans if p.native]
-        kept_native = f" (upsampled levels kept native: {', '.join(native)})" if native else ""
-        images_word = f"{len(images)} image{'s' if len(images) != 1 else ''}"
         for dtype in ("float16", "float32"):
             size = self.expected_bytes(plans, len(images), feat_size, np.dtype(dtype).itemsize)
-            self.log(
-                f"feature cache: {backbone.name} x {name}: {images_word} x {backbone.channels} channels at "
-                f"{feat_size}x{feat_size}{kept_native}, {dtype} = {size / GB:.2f} GB -> {self.entry_dir(key)}"
-            )
+            self.log(_size_note(backbone, name, len(images), feat_size, plans, dtype, size, self.entry_dir(key)))
             free = shutil.disk_usage(self.root).free
-            too_big = size > self.max_gb * GB
-            why = f"over --cache-max-gb {self.max_gb:g}" if too_big else f"only {_size(free)} free on {self.root}"
-            if too_big or free - size < DISK_RESERVE_GB * GB:
-                if allow_stream:
-                    self.log(f"{why}: streaming instead (the encoder re-runs every epoch; memory stays constant)")
-                    return StreamedSet(backbone, images, feat_size, device, strict, num_workers, batch_size)
-                self.log(f"{why}: encoding in memory instead")
-                return encode(
-                    backbone,
-                    images,
-                    feat_size,
-                    batch_size,
-                    device,
-                    strict=strict,
-                    num_workers=num_workers,
-                    progress=progress,
-                )
+            if size > self.max_gb * GB:
+                return instead(f"over --cache-max-gb {self.max_gb:g}")
+            if free - size < DISK_RESERVE_GB * GB:
+                return instead(f"only {_size(free)} free on {self.root}")
             try:
                 self._extract(
                     key,
@@ -498,24 +495,9 @@ class FeatureCache:
                 )
                 break
             except _NoSpace as err:  # the file could not be allocated whole: nothing encoded yet
-                self.log(
-                    f"the disk holding {self.root} cannot take {size / GB:.2f} GB ({os_reason(err.cause)}): "
-                    + ("streaming instead" if allow_stream else "encoding in memory instead")
-                )
                 if not (self.entry_dir(key) / "progress.json").exists():  # nothing to resume: no empty entry
                     shutil.rmtree(self.entry_dir(key), ignore_errors=True)
-                if allow_stream:
-                    return StreamedSet(backbone, images, feat_size, device, strict, num_workers, batch_size)
-                return encode(
-                    backbone,
-                    images,
-                    feat_size,
-                    batch_size,
-                    device,
-                    strict=strict,
-                    num_workers=num_workers,
-                    progress=progress,
-                )
+                return instead(f"the disk holding {self.root} cannot take {size / GB:.2f} GB ({os_reason(err.cause)})")
             except OSError as err:  # the disk filled (another process) or failed mid-extraction
                 kept = extraction_in_progress()
                 resumes = f"; it keeps {kept[0]} of {kept[1]} images and resumes" if kept else ""
