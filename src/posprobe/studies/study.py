@@ -235,28 +235,13 @@ def run_study(
     ImageNet networks and the same mismatch for a stand-in trained with another normalisation).
     """
     started = time.perf_counter()
-    for preset in presets:  # validate every cell before any heavy work
-        for v in preset.variants:
-            check_readout_config(feat_size, v.kernel_size, v.depth, v.padding)
-            missing = set(preset.test_sets) - set(test_images)
-            if missing:
-                raise PosprobeError(f"{preset.name} needs test set(s) {sorted(missing)}; given {sorted(test_images)}")
-    groups: dict[tuple[str, str | None], list[tuple[StudyPreset, Variant, ResolvedBackbone]]] = {}
-    for preset in presets:
-        for v in preset.variants:
-            r = resolve_backbone(v.backbone, v.weights, dict(backbone_map or {}), auto_substitute)
-            groups.setdefault((r.name, r.weights), []).append((preset, v, r))
+    groups = _group_by_backbone(presets, test_images, feat_size, backbone_map, auto_substitute)
     backbones = _load_backbones(groups, input_norm, image_size)
-
-    records, previews, per_image, ran, data = [], {}, {}, {}, {}
-    convergence: dict[tuple[str, str, str], list[Convergence]] = {}
-    curves: dict[tuple[str, str, str], list] = {}
-    schedules: dict[str, Schedule] = {}
-    preview_images: dict[str, tuple[list[str], torch.Tensor]] = {}
+    result = StudyResult([], {}, {}, {}, {})
     for (name, weights), cells in groups.items():
         backbone = backbones[(name, weights)]
         for _, v, r in cells:
-            ran[v.backbone_key] = {
+            result.backbones[v.backbone_key] = {
                 "ran_as": name,
                 "weights": backbone.weights_label,
                 "substituted": r.substituted,
@@ -264,19 +249,14 @@ def run_study(
             }
         needed = list(dict.fromkeys(t for p, _, _ in cells for t in p.test_sets))
         # Test sets first: they are small, and an unreadable one then fails before the costly training pass.
-        tests = {}
-        for t in needed:
-            tests[t] = encode_images(
+        tests = {
+            t: encode_images(
                 backbone, test_images[t], feat_size, device=device, progress=progress, cache=cache, allow_stream=False
             )
+            for t in needed
+        }
         train = encode_images(backbone, train_images, feat_size, device=device, progress=progress, cache=cache)
-        for t, enc in tests.items():  # the first decodable images of each set, for the figures
-            if t not in preview_images:
-                images, shown = test_images[t], enc.ids[:n_preview]
-                preview_images[t] = (shown, torch.stack([images[images.ids.index(i)] for i in shown]))
-        data["train"] = {"description": train.description, "n": len(train), "skipped": train.skipped}
-        for t, e in tests.items():
-            data[t] = {"description": e.description, "n": len(e), "skipped": e.skipped}
+        _note_data(result, train, tests, test_images, n_preview)
         # One readout per distinct (readout setting, pattern, seed): rows of different tables that ask for the
         # same readout (Table 1's VGG16, Table 2's 1-layer 3x3, Table 4's VGG16) share it.
         wanted: dict[Cell, list[tuple[StudyPreset, Variant, ResolvedBackbone]]] = {}
@@ -293,33 +273,69 @@ def run_study(
         for t, enc in tests.items():
             used = {c: trained[c] for c, users in wanted.items() if any(t in pr.test_sets for pr, _, _ in users)}
             scored.update({(c, t): sc for c, sc in score_cells(used, enc, targets, device, n_preview).items()})
-        for cell, users in wanted.items():
-            done = trained[cell]
-            for preset, v, r in users:
-                convergence.setdefault((preset.name, v.key, cell.target), []).append(done.convergence)
-                curves.setdefault((preset.name, v.key, cell.target), []).append(loss_curve(done.losses))
-                schedules[v.backbone_key] = done.schedule
-                for t in preset.test_sets:
-                    sc = scored[(cell, t)]
-                    records.append(_record(preset, v, r, backbone, cell, t, sc, done))
-                    grid = per_image.setdefault((preset.name, v.key, cell.target, t), {"spc": [], "mae": []})
-                    grid["spc"].append(sc.spc)
-                    grid["mae"].append(sc.mae)
-                    if cell.seed == 0:
-                        previews[(preset.name, v.key, cell.target, t)] = sc.first_maps
-    per_image = {k: {m: torch.stack(v) for m, v in g.items()} for k, g in per_image.items()}  # (S, N) each
-    return StudyResult(
-        records,
-        previews,
-        preview_images,
-        ran,
-        data,
-        time.perf_counter() - started,
-        per_image,
-        convergence,
-        curves,
-        schedules,
-    )
+        _collect(result, backbone, wanted, trained, scored)
+    result.per_image = {k: {m: torch.stack(v) for m, v in g.items()} for k, g in result.per_image.items()}  # (S, N)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _group_by_backbone(
+    presets: Sequence[StudyPreset],
+    test_images: Mapping[str, Dataset],
+    feat_size: int,
+    backbone_map: Mapping[str, tuple[str, str | None]] | None,
+    auto_substitute: bool,
+) -> dict[tuple[str, str | None], list[tuple[StudyPreset, Variant, ResolvedBackbone]]]:
+    """Every table row, checked (readout, test sets) before any heavy work, grouped by the backbone it runs on:
+    rows of several tables on one backbone share its encoding."""
+    groups: dict[tuple[str, str | None], list[tuple[StudyPreset, Variant, ResolvedBackbone]]] = {}
+    for preset in presets:
+        missing = set(preset.test_sets) - set(test_images)
+        if missing:
+            raise PosprobeError(f"{preset.name} needs test set(s) {sorted(missing)}; given {sorted(test_images)}")
+        for v in preset.variants:
+            check_readout_config(feat_size, v.kernel_size, v.depth, v.padding)
+    for preset in presets:
+        for v in preset.variants:
+            r = resolve_backbone(v.backbone, v.weights, dict(backbone_map or {}), auto_substitute)
+            groups.setdefault((r.name, r.weights), []).append((preset, v, r))
+    return groups
+
+
+def _note_data(result: StudyResult, train, tests: Mapping[str, object], test_images, n_preview: int) -> None:
+    """What each image set held (and skipped), and each test set's first decodable images for the figures."""
+    result.data["train"] = {"description": train.description, "n": len(train), "skipped": train.skipped}
+    for t, enc in tests.items():
+        result.data[t] = {"description": enc.description, "n": len(enc), "skipped": enc.skipped}
+        if t not in result.preview_images:
+            images, shown = test_images[t], enc.ids[:n_preview]
+            result.preview_images[t] = (shown, torch.stack([images[images.ids.index(i)] for i in shown]))
+
+
+def _collect(
+    result: StudyResult,
+    backbone: Backbone,
+    wanted: Mapping[Cell, list[tuple[StudyPreset, Variant, ResolvedBackbone]]],
+    trained: Mapping[Cell, TrainedCell],
+    scored: Mapping[tuple[Cell, str], Scores],
+) -> None:
+    """Every table row's share of the trained cells: records, per-image grids (a seed per row), training
+    verdicts and curves, and seed 0's first maps for the figures."""
+    for cell, users in wanted.items():
+        done = trained[cell]
+        for preset, v, r in users:
+            key = (preset.name, v.key, cell.target)
+            result.convergence.setdefault(key, []).append(done.convergence)
+            result.curves.setdefault(key, []).append(loss_curve(done.losses))
+            result.schedules[v.backbone_key] = done.schedule
+            for t in preset.test_sets:
+                sc = scored[(cell, t)]
+                result.records.append(_record(preset, v, r, backbone, cell, t, sc, done))
+                grid = result.per_image.setdefault((*key, t), {"spc": [], "mae": []})
+                grid["spc"].append(sc.spc)
+                grid["mae"].append(sc.mae)
+                if cell.seed == 0:
+                    result.previews[(*key, t)] = sc.first_maps
 
 
 def distinct_trainings(result: StudyResult) -> list[tuple[list[tuple[str, str]], str, list[Convergence]]]:
