@@ -224,55 +224,15 @@ def format_table(rows: list[dict], convergence: dict | None = None) -> str:
 
 
 def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
-    """Write the run directory atomically."""
-    cfg = run.config
+    """Write the run directory atomically: config.json, metrics.csv/json, per_image.csv, environment.json,
+    readouts.pt, loss_curves.png and the prediction figures."""
+    cfg, probe = run.config, run.probe
     with atomic_run_dir(out, overwrite) as tmp:
-        write_json(
-            tmp / "config.json",
-            {
-                **cfg.to_dict(),
-                "resolved": {
-                    "backbone_weights": run.backbone.weights_label,
-                    "input_norm": run.backbone.input_norm,
-                    "input": run.backbone.input_description,
-                    "schedule": run.probe.schedule_.to_dict(),
-                    "levels": [asdict(level) for level in run.backbone.levels],
-                    "level_shapes": run.backbone.level_shapes(cfg.image_size),
-                    "channels": run.backbone.channels,
-                    "interpolation": run.backbone.interpolation,
-                    "backbone_padding": run.backbone.padding_report.to_dict() if run.backbone.padding_report else None,
-                    "pos_embed": run.backbone.pos_embed_note,
-                    "train_set": {
-                        "description": run.train.description,
-                        "n": len(run.train),
-                        "skipped": run.train.skipped,
-                    },
-                    "test_sets": {
-                        k: {"description": v.description, "n": len(v), "skipped": v.skipped}
-                        for k, v in run.tests.items()
-                    },
-                },
-            },
-        )
+        write_json(tmp / "config.json", {**cfg.to_dict(), "resolved": _resolved(run)})
         rows = run.metric_rows()
         write_csv(tmp / "metrics.csv", rows)
-        per_image = [
-            {
-                "pattern": t,
-                "test_set": ts,
-                "image": i,
-                "spc": float(s.spc[k]),
-                "mae": float(s.mae[k]),
-                "constant": bool(s.constant[k]),
-            }
-            for ts, by_target in run.scores.items()
-            for t, s in by_target.items()
-            for k, i in enumerate(s.ids)
-        ]
-        write_csv(tmp / "per_image.csv", per_image)
-        probe = run.probe
+        write_csv(tmp / "per_image.csv", _per_image_rows(run))
         curves = {k: loss_curve(v) for k, v in probe.losses_.items()}
-        panel = f"{run.backbone.name}, k={cfg.kernel_size} depth={cfg.depth}"
         write_json(
             tmp / "metrics.json",
             {
@@ -286,19 +246,17 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
             },
         )
         write_json(tmp / "environment.json", environment(cfg.device))
+        linear = (
+            {"linear_readouts": {k: r.state_dict() for k, r in run.linear.readouts_.items()}}
+            if run.linear is not None
+            else {}
+        )
+        readouts = {k: r.state_dict() for k, r in probe.readouts_.items()}
         write_torch(
             tmp / "readouts.pt",
-            {
-                "config": cfg.to_dict(),
-                "in_channels": run.backbone.channels,
-                "readouts": {k: r.state_dict() for k, r in run.probe.readouts_.items()},
-                **(
-                    {"linear_readouts": {k: r.state_dict() for k, r in run.linear.readouts_.items()}}
-                    if run.linear is not None
-                    else {}
-                ),
-            },
+            {"config": cfg.to_dict(), "in_channels": run.backbone.channels, "readouts": readouts, **linear},
         )
+        panel = f"{run.backbone.name}, k={cfg.kernel_size} depth={cfg.depth}"
         loss_curves_plot(
             tmp / "loss_curves.png",
             {panel: {k: [c] for k, c in curves.items()}},
@@ -306,17 +264,59 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
             {(panel, k): c.status for k, c in probe.convergence_.items() if c.status != "converged"},
             [m for m in probe.schedule_.milestones if m < probe.schedule_.updates],
         )
-        pred_dir = tmp / "predictions"
-        pred_dir.mkdir()
-        for name, (ids, images) in run.previews.items():
-            preds = run.probe.predict(run.tests[name].head(len(ids)))
-            spc = {t: run.scores[name][t].spc[: len(ids)] for t in preds}
-            prediction_grid(
-                pred_dir / f"{name}.png",
-                run.probe.targets,
-                list(zip(ids, images)),
-                preds,
-                spc,
-                title=f"{run.backbone.name} ({run.backbone.weights_label}) on {name}",
-            )
+        _prediction_figures(run, tmp / "predictions")
     return out
+
+
+def _resolved(run: ProbeRun) -> dict:
+    """What the settings resolved to: weights, input, schedule, levels and their sizes, surgery, image sets."""
+    backbone = run.backbone
+    return {
+        "backbone_weights": backbone.weights_label,
+        "input_norm": backbone.input_norm,
+        "input": backbone.input_description,
+        "schedule": run.probe.schedule_.to_dict(),
+        "levels": [asdict(level) for level in backbone.levels],
+        "level_shapes": backbone.level_shapes(run.config.image_size),
+        "channels": backbone.channels,
+        "interpolation": backbone.interpolation,
+        "backbone_padding": backbone.padding_report.to_dict() if backbone.padding_report else None,
+        "pos_embed": backbone.pos_embed_note,
+        "train_set": {"description": run.train.description, "n": len(run.train), "skipped": run.train.skipped},
+        "test_sets": {
+            k: {"description": v.description, "n": len(v), "skipped": v.skipped} for k, v in run.tests.items()
+        },
+    }
+
+
+def _per_image_rows(run: ProbeRun) -> list[dict]:
+    """per_image.csv: every test image's SPC, MAE and constant flag, per pattern and test set."""
+    return [
+        {
+            "pattern": t,
+            "test_set": ts,
+            "image": i,
+            "spc": float(s.spc[k]),
+            "mae": float(s.mae[k]),
+            "constant": bool(s.constant[k]),
+        }
+        for ts, by_target in run.scores.items()
+        for t, s in by_target.items()
+        for k, i in enumerate(s.ids)
+    ]
+
+
+def _prediction_figures(run: ProbeRun, folder: Path) -> None:
+    """predictions/<test set>.png: the first images of each test set beside each target's prediction."""
+    folder.mkdir()
+    for name, (ids, images) in run.previews.items():
+        preds = run.probe.predict(run.tests[name].head(len(ids)))
+        spc = {t: run.scores[name][t].spc[: len(ids)] for t in preds}
+        prediction_grid(
+            folder / f"{name}.png",
+            run.probe.targets,
+            list(zip(ids, images)),
+            preds,
+            spc,
+            title=f"{run.backbone.name} ({run.backbone.weights_label}) on {name}",
+        )

@@ -81,14 +81,45 @@ def run_reproduce(
         input_norm=input_norm,
     )
     env = environment(device)
-    header = {
+    header = _header(
+        result, train_config, profile, seeds, data_label, cache, image_size, feat_size, input_norm, device, env
+    )
+    with atomic_run_dir(out, overwrite) as tmp:
+        figures = {}
+        for preset in presets:
+            if preset.figure:
+                figures[preset.name] = [p.name for p in draw(result, preset, tmp)]
+        loss_figure = write_loss_curves(result, tmp / "loss_curves.png", image_size)
+        rows = result_rows(result, presets)
+        write_csv(tmp / "results.csv", rows)
+        write_json(tmp / "results.json", _results_json(result, header, rows, train_config, env))
+        report = render(result, presets, header, figures, loss_figure)
+        (tmp / "report.md").write_text(report)
+    return report, result
+
+
+def _header(
+    result: StudyResult,
+    train_config: TrainConfig,
+    profile: str,
+    seeds: int,
+    data_label: str,
+    cache: FeatureCache | None,
+    image_size: int,
+    feat_size: int,
+    input_norm: str,
+    device: str,
+    env: dict,
+) -> dict[str, str]:
+    """The report's 'What ran' facts: data, schedule, seeds, where the features came from, versions, time."""
+    official = (
+        " (the paper's schedule, the authors' optimiser)"
+        if is_official(train_config)
+        else (" (not the paper's schedule)")
+    )
+    return {
         "Data": data_label,
-        "Profile": f"`{profile}`: {train_config.describe()}"
-        + (
-            " (the paper's schedule, the authors' optimiser)"
-            if is_official(train_config)
-            else " (not the paper's schedule)"
-        ),
+        "Profile": f"`{profile}`: {train_config.describe()}{official}",
         "Seeds": f"{seeds} (readout init and batch order)",
         "Features": (
             f"feature cache {cache.root} (float16; levels beyond its range stored divided by a power of two)"
@@ -101,51 +132,42 @@ def run_reproduce(
         f"torchvision {env['torchvision']}, Python {platform.python_version()}, device {device}",
         "Wall time": f"{result.seconds:.0f} s",
     }
-    with atomic_run_dir(out, overwrite) as tmp:
-        figures = {}
-        for preset in presets:
-            if preset.figure:
-                figures[preset.name] = [p.name for p in draw(result, preset, tmp)]
-        loss_figure = write_loss_curves(result, tmp / "loss_curves.png", image_size)
-        rows = result_rows(result, presets)
-        write_csv(tmp / "results.csv", rows)
-        write_json(
-            tmp / "results.json",
+
+
+def _results_json(result: StudyResult, header: dict, rows: list[dict], train_config: TrainConfig, env: dict) -> dict:
+    """results.json: the report's rows and header, every seed's record, training verdicts and curves, and every
+    seed's per-image scores (so any verdict can be re-tested)."""
+    return {
+        "header": header,
+        "backbones": result.backbones,
+        "data": result.data,
+        "rows": rows,
+        "per_seed": result.records,
+        "train": train_config.to_dict(),
+        "schedules": {k: s.to_dict() for k, s in result.schedules.items()},
+        "convergence": [
+            {"study": st, "row": row, "pattern": p, "seed": i, **c.to_dict()}
+            for (st, row, p), cs in result.convergence.items()
+            for i, c in enumerate(cs)
+        ],
+        "loss_curves": [
+            {"study": st, "row": row, "pattern": p, "seed": i, "curve": curve}
+            for (st, row, p), cs in result.curves.items()
+            for i, curve in enumerate(cs)
+        ],
+        "per_image": [
             {
-                "header": header,
-                "backbones": result.backbones,
-                "data": result.data,
-                "rows": rows,
-                "per_seed": result.records,
-                "train": train_config.to_dict(),
-                "schedules": {k: s.to_dict() for k, s in result.schedules.items()},
-                "convergence": [
-                    {"study": st, "row": row, "pattern": p, "seed": i, **c.to_dict()}
-                    for (st, row, p), cs in result.convergence.items()
-                    for i, c in enumerate(cs)
-                ],
-                "loss_curves": [
-                    {"study": st, "row": row, "pattern": p, "seed": i, "curve": curve}
-                    for (st, row, p), cs in result.curves.items()
-                    for i, curve in enumerate(cs)
-                ],
-                "per_image": [
-                    {
-                        "study": st,
-                        "row": row,
-                        "pattern": p,
-                        "test_set": t,  # (seeds, images): re-test anything
-                        "spc": [[round(float(v), 6) for v in seed] for seed in g["spc"]],
-                        "mae": [[round(float(v), 6) for v in seed] for seed in g["mae"]],
-                    }
-                    for (st, row, p, t), g in result.per_image.items()
-                ],
-                "environment": env,
-            },
-        )
-        report = render(result, presets, header, figures, loss_figure)
-        (tmp / "report.md").write_text(report)
-    return report, result
+                "study": st,
+                "row": row,
+                "pattern": p,
+                "test_set": t,  # (seeds, images): re-test anything
+                "spc": [[round(float(v), 6) for v in seed] for seed in g["spc"]],
+                "mae": [[round(float(v), 6) for v in seed] for seed in g["mae"]],
+            }
+            for (st, row, p, t), g in result.per_image.items()
+        ],
+        "environment": env,
+    }
 
 
 def write_loss_curves(result: StudyResult, path, image_size: int) -> str | None:
