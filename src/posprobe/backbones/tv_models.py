@@ -307,67 +307,23 @@ def tv_backbone_spec(
     first = weights_for(default_weights) if default_weights != "random" else None
     norm, interpolation = _transform_facts(first) if first is not None else ((IMAGENET_MEAN, IMAGENET_STD), None)
 
-    def build(weights: str | Path, seed: int) -> nn.Module:
-        model = _new_model(arch)
-        if isinstance(weights, Path):
-            load_into(model, load_state_dict_file(weights), weights, optional=HEADS)
-        elif weights != "random":
-            member = weights_for(weights)
-            load_into(model, load_imagenet_state(arch, member), hub_checkpoint(member), optional=HEADS)
-        graph = graph_of(arch)
-        nhwc = {level for node, level in taps if graph.node(graph.queries[node]).nhwc}
-        tapped = TappedModel(model.eval(), taps, nhwc)
-        if base_padding is not None:
-            repad(tapped, base_padding, name)
-        return tapped
-
-    def select(names: tuple[str, ...]) -> BackboneSpec:
-        pairs = resolve_layers(graph_of(arch), names, aliases, name)
-        return tv_backbone_spec(
-            name,
-            arch,
-            description,
-            pairs,
-            weights_for,
-            weight_names,
-            default_weights,
-            weight_labels,
-            aliases=aliases,
-            base_padding=base_padding,
-        )
-
-    def layer_table(image_size: int, padding: str | None) -> list[LayerInfo]:
-        graph = graph_of(arch)
-        tapped = TappedModel(
-            _meta_model(arch), [(n.name, n.name) for n in graph.nodes], {n.name for n in graph.nodes if n.nhwc}
-        )
-        for mode in (base_padding, padding):
-            if mode is not None:
-                repad(tapped, mode, name)
-        x = torch.empty(1, 3, image_size, image_size, device="meta")
-        with torch.inference_mode():
-            maps = explained_forward(tapped, x, name, padding or base_padding)
-        defaults = {graph.queries[node] for node, _ in taps}
-        preset_names: dict[str, list[str]] = {}
-        for alias, query in aliases.items():
-            preset_names.setdefault(graph.queries.get(query, ""), []).append(alias)
-        return [
-            LayerInfo(
-                n.name,
-                n.channels,
-                n.stride,
-                (int(m.shape[2]), int(m.shape[3])),
-                tuple(preset_names.get(n.name, []) + graph.aliases(n.name)),
-                n.name in defaults,
-            )
-            for n, m in zip(graph.nodes, maps)
-        ]
-
+    select = functools.partial(
+        _tv_select,
+        name,
+        arch,
+        description,
+        weights_for,
+        weight_names,
+        default_weights,
+        weight_labels,
+        aliases,
+        base_padding,
+    )
     return BackboneSpec(
         name=name,
         description=description,
         levels=levels,
-        build=build,
+        build=functools.partial(_tv_build, name, arch, taps, base_padding, weights_for),
         weight_names=weight_names,
         default_weights=default_weights,
         norm=norm,
@@ -375,9 +331,98 @@ def tv_backbone_spec(
         weight_labels=dict(weight_labels),
         exact_strides=base_padding != "valid",
         select=select,
-        layer_table=layer_table,
+        layer_table=functools.partial(_tv_layer_table, name, arch, taps, aliases, base_padding),
         interpolation=interpolation,
     )
+
+
+def _tv_build(
+    name: str,
+    arch: str,
+    taps: list[tuple[str, str]],
+    base_padding: str | None,
+    weights_for: Callable[[str], object],
+    weights: str | Path,
+    seed: int,
+) -> nn.Module:
+    """The model with its weights (random, named torchvision weights, or a checkpoint file), tapped at ``taps``."""
+    model = _new_model(arch)
+    if isinstance(weights, Path):
+        load_into(model, load_state_dict_file(weights), weights, optional=HEADS)
+    elif weights != "random":
+        member = weights_for(weights)
+        load_into(model, load_imagenet_state(arch, member), hub_checkpoint(member), optional=HEADS)
+    graph = graph_of(arch)
+    nhwc = {level for node, level in taps if graph.node(graph.queries[node]).nhwc}
+    tapped = TappedModel(model.eval(), taps, nhwc)
+    if base_padding is not None:
+        repad(tapped, base_padding, name)
+    return tapped
+
+
+def _tv_select(
+    name: str,
+    arch: str,
+    description: str,
+    weights_for,
+    weight_names,
+    default_weights,
+    weight_labels,
+    aliases: Mapping[str, str],
+    base_padding: str | None,
+    names: tuple[str, ...],
+) -> BackboneSpec:
+    """The same backbone tapped at ``names`` (layer names or aliases) instead."""
+    pairs = resolve_layers(graph_of(arch), names, aliases, name)
+    return tv_backbone_spec(
+        name,
+        arch,
+        description,
+        pairs,
+        weights_for,
+        weight_names,
+        default_weights,
+        weight_labels,
+        aliases=aliases,
+        base_padding=base_padding,
+    )
+
+
+def _tv_layer_table(
+    name: str,
+    arch: str,
+    taps: list[tuple[str, str]],
+    aliases: Mapping[str, str],
+    base_padding: str | None,
+    image_size: int,
+    padding: str | None,
+) -> list[LayerInfo]:
+    """Every layer of ``arch`` as ``posprobe layers`` lists it, sized by a dry run on the meta device."""
+    graph = graph_of(arch)
+    tapped = TappedModel(
+        _meta_model(arch), [(n.name, n.name) for n in graph.nodes], {n.name for n in graph.nodes if n.nhwc}
+    )
+    for mode in (base_padding, padding):
+        if mode is not None:
+            repad(tapped, mode, name)
+    x = torch.empty(1, 3, image_size, image_size, device="meta")
+    with torch.inference_mode():
+        maps = explained_forward(tapped, x, name, padding or base_padding)
+    defaults = {graph.queries[node] for node, _ in taps}
+    preset_names: dict[str, list[str]] = {}
+    for alias, query in aliases.items():
+        preset_names.setdefault(graph.queries.get(query, ""), []).append(alias)
+    return [
+        LayerInfo(
+            n.name,
+            n.channels,
+            n.stride,
+            (int(m.shape[2]), int(m.shape[3])),
+            tuple(preset_names.get(n.name, []) + graph.aliases(n.name)),
+            n.name in defaults,
+        )
+        for n, m in zip(graph.nodes, maps)
+    ]
 
 
 @functools.lru_cache(maxsize=32)
