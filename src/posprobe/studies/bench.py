@@ -340,6 +340,57 @@ def run_bench(
     floor, cold, warm = best["a"], best["b"], best["b2"]
     runs_a, runs_b = runs["a"], runs["b"]
 
+    authors, label = _authors_phase(
+        backbone,
+        train,
+        tests,
+        config,
+        epochs,
+        authors_epochs,
+        authors_patterns,
+        encode_batch_size,
+        feat_size,
+        image_size,
+        device,
+        seed,
+    )
+    log(f"(c) authors {authors.wall_s:.1f} s ({label})")
+    return BenchResult(
+        backbone_name,
+        backbone.weights_label,
+        len(train),
+        len(test),
+        image_size,
+        feat_size,
+        epochs,
+        len(PATTERNS),
+        torch.get_num_threads(),
+        floor,
+        cold,
+        warm,
+        authors,
+        label,
+        _device_name(device),
+        [b.wall_s / a.wall_s for a, b in zip(runs_a, runs_b)],
+    )
+
+
+def _authors_phase(
+    backbone,
+    train,
+    tests: dict,
+    config,
+    epochs: int,
+    authors_epochs: int,
+    authors_patterns: int,
+    encode_batch_size: int,
+    feat_size: int,
+    image_size: int,
+    device: str,
+    seed: int,
+) -> tuple[Phase, str]:
+    """(c): the authors' loop (encoder in every step, one readout per pattern), run for ``authors_epochs`` x
+    ``authors_patterns`` and extrapolated to ``epochs`` x 5 patterns; the phase and how it was obtained."""
     authors = Phase()
     with measure(authors):
         gen = torch.Generator().manual_seed(seed)
@@ -359,10 +410,8 @@ def run_bench(
                 _authors_test(backbone, images, readout, encode_batch_size, feat_size, device)
             train_s, test_s = train_s + t1 - t0, test_s + _now() - t1
     measured_wall, measured_cpu = authors.wall_s, authors.cpu_s
-    runs = authors_epochs * authors_patterns
-    full = epochs * len(PATTERNS)
-    scale_train, scale_test = full / runs, len(PATTERNS) / authors_patterns
-    total = train_s * scale_train + test_s * scale_test
+    runs, full = authors_epochs * authors_patterns, epochs * len(PATTERNS)
+    total = train_s * full / runs + test_s * len(PATTERNS) / authors_patterns
     authors.parts = {
         "measured": measured_wall,
         "per epoch": train_s / runs,
@@ -375,25 +424,7 @@ def run_bench(
         if runs < full
         else "measured in full"
     )
-    log(f"(c) authors {total:.1f} s ({label})")
-    return BenchResult(
-        backbone_name,
-        backbone.weights_label,
-        len(train),
-        len(test),
-        image_size,
-        feat_size,
-        epochs,
-        len(PATTERNS),
-        torch.get_num_threads(),
-        floor,
-        cold,
-        warm,
-        authors,
-        label,
-        _device_name(device),
-        [b.wall_s / a.wall_s for a, b in zip(runs_a, runs_b)],
-    )
+    return authors, label
 
 
 def _device_name(device: str) -> str:
