@@ -290,48 +290,26 @@ def run_bench(
     log(f"bench {backbone_name} ({backbone.weights_label}): {len(train)} train, {len(test)} test images")
     _forward_only(backbone, TensorImages(train.images[:2], train.ids[:2], "warmup"), 2, device)  # warm-up
 
-    def floor_pass(phase: Phase) -> None:
-        with measure(phase):
-            _forward_only(backbone, train, encode_batch_size, device)
-            for images in tests.values():
-                _forward_only(backbone, images, encode_batch_size, device)
-
-    def table1_column(cache: FeatureCache, phase: Phase) -> None:
-        with measure(phase):
-            t0 = _now()
-            probe = PositionProbe(
-                backbone,
-                PATTERNS,
-                feat_size=feat_size,
-                image_size=image_size,
-                train_config=config,
-                seed=seed,
-                device=device,
-                encode_batch_size=encode_batch_size,
-                progress=progress,
-                cache=cache,
-            )
-            encoded = probe.encode(train)
-            t1 = _now()
-            probe.fit(encoded)
-            t2 = _now()
-            for images in tests.values():
-                probe.score(images)
-            t3 = _now()
-        phase.parts = {"encode+cache": t1 - t0, "train 5 readouts": t2 - t1, "encode+score tests": t3 - t2}
-
+    settings = {
+        "feat_size": feat_size,
+        "image_size": image_size,
+        "seed": seed,
+        "device": device,
+        "encode_batch_size": encode_batch_size,
+        "progress": progress,
+    }
     runs: dict[str, list[Phase]] = {"a": [], "b": [], "b2": []}
     for _ in range(repeats):
         runs["a"].append(Phase())
-        floor_pass(runs["a"][-1])
+        _floor_pass(backbone, train, tests, encode_batch_size, device, runs["a"][-1])
         log(f"(a) floor {runs['a'][-1].wall_s:.1f} s")
         with tempfile.TemporaryDirectory(prefix="posprobe-bench-") as tmp:
             cache = FeatureCache(tmp, max_gb=1e9, log=lambda m: None)
             runs["b"].append(Phase())
-            table1_column(cache, runs["b"][-1])
+            _table1_column(backbone, train, tests, config, cache, settings, runs["b"][-1])
             log(f"(b) posprobe {runs['b'][-1].wall_s:.1f} s")
             runs["b2"].append(Phase())
-            table1_column(cache, runs["b2"][-1])
+            _table1_column(backbone, train, tests, config, cache, settings, runs["b2"][-1])
             log(f"(b2) posprobe, cache warm {runs['b2'][-1].wall_s:.1f} s")
     best = {k: min(v, key=lambda p: p.wall_s) for k, v in runs.items()}
     for k, v in runs.items():
@@ -373,6 +351,30 @@ def run_bench(
         _device_name(device),
         [b.wall_s / a.wall_s for a, b in zip(runs_a, runs_b)],
     )
+
+
+def _floor_pass(backbone, train, tests: dict, batch_size: int, device: str, phase: Phase) -> None:
+    """(a): the encoder alone over every image once, the least any protocol must spend."""
+    with measure(phase):
+        _forward_only(backbone, train, batch_size, device)
+        for images in tests.values():
+            _forward_only(backbone, images, batch_size, device)
+
+
+def _table1_column(backbone, train, tests: dict, config, cache: FeatureCache, settings: dict, phase: Phase) -> None:
+    """(b) and (b2): posprobe's Table 1 column (encode once through the cache, train 5 readouts, score every test
+    set), timed by part."""
+    with measure(phase):
+        t0 = _now()
+        probe = PositionProbe(backbone, PATTERNS, train_config=config, cache=cache, **settings)
+        encoded = probe.encode(train)
+        t1 = _now()
+        probe.fit(encoded)
+        t2 = _now()
+        for images in tests.values():
+            probe.score(images)
+        t3 = _now()
+    phase.parts = {"encode+cache": t1 - t0, "train 5 readouts": t2 - t1, "encode+score tests": t3 - t2}
 
 
 def _authors_phase(
