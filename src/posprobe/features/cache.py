@@ -553,10 +553,6 @@ class FeatureCache:
         scaled range raises _Overflow after removing the partial data. A file that cannot be allocated raises
         _NoSpace before any image is encoded.
         """
-        from tqdm.auto import tqdm
-
-        from .. import __version__
-
         d = self.entry_dir(key)
         d.mkdir(parents=True, exist_ok=True)
         with _locked(d / ".lock", log=self.log):
@@ -564,121 +560,148 @@ class FeatureCache:
                 if entry_damage(d, key) is None:
                     return  # another process finished it while we waited
                 (d / "manifest.json").unlink()  # damaged and not movable aside: extracted again in place
-            n, fs = len(images), feat_size
-            row = sum(math.prod(p.shape(fs)) for p in plans)  # values per image
+            row = sum(math.prod(p.shape(feat_size)) for p in plans)  # values per image
             data, prog_path = d / "features.bin", d / "progress.json"
-            dtype, scales, start, kept, bad = self._open_data(key, data, _read_json(prog_path), n, row, dtype)
-            mm = np.memmap(data, dtype=np.dtype(dtype), mode="r+", shape=(n, row))
-            ids = list(getattr(images, "ids", [str(i) for i in range(n)]))
+            state = _Progress(key, row, *self._open_data(key, data, _read_json(prog_path), len(images), row, dtype))
             started = time.perf_counter()
-            bar = tqdm(
-                total=n,
-                initial=start,
-                desc=f"cache {getattr(images, 'name', 'images')} with {backbone.name}",
-                unit="img",
-                disable=None if progress else True,
-                leave=False,
-            )
-
-            def write(at: int, rows: np.ndarray | None, record: dict) -> None:
-                """In the writer thread: rows to the file, then the progress record that says so."""
-                if rows is not None:
-                    # the rows are in the file's pages before the progress record says so; a killed process
-                    # leaves its dirty pages to the kernel, so no msync per batch (which made writes synchronous)
-                    mm[at : at + len(rows)] = rows
-                _write_json_atomic(prog_path, record)
-                _EXTRACTING.update(entry=d, done=record["done"], total=n)
-
-            writer = ThreadPoolExecutor(max_workers=1)  # file writes overlap the encoder's next batch
-            pending = None
-            _EXTRACTING.update(entry=d, done=start, total=n)
             try:
-                for idx, parts, failed in encode_batches(backbone, images, fs, batch_size, device, num_workers, start):
-                    if strict and failed:
-                        raise PosprobeError(
-                            f"unreadable image in {getattr(images, 'name', 'images')}: "
-                            f"{unreadable_list([ids[failed[0]]], images)} (--strict stops at the "
-                            "first)"
-                        )
-                    rows = None
-                    if parts is not None:  # the first batch decides the scales
-                        rows, scales = _stage_rows(parts, row, dtype, scales, f"{backbone.name} x {ids[idx[0]]}")
-                    at = len(kept)
-                    kept, bad = kept + idx, bad + failed
-                    record = {
-                        "key": key,
-                        "row": row,
-                        "dtype": dtype,
-                        "scales": scales,
-                        "done": max(idx + failed) + 1,
-                        "kept": kept,
-                        "skipped": bad,
-                    }
-                    if pending is not None:
-                        pending.result()  # one write in flight at most: memory stays bounded
-                    pending = writer.submit(write, at, rows, record)
-                    bar.update(len(idx) + len(failed))
-                if pending is not None:
-                    pending.result()
+                self._store(d, state, backbone, images, feat_size, batch_size, device, num_workers, strict, progress)
             except _Overflow:
-                writer.shutdown(wait=True)
                 for f in (data, prog_path):
                     f.unlink(missing_ok=True)
                 raise
             except BaseException:
-                writer.shutdown(wait=True)
                 if not prog_path.exists():  # not one image stored: no allocated file left to hold the disk
                     data.unlink(missing_ok=True)
                 raise
-            finally:
-                writer.shutdown(wait=True)  # an interrupted run still records every batch it wrote
-                bar.close()  # on an exception _EXTRACTING keeps what was stored, for the interrupted run's message
-            mm.flush()  # on disk before the manifest declares the entry complete
-            mm = None  # unmapped before the file is truncated
-            if not kept:
-                shutil.rmtree(d, ignore_errors=True)
-                raise PosprobeError(
-                    f"none of the {n} image(s) in {getattr(images, 'name', 'images')} could be read: "
-                    + unreadable_list([ids[i] for i in bad], images)
-                )
-            os.truncate(data, len(kept) * row * np.dtype(dtype).itemsize)  # drop the rows of unreadable images
-            row_bytes = row * np.dtype(dtype).itemsize
-            manifest = {
-                "key": key,
-                "format": CACHE_FORMAT,
-                "identity": identity,
-                "rows": len(kept),
-                "row": row,
-                "channels": backbone.channels,
-                "feat_size": fs,
-                "dtype": dtype,
-                "layout": "one row per image: each part's (h, w, c) values in turn",
-                "parts": [
-                    {"lo": p.lo, "hi": p.hi, "shape": list(p.shape(fs)), "native": p.native is not None, "scale": s}
-                    for p, s in zip(plans, scales or [1.0] * len(plans))
-                ],
-                "ids": [ids[i] for i in kept],
-                "skipped": [ids[i] for i in bad],
-                "checksums": {
-                    "algorithm": "sha256",
-                    "rows_per_chunk": rows_per_chunk(row_bytes),
-                    "sha256": chunk_digests(data, row_bytes, len(kept)),
-                },
-                "image_set": getattr(images, "name", "images"),
-                "description": getattr(images, "description", ""),
-                "backbone": backbone.name,
-                "weights": backbone.weights_label,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "seconds": round(time.perf_counter() - started, 3),
-                "posprobe": __version__,
-                "torch": torch.__version__,
-            }
-            _write_json_atomic(d / "manifest.json", manifest)
-            prog_path.unlink(missing_ok=True)
-            _EXTRACTING.clear()
-            stat = data.stat()
-            _VERIFIED.add((str(d.resolve()), stat.st_mtime_ns, stat.st_size))  # its checksums were just taken
+            self._finish(d, state, identity, backbone, images, plans, feat_size, time.perf_counter() - started)
         self._check_strict(self.load(key, images), strict)
+
+    def _store(
+        self,
+        d: Path,
+        state: _Progress,
+        backbone,
+        images: Dataset,
+        feat_size: int,
+        batch_size: int,
+        device,
+        num_workers: int | None,
+        strict: bool,
+        progress: bool,
+    ) -> None:
+        """Encode the images from ``state.done`` on into the entry's rows; each batch's progress record is written
+        after its rows, by a writer thread that overlaps the encoder's next batch."""
+        from tqdm.auto import tqdm
+
+        n, name = len(images), getattr(images, "name", "images")
+        ids = list(getattr(images, "ids", [str(i) for i in range(n)]))
+        mm = np.memmap(d / "features.bin", dtype=np.dtype(state.dtype), mode="r+", shape=(n, state.row))
+
+        def write(at: int, rows: np.ndarray | None, record: dict) -> None:
+            if rows is not None:
+                # the rows are in the file's pages before the progress record says so; a killed process
+                # leaves its dirty pages to the kernel, so no msync per batch (which made writes synchronous)
+                mm[at : at + len(rows)] = rows
+            _write_json_atomic(d / "progress.json", record)
+            _EXTRACTING.update(entry=d, done=record["done"], total=n)
+
+        bar = tqdm(
+            total=n,
+            initial=state.done,
+            desc=f"cache {name} with {backbone.name}",
+            unit="img",
+            disable=None if progress else True,
+            leave=False,
+        )
+        writer = ThreadPoolExecutor(max_workers=1)
+        pending = None
+        _EXTRACTING.update(entry=d, done=state.done, total=n)
+        try:
+            for idx, parts, failed in encode_batches(
+                backbone, images, feat_size, batch_size, device, num_workers, state.done
+            ):
+                if strict and failed:
+                    raise PosprobeError(
+                        f"unreadable image in {name}: {unreadable_list([ids[failed[0]]], images)} "
+                        "(--strict stops at the first)"
+                    )
+                rows = None
+                if parts is not None:  # the first batch decides the scales
+                    what = f"{backbone.name} x {ids[idx[0]]}"
+                    rows, state.scales = _stage_rows(parts, state.row, state.dtype, state.scales, what)
+                at = len(state.kept)
+                state.kept, state.bad, state.done = state.kept + idx, state.bad + failed, max(idx + failed) + 1
+                if pending is not None:
+                    pending.result()  # one write in flight at most: memory stays bounded
+                pending = writer.submit(write, at, rows, state.record())
+                bar.update(len(idx) + len(failed))
+            if pending is not None:
+                pending.result()
+        finally:
+            writer.shutdown(wait=True)  # an interrupted run still records every batch it wrote
+            bar.close()  # on an exception _EXTRACTING keeps what was stored, for the interrupted run's message
+        mm.flush()  # on disk before the manifest declares the entry complete
+
+    def _finish(
+        self,
+        d: Path,
+        state: _Progress,
+        identity: dict,
+        backbone,
+        images: Dataset,
+        plans: list[PartPlan],
+        feat_size: int,
+        seconds: float,
+    ) -> None:
+        """Drop the rows of unreadable images, take the checksums and write the manifest: the entry is complete."""
+        from .. import __version__
+
+        ids = list(getattr(images, "ids", [str(i) for i in range(len(images))]))
+        data = d / "features.bin"
+        if not state.kept:
+            shutil.rmtree(d, ignore_errors=True)
+            raise PosprobeError(
+                f"none of the {len(images)} image(s) in {getattr(images, 'name', 'images')} could be read: "
+                + unreadable_list([ids[i] for i in state.bad], images)
+            )
+        row_bytes = state.row * np.dtype(state.dtype).itemsize
+        os.truncate(data, len(state.kept) * row_bytes)
+        manifest = {
+            "key": state.key,
+            "format": CACHE_FORMAT,
+            "identity": identity,
+            "rows": len(state.kept),
+            "row": state.row,
+            "channels": backbone.channels,
+            "feat_size": feat_size,
+            "dtype": state.dtype,
+            "layout": "one row per image: each part's (h, w, c) values in turn",
+            "parts": [
+                {"lo": p.lo, "hi": p.hi, "shape": list(p.shape(feat_size)), "native": p.native is not None, "scale": s}
+                for p, s in zip(plans, state.scales or [1.0] * len(plans))
+            ],
+            "ids": [ids[i] for i in state.kept],
+            "skipped": [ids[i] for i in state.bad],
+            "checksums": {
+                "algorithm": "sha256",
+                "rows_per_chunk": rows_per_chunk(row_bytes),
+                "sha256": chunk_digests(data, row_bytes, len(state.kept)),
+            },
+            "image_set": getattr(images, "name", "images"),
+            "description": getattr(images, "description", ""),
+            "backbone": backbone.name,
+            "weights": backbone.weights_label,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(seconds, 3),
+            "posprobe": __version__,
+            "torch": torch.__version__,
+        }
+        _write_json_atomic(d / "manifest.json", manifest)
+        (d / "progress.json").unlink(missing_ok=True)
+        _EXTRACTING.clear()
+        stat = data.stat()
+        _VERIFIED.add((str(d.resolve()), stat.st_mtime_ns, stat.st_size))  # its checksums were just taken
 
     def _open_data(
         self, key: str, data: Path, prog: dict | None, n: int, row: int, dtype: str
@@ -825,6 +848,30 @@ def _allocate(f, size: int) -> None:
             raise _NoSpace(err) from err
         if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
+
+
+@dataclass
+class _Progress:
+    """An extraction's state: what progress.json records after every batch, so a killed one resumes."""
+
+    key: str
+    row: int
+    dtype: str
+    scales: list[float] | None  # each part's storage scale, set by the first batch
+    done: int  # the next image to encode
+    kept: list[int]  # images stored, in row order
+    bad: list[int]  # images that could not be read
+
+    def record(self) -> dict:
+        return {
+            "key": self.key,
+            "row": self.row,
+            "dtype": self.dtype,
+            "scales": self.scales,
+            "done": self.done,
+            "kept": self.kept,
+            "skipped": self.bad,
+        }
 
 
 class _NoSpace(Exception):
