@@ -404,38 +404,14 @@ class LinearProbe(Estimator):
         d = _scales(stats, channels, self.kernel_size, source.feat_size)
         n_all = len(source)
         whole = {"n": n_all, "b": sum(st["b"] for st in stats)}
+        fit_pc = whole_pc = None  # CG's preconditioners
         if solver == "direct":
             whole["A"] = sum(st["A"] for st in stats)
         else:  # from A omega per split: the fit split's to choose alpha, their sum to refit on every image
             fit_pc, whole_pc = self._preconditioners(prob, splits, d)
         cols = list(range(len(prob.names)))
-        self.val_mse_: dict[str, dict[float, float]] = {name: {} for name in prob.names}
-        chosen = {name: self.alphas[-1] for name in prob.names}
         self.iterations_, self.residual_ = 0, {}
-        if val_idx is not None:
-            fit_st = stats[0]
-            shifts = [a * fit_st["n"] * prob.trace_m for a in self.alphas]
-            if solver == "direct":
-                solved = [
-                    (a, v)
-                    for a, v in zip(self.alphas, _solve_direct(fit_st["A"], fit_st["b"], d, shifts))
-                    if v is not None
-                ]
-            else:
-                xs, _, its = self._cg(prob, fit_idx, fit_st["b"], d, shifts, fit_pc)
-                self.iterations_ += its
-                solved = list(zip(self.alphas, xs))
-            if solved:  # held-out MSE by a forward pass: no cancellation, whatever precision A was built in
-                v_all = torch.cat([v for _, v in solved], 1)  # (D, L*P) columns (alpha, pattern)
-                mses = prob.mse(val_idx, v_all, cols * len(solved)).view(len(solved), len(cols))
-                for li, (a, _) in enumerate(solved):
-                    for pi, name in enumerate(prob.names):
-                        self.val_mse_[name][a] = float(mses[li, pi])
-            for name in prob.names:
-                vals = self.val_mse_[name]
-                if vals:  # the strongest ridge within rounding of the best held-out MSE (stable across solvers)
-                    best = min(vals.values())
-                    chosen[name] = max(a for a, m in vals.items() if m <= best + 1e-6 * abs(best))
+        chosen = self._choose_alphas(prob, stats, fit_idx, val_idx, solver, d, fit_pc)
         # refit on every training image with each pattern's alpha
         final_alphas = sorted(set(chosen.values()), reverse=True)
         shifts = [a * n_all * prob.trace_m for a in final_alphas]
@@ -468,6 +444,46 @@ class LinearProbe(Estimator):
             self.preconditioner_ = f"Nystrom rank {whole_pc.rank}" if whole_pc else "none"
         self.seconds_ = time.perf_counter() - started
         return self
+
+    def _choose_alphas(
+        self,
+        prob: _Problem,
+        stats: list[dict],
+        fit_idx: torch.Tensor,
+        val_idx: torch.Tensor | None,
+        solver: str,
+        d: torch.Tensor,
+        fit_pc,
+    ) -> dict[str, float]:
+        """Each pattern's alpha: solve on the fit split for every alpha, score the held-out split by a forward
+        pass (``val_mse_``), keep the strongest ridge within rounding of the best; the weakest alpha when there
+        is no held-out split."""
+        self.val_mse_: dict[str, dict[float, float]] = {name: {} for name in prob.names}
+        chosen = {name: self.alphas[-1] for name in prob.names}
+        if val_idx is None:
+            return chosen
+        fit_st = stats[0]
+        shifts = [a * fit_st["n"] * prob.trace_m for a in self.alphas]
+        if solver == "direct":
+            direct = _solve_direct(fit_st["A"], fit_st["b"], d, shifts)
+            solved = [(a, v) for a, v in zip(self.alphas, direct) if v is not None]
+        else:
+            xs, _, its = self._cg(prob, fit_idx, fit_st["b"], d, shifts, fit_pc)
+            self.iterations_ += its
+            solved = list(zip(self.alphas, xs))
+        if solved:  # held-out MSE by a forward pass: no cancellation, whatever precision A was built in
+            cols = list(range(len(prob.names)))
+            v_all = torch.cat([v for _, v in solved], 1)  # (D, L*P) columns (alpha, pattern)
+            mses = prob.mse(val_idx, v_all, cols * len(solved)).view(len(solved), len(cols))
+            for li, (a, _) in enumerate(solved):
+                for pi, name in enumerate(prob.names):
+                    self.val_mse_[name][a] = float(mses[li, pi])
+        for name in prob.names:
+            vals = self.val_mse_[name]
+            if vals:  # the strongest ridge within rounding of the best held-out MSE (stable across solvers)
+                best = min(vals.values())
+                chosen[name] = max(a for a, m in vals.items() if m <= best + 1e-6 * abs(best))
+        return chosen
 
     def _preconditioners(
         self, prob: _Problem, splits: Sequence[torch.Tensor], d: torch.Tensor
