@@ -121,6 +121,41 @@ def _level_columns(backbone: Backbone, shapes: list, level: str) -> dict:
     }
 
 
+def _build_backbones(config: LayerCurveConfig, curves: list) -> dict[str, Backbone]:
+    """Every curve's backbone, built and dry-run before any heavy work: bad settings fail first."""
+    backbones = {}
+    for c in curves:
+        backbones[c.label] = create_backbone(
+            c.backbone,
+            config.weights,
+            config.seed,
+            config.input_norm,
+            layers=c.layers,
+            padding=c.padding,
+            pos_embed=c.pos_embed,
+            image_size=config.image_size,
+        )
+        backbones[c.label].level_shapes(config.image_size)
+    return backbones
+
+
+def _resolved(curve, backbone: Backbone, shapes: list, schedule) -> dict:
+    """What a curve's settings resolved to: weights, input, levels and their sizes, surgery, schedule."""
+    return {
+        "backbone": curve.backbone,
+        "weights": backbone.weights_label,
+        "input_norm": backbone.input_norm,
+        "interpolation": backbone.interpolation,
+        "levels": [asdict(lv) for lv in backbone.levels],
+        "level_shapes": shapes,
+        "exact_strides": backbone.spec.exact_strides,
+        "backbone_padding": backbone.padding_report.to_dict() if backbone.padding_report else None,
+        "pos_embed": backbone.pos_embed_note,
+        "input": backbone.input_description,
+        "schedule": schedule.to_dict(),
+    }
+
+
 def _encode_pair(backbone: Backbone, train_set, test_set, config: LayerCurveConfig, cache, progress: bool):
     """(train, test) features; the test set first: it is small, and an unreadable one then fails before the
     costly training pass."""
@@ -134,19 +169,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
     check_readout_config(config.feat_size, config.kernel_size, config.depth, config.readout_padding)
     patterns = resolve_patterns(list(config.patterns))
     curves = curves_of(config)
-    backbones = {}
-    for c in curves:  # build and dry-run every backbone before any heavy work: bad settings fail first
-        backbones[c.label] = create_backbone(
-            c.backbone,
-            config.weights,
-            config.seed,
-            config.input_norm,
-            layers=c.layers,
-            padding=c.padding,
-            pos_embed=c.pos_embed,
-            image_size=config.image_size,
-        )
-        backbones[c.label].level_shapes(config.image_size)
+    backbones = _build_backbones(config, curves)
     started = time.perf_counter()
     train_set, test_set = config.image_sets()
     cache = config.feature_cache()
@@ -205,19 +228,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
             )
             losses[f"{c.label} | {level} | {p}"] = loss_curve(done.losses)
             verdicts[f"{c.label} | {level} | {p}"] = done.convergence
-        resolved[c.label] = {
-            "backbone": c.backbone,
-            "weights": backbone.weights_label,
-            "input_norm": backbone.input_norm,
-            "interpolation": backbone.interpolation,
-            "levels": [asdict(lv) for lv in backbone.levels],
-            "level_shapes": shapes,
-            "exact_strides": backbone.spec.exact_strides,
-            "backbone_padding": backbone.padding_report.to_dict() if backbone.padding_report else None,
-            "pos_embed": backbone.pos_embed_note,
-            "input": backbone.input_description,
-            "schedule": next(iter(trained.values())).schedule.to_dict(),
-        }
+        resolved[c.label] = _resolved(c, backbone, shapes, next(iter(trained.values())).schedule)
     return LayerCurve(config, rows, resolved, losses, data, {"total": time.perf_counter() - started}, verdicts)
 
 
