@@ -172,6 +172,29 @@ def training_section(result: StudyResult, rows: list[dict], loss_figure: str | N
     return lines
 
 
+def what_ran_section(result: StudyResult, header: dict) -> list[str]:
+    """Each network as asked for and as run (stand-ins said so), the header's facts and each image set."""
+    lines = ["| Asked for | Ran as | Weights | Substituted | Encoder input |", "|---|---|---|---|---|"]
+    for paper_name, ran in result.backbones.items():  # 'vgg16' or 'vgg16:random'
+        lines.append(
+            f"| {paper_name} | `{ran['ran_as']}` | {ran['weights']} | "
+            f"{'**yes: a stand-in, not the paper’s network**' if ran['substituted'] else 'no'} | "
+            f"{ran.get('input', '')} |"
+        )
+    lines.append("")
+    lines += [f"- {key}: {value}" for key, value in header.items()]
+    for name, d in result.data.items():
+        skipped = f", {len(d['skipped'])} unreadable skipped" if d["skipped"] else ""
+        lines.append(f"- Image set `{name}`: {d['description']} ({d['n']} images used{skipped})")
+    if any(r["substituted"] or "random" in str(r["weights"]) for r in result.backbones.values()):
+        lines += [
+            "",
+            "**Numbers from a substituted or random-weight backbone are not the paper's network; "
+            "compare directions, not values.**",
+        ]
+    return lines
+
+
 def render(
     result: StudyResult,
     presets: Sequence[StudyPreset],
@@ -202,28 +225,7 @@ def render(
         "## What ran",
         "",
     ]
-    lines.append("| Asked for | Ran as | Weights | Substituted | Encoder input |")
-    lines.append("|---|---|---|---|---|")
-    for paper_name, ran in result.backbones.items():  # 'vgg16' or 'vgg16:random'
-        lines.append(
-            f"| {paper_name} | `{ran['ran_as']}` | {ran['weights']} | "
-            f"{'**yes: a stand-in, not the paper’s network**' if ran['substituted'] else 'no'} | "
-            f"{ran.get('input', '')} |"
-        )
-    lines.append("")
-    for key, value in header.items():
-        lines.append(f"- {key}: {value}")
-    for name, d in result.data.items():
-        skipped = f", {len(d['skipped'])} unreadable skipped" if d["skipped"] else ""
-        lines.append(f"- Image set `{name}`: {d['description']} ({d['n']} images used{skipped})")
-    if any(r["substituted"] for r in result.backbones.values()) or any(
-        "random" in str(r["weights"]) for r in result.backbones.values()
-    ):
-        lines += [
-            "",
-            "**Numbers from a substituted or random-weight backbone are not the paper's network; "
-            "compare directions, not values.**",
-        ]
+    lines += what_ran_section(result, header)
     lines += training_section(result, rows, loss_figure)
     for preset in presets:
         lines += ["", f"## {preset.title}", ""]
