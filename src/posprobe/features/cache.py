@@ -462,13 +462,9 @@ class FeatureCache:
             self._check_strict(hit, strict)
             self.log(f"feature cache hit: {backbone.name} x {name} ({len(hit)} images) [{key[:12]}]")
             return hit
-        try:  # a cache folder that cannot be written (read-only, a file, no permission) is no reason to stop
-            self.root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.root):
-                pass
-        except OSError as err:
-            why = "a file, not a folder" if self.root.exists() and not self.root.is_dir() else os_reason(err)
-            return instead(f"feature cache {self.root} cannot be written ({why})", stream=False)
+        unwritable = self._unwritable()
+        if unwritable:  # a read-only cache, a file, no permission: no reason to stop
+            return instead(f"feature cache {self.root} cannot be written ({unwritable})", stream=False)
         plans = self.layout(backbone, identity["image_size"], feat_size)
         for dtype in ("float16", "float32"):
             size = self.expected_bytes(plans, len(images), feat_size, np.dtype(dtype).itemsize)
@@ -514,6 +510,15 @@ class FeatureCache:
         if out is None:
             raise PosprobeError(f"feature cache entry {self.entry_dir(key)} could not be read back after writing it")
         return out
+
+    def _unwritable(self) -> str | None:
+        """Why no entry can be written under the root (read-only, a file, no permission), or None."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                return None
+        except OSError as err:
+            return "a file, not a folder" if self.root.exists() and not self.root.is_dir() else os_reason(err)
 
     @staticmethod
     def _check_strict(encoded: EncodedSet, strict: bool) -> None:

@@ -272,16 +272,18 @@ def run_bench(
     (a), (b) and (b2) run ``repeats`` times, interleaved, and each keeps its fastest run: on a shared
     machine the minimum is the least disturbed measurement of the same work.
     """
-    if (
-        n_train < 1
-        or n_test < 1
-        or epochs < 1
-        or authors_epochs < 1
-        or repeats < 1
-        or not 1 <= authors_patterns <= len(PATTERNS)
-    ):
+    counts = {
+        "n_train": n_train,
+        "n_test": n_test,
+        "epochs": epochs,
+        "authors_epochs": authors_epochs,
+        "repeats": repeats,
+    }
+    bad = [f"{k}={v}" for k, v in counts.items() if v < 1]
+    if bad or not 1 <= authors_patterns <= len(PATTERNS):
         raise PosprobeError(
-            "bench needs n_train, n_test, epochs, authors_epochs, repeats >= 1 and 1..5 authors_patterns"
+            "bench needs n_train, n_test, epochs, authors_epochs, repeats >= 1 and 1..5 authors_patterns; given "
+            + ", ".join(bad or [f"authors_patterns={authors_patterns}"])
         )
     backbone = create_backbone(backbone_name, weights, seed)
     train, test = bench_images(n_train, n_test, image_size, seed, photos)
