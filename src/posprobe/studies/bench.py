@@ -300,23 +300,8 @@ def run_bench(
         "encode_batch_size": encode_batch_size,
         "progress": progress,
     }
-    runs: dict[str, list[Phase]] = {"a": [], "b": [], "b2": []}
-    for _ in range(repeats):
-        runs["a"].append(Phase())
-        _floor_pass(backbone, train, tests, encode_batch_size, device, runs["a"][-1])
-        log(f"(a) floor {runs['a'][-1].wall_s:.1f} s")
-        with tempfile.TemporaryDirectory(prefix="posprobe-bench-") as tmp:
-            cache = FeatureCache(tmp, max_gb=1e9, log=lambda m: None)
-            runs["b"].append(Phase())
-            _table1_column(backbone, train, tests, config, cache, settings, runs["b"][-1])
-            log(f"(b) posprobe {runs['b'][-1].wall_s:.1f} s")
-            runs["b2"].append(Phase())
-            _table1_column(backbone, train, tests, config, cache, settings, runs["b2"][-1])
-            log(f"(b2) posprobe, cache warm {runs['b2'][-1].wall_s:.1f} s")
-    best = {k: min(v, key=lambda p: p.wall_s) for k, v in runs.items()}
-    for k, v in runs.items():
-        best[k].peak_rss_mb = max(p.peak_rss_mb for p in v)
-        best[k].note = f"fastest of {len(v)}: " + ", ".join(f"{p.wall_s:.1f}" for p in v) + " s"
+    runs = _interleaved(backbone, train, tests, config, settings, repeats, log)
+    best = {k: _fastest(v) for k, v in runs.items()}
     floor, cold, warm = best["a"], best["b"], best["b2"]
     runs_a, runs_b = runs["a"], runs["b"]
 
@@ -353,6 +338,30 @@ def run_bench(
         _device_name(device),
         [b.wall_s / a.wall_s for a, b in zip(runs_a, runs_b)],
     )
+
+
+def _interleaved(backbone, train, tests: dict, config, settings: dict, repeats: int, log) -> dict[str, list[Phase]]:
+    """(a), (b) and (b2) ``repeats`` times, interleaved, so a disturbance of the machine falls on all of them."""
+    runs: dict[str, list[Phase]] = {"a": [], "b": [], "b2": []}
+    for _ in range(repeats):
+        runs["a"].append(Phase())
+        _floor_pass(backbone, train, tests, settings["encode_batch_size"], settings["device"], runs["a"][-1])
+        log(f"(a) floor {runs['a'][-1].wall_s:.1f} s")
+        with tempfile.TemporaryDirectory(prefix="posprobe-bench-") as tmp:
+            cache = FeatureCache(tmp, max_gb=1e9, log=lambda m: None)
+            for key, label in (("b", "posprobe"), ("b2", "posprobe, cache warm")):
+                runs[key].append(Phase())
+                _table1_column(backbone, train, tests, config, cache, settings, runs[key][-1])
+                log(f"({key}) {label} {runs[key][-1].wall_s:.1f} s")
+    return runs
+
+
+def _fastest(phases: list[Phase]) -> Phase:
+    """The least disturbed of repeated measurements of the same work (its peak memory: the largest seen)."""
+    best = min(phases, key=lambda p: p.wall_s)
+    best.peak_rss_mb = max(p.peak_rss_mb for p in phases)
+    best.note = f"fastest of {len(phases)}: " + ", ".join(f"{p.wall_s:.1f}" for p in phases) + " s"
+    return best
 
 
 def _floor_pass(backbone, train, tests: dict, batch_size: int, device: str, phase: Phase) -> None:
