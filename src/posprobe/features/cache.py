@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -429,29 +430,25 @@ class FeatureCache:
         Without ``allow_stream``, a set too large to cache is encoded in memory (float32) instead.
         """
         name = getattr(images, "name", "images")
+        in_memory = functools.partial(
+            encode,
+            backbone,
+            images,
+            feat_size,
+            batch_size,
+            device,
+            strict=strict,
+            num_workers=num_workers,
+            progress=progress,
+        )
 
         def instead(why: str, stream: bool = allow_stream):
             """The features without the cache: streamed (re-encoded every pass) or in memory (float32)."""
-            self.log(
-                f"{why}: "
-                + (
-                    "streaming instead (the encoder re-runs every epoch; memory stays constant)"
-                    if stream
-                    else f"encoding {name} in memory instead"
-                )
-            )
+            how = "streaming instead (the encoder re-runs every epoch; memory stays constant)"
+            self.log(f"{why}: " + (how if stream else f"encoding {name} in memory instead"))
             if stream:
                 return StreamedSet(backbone, images, feat_size, device, strict, num_workers, batch_size)
-            return encode(
-                backbone,
-                images,
-                feat_size,
-                batch_size,
-                device,
-                strict=strict,
-                num_workers=num_workers,
-                progress=progress,
-            )
+            return in_memory()
 
         keyed = feature_key(backbone, images, feat_size)
         if keyed is None:
