@@ -176,7 +176,7 @@ def probe_cmd(
 ) -> None:
     """Train a readout per position pattern on a frozen backbone's features and score it on every test set."""
     from .data import parse_synthetic
-    from .output.rundir import check_out_dir, resolve_device
+    from .output.rundir import check_out_dir
     from .readouts.train import is_official
     from .studies.probe_run import ProbeRunConfig, execute, format_table, write
     from .targets import resolve_patterns
@@ -185,31 +185,14 @@ def probe_cmd(
     patterns = resolve_patterns(pattern) if pattern.strip() or not target_image else []
     config = ProbeRunConfig(
         backbone=backbone,
-        weights=weights,
-        input_norm=input_norm,
         patterns=tuple(patterns),
         target_images=tuple(str(p) for p in target_image),
-        kernel_size=kernel_size,
-        depth=depth,
-        readout_padding=readout_padding,
-        feat_size=feat_size,
-        image_size=image_size,
-        profile=profile,
-        train=_train_config(profile, epochs, lr, batch_size, seed, readout_width, steps),
-        seed=seed,
-        device=resolve_device(device),
-        train_dir=str(train) if train else None,
-        test_dir=str(test) if test else None,
         synthetic=tuple(parse_synthetic(synthetic)),
-        crops_per_photo=crops_per_photo,
         strict=strict,
-        layers=_layer_list(layers),
         backbone_padding=backbone_padding,
         pos_embed=pos_embed,
         readout=readout,
-        cache=cache,
-        cache_dir=str(cache_dir) if cache_dir else None,
-        cache_max_gb=cache_max_gb,
+        **_shared_settings(locals()),
     )
     run = execute(config, progress=not quiet)
     write(run, out, overwrite)
@@ -390,6 +373,35 @@ def _feature_cache(use: bool, cache_dir: Optional[Path], max_gb: float) -> Featu
     return FeatureCache(cache_dir, max_gb) if use else None
 
 
+def _shared_settings(options: dict) -> dict:
+    """The ``ReadoutSettings`` fields that ``probe`` and ``layer-curve`` take from the same options."""
+    from .output.rundir import resolve_device
+
+    o = options
+    return {
+        "weights": o["weights"],
+        "input_norm": o["input_norm"],
+        "layers": _layer_list(o["layers"]),
+        "kernel_size": o["kernel_size"],
+        "depth": o["depth"],
+        "readout_padding": o["readout_padding"],
+        "feat_size": o["feat_size"],
+        "image_size": o["image_size"],
+        "profile": o["profile"],
+        "train": _train_config(
+            o["profile"], o["epochs"], o["lr"], o["batch_size"], o["seed"], o["readout_width"], o["steps"]
+        ),
+        "seed": o["seed"],
+        "device": resolve_device(o["device"]),
+        "train_dir": str(o["train"]) if o["train"] else None,
+        "test_dir": str(o["test"]) if o["test"] else None,
+        "crops_per_photo": o["crops_per_photo"],
+        "cache": o["cache"],
+        "cache_dir": str(o["cache_dir"]) if o["cache_dir"] else None,
+        "cache_max_gb": o["cache_max_gb"],
+    }
+
+
 def _layer_list(layers: Optional[str]) -> Optional[tuple[str, ...]]:
     from .backbones import parse_layers
 
@@ -474,7 +486,7 @@ def layer_curve_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Where position lives: probe every tapped level on its own and plot SPC against depth (Table 3, any network)."""
-    from .output.rundir import check_out_dir, resolve_device
+    from .output.rundir import check_out_dir
     from .studies.layer_curve import LayerCurveConfig, format_curve_table, run_layer_curve, write_layer_curve
     from .targets import resolve_patterns
 
@@ -482,28 +494,11 @@ def layer_curve_cmd(
     paddings = tuple(p.strip() for p in backbone_padding.split(",") if p.strip()) if backbone_padding else (None,)
     config = LayerCurveConfig(
         backbones=tuple(backbone),
-        layers=_layer_list(layers),
-        weights=weights,
-        input_norm=input_norm,
         paddings=paddings,
         pos_embeds=tuple(p.strip() for p in pos_embed.split(",") if p.strip()) or ("keep",),
         patterns=tuple(resolve_patterns(pattern)),
-        kernel_size=kernel_size,
-        depth=depth,
-        readout_padding=readout_padding,
-        feat_size=feat_size,
-        image_size=image_size,
-        profile=profile,
-        train=_train_config(profile, epochs, lr, batch_size, seed, readout_width, steps),
-        seed=seed,
-        device=resolve_device(device),
-        train_dir=str(train) if train else None,
-        test_dir=str(test) if test else None,
-        crops_per_photo=crops_per_photo,
         include_all=include_all,
-        cache=cache,
-        cache_dir=str(cache_dir) if cache_dir else None,
-        cache_max_gb=cache_max_gb,
+        **_shared_settings(locals()),
     )
     curve = run_layer_curve(config, progress=not quiet)
     write_layer_curve(curve, out, overwrite)
