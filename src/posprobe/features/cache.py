@@ -463,34 +463,37 @@ class FeatureCache:
         if unwritable:  # a read-only cache, a file, no permission: no reason to stop
             return instead(f"feature cache {self.root} cannot be written ({unwritable})", stream=False)
         plans = self.layout(backbone, identity["image_size"], feat_size)
+        refused = self._make_entry(
+            key, identity, backbone, images, feat_size, plans, batch_size, device, strict, num_workers, progress
+        )
+        if refused:
+            return instead(refused)
+        out = self.load(key, images)
+        if out is None:
+            raise PosprobeError(f"feature cache entry {self.entry_dir(key)} could not be read back after writing it")
+        return out
+
+    def _make_entry(
+        self, key: str, identity: dict, backbone, images: Dataset, feat_size: int, plans: list[PartPlan], *extract_args
+    ) -> str | None:
+        """Extract the entry, in float16 or (when a later batch overflows its scale) float32; or say why the
+        cache cannot take it (over --cache-max-gb, the disk too full) so the caller bypasses it."""
+        name = getattr(images, "name", "images")
         for dtype in ("float16", "float32"):
             size = self.expected_bytes(plans, len(images), feat_size, np.dtype(dtype).itemsize)
             self.log(_size_note(backbone, name, len(images), feat_size, plans, dtype, size, self.entry_dir(key)))
             free = shutil.disk_usage(self.root).free
             if size > self.max_gb * GB:
-                return instead(f"over --cache-max-gb {self.max_gb:g}")
+                return f"over --cache-max-gb {self.max_gb:g}"
             if free - size < DISK_RESERVE_GB * GB:
-                return instead(f"only {_size(free)} free on {self.root}")
+                return f"only {_size(free)} free on {self.root}"
             try:
-                self._extract(
-                    key,
-                    identity,
-                    backbone,
-                    images,
-                    feat_size,
-                    plans,
-                    batch_size,
-                    device,
-                    strict,
-                    num_workers,
-                    progress,
-                    dtype,
-                )
-                break
+                self._extract(key, identity, backbone, images, feat_size, plans, *extract_args, dtype)
+                return None
             except _NoSpace as err:  # the file could not be allocated whole: nothing encoded yet
                 if not (self.entry_dir(key) / "progress.json").exists():  # nothing to resume: no empty entry
                     shutil.rmtree(self.entry_dir(key), ignore_errors=True)
-                return instead(f"the disk holding {self.root} cannot take {size / GB:.2f} GB ({os_reason(err.cause)})")
+                return f"the disk holding {self.root} cannot take {size / GB:.2f} GB ({os_reason(err.cause)})"
             except OSError as err:  # the disk filled (another process) or failed mid-extraction
                 kept = extraction_in_progress()
                 resumes = f"; it keeps {kept[0]} of {kept[1]} images and resumes" if kept else ""
@@ -503,10 +506,7 @@ class FeatureCache:
                     f"{backbone.name} features reach {err.peak:.3g}, beyond float16's range even at the scale "
                     "the first batch chose: storing this entry as float32 instead"
                 )
-        out = self.load(key, images)
-        if out is None:
-            raise PosprobeError(f"feature cache entry {self.entry_dir(key)} could not be read back after writing it")
-        return out
+        return None
 
     def _unwritable(self) -> str | None:
         """Why no entry can be written under the root (read-only, a file, no permission), or None."""

@@ -305,20 +305,7 @@ def run_bench(
     floor, cold, warm = best["a"], best["b"], best["b2"]
     runs_a, runs_b = runs["a"], runs["b"]
 
-    authors, label = _authors_phase(
-        backbone,
-        train,
-        tests,
-        config,
-        epochs,
-        authors_epochs,
-        authors_patterns,
-        encode_batch_size,
-        feat_size,
-        image_size,
-        device,
-        seed,
-    )
+    authors, label = _authors_phase(backbone, train, tests, config, epochs, authors_epochs, authors_patterns, settings)
     log(f"(c) authors {authors.wall_s:.1f} s ({label})")
     return BenchResult(
         backbone_name,
@@ -389,21 +376,11 @@ def _table1_column(backbone, train, tests: dict, config, cache: FeatureCache, se
 
 
 def _authors_phase(
-    backbone,
-    train,
-    tests: dict,
-    config,
-    epochs: int,
-    authors_epochs: int,
-    authors_patterns: int,
-    encode_batch_size: int,
-    feat_size: int,
-    image_size: int,
-    device: str,
-    seed: int,
+    backbone, train, tests: dict, config, epochs: int, authors_epochs: int, authors_patterns: int, settings: dict
 ) -> tuple[Phase, str]:
     """(c): the authors' loop (encoder in every step, one readout per pattern), run for ``authors_epochs`` x
     ``authors_patterns`` and extrapolated to ``epochs`` x 5 patterns; the phase and how it was obtained."""
+    feat_size, image_size, device, seed = (settings[k] for k in ("feat_size", "image_size", "device", "seed"))
     authors = Phase()
     with measure(authors):
         gen = torch.Generator().manual_seed(seed)
@@ -420,7 +397,7 @@ def _authors_phase(
                 _authors_epoch(backbone, train, readout, opt, target, config.batch_size, feat_size, device, gen)
             t1 = _now()
             for images in tests.values():
-                _authors_test(backbone, images, readout, encode_batch_size, feat_size, device)
+                _authors_test(backbone, images, readout, settings["encode_batch_size"], feat_size, device)
             train_s, test_s = train_s + t1 - t0, test_s + _now() - t1
     measured_wall, measured_cpu = authors.wall_s, authors.cpu_s
     runs, full = authors_epochs * authors_patterns, epochs * len(PATTERNS)
