@@ -92,7 +92,7 @@ def _size_note(
     backbone, name: str, n: int, feat_size: int, plans: list[PartPlan], dtype: str, size: int, where: Path
 ) -> str:
     """What an entry will hold and where, said before its extraction starts."""
-    native = [f"{p.hi - p.lo} at {p.native[0]}x{p.native[1]}" for p in plans if p.native]
+    native = [f"{p.hi - p.lo} at {p.native_size[0]}x{p.native_size[1]}" for p in plans if p.native_size]
     kept_native = f" (upsampled levels kept native: {', '.join(native)})" if native else ""
     return (
         f"feature cache: {backbone.name} x {name}: {n} image{'s' if n != 1 else ''} x {backbone.channels} "
@@ -680,7 +680,13 @@ class FeatureCache:
             "dtype": state.dtype,
             "layout": "one row per image: each part's (h, w, c) values in turn",
             "parts": [
-                {"lo": p.lo, "hi": p.hi, "shape": list(p.shape(feat_size)), "native": p.native is not None, "scale": s}
+                {
+                    "lo": p.lo,
+                    "hi": p.hi,
+                    "shape": list(p.shape(feat_size)),
+                    "native": p.native_size is not None,
+                    "scale": s,
+                }
                 for p, s in zip(plans, state.scales or [1.0] * len(plans))
             ],
             "ids": [ids[i] for i in state.kept],

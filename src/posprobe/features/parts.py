@@ -44,15 +44,16 @@ def align(levels: Sequence[torch.Tensor], feat_size: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PartPlan:
-    """Channels [lo, hi) of the aligned features; ``native`` = (h, w) when kept at the level's own size."""
+    """Channels [lo, hi) of the aligned features; ``native_size`` = (h, w) when kept at the level's own size
+    (``Part.native`` says only whether it is)."""
 
     lo: int
     hi: int
-    native: tuple[int, int] | None
+    native_size: tuple[int, int] | None
 
     def shape(self, feat_size: int) -> tuple[int, int, int]:
         """(channels, height, width) of the part for one image."""
-        h, w = self.native if self.native else (feat_size, feat_size)
+        h, w = self.native_size or (feat_size, feat_size)
         return self.hi - self.lo, h, w
 
 
@@ -66,7 +67,7 @@ def plan_parts(levels: Sequence[Shape], feat_size: int) -> list[PartPlan]:
     lo = 0
     for c, h, w in levels:
         native = (h, w) if h * w * 2 <= feat_size * feat_size else None
-        if native is None and plans and plans[-1].native is None and plans[-1].hi == lo:
+        if native is None and plans and plans[-1].native_size is None and plans[-1].hi == lo:
             plans[-1] = PartPlan(plans[-1].lo, lo + c, None)
         else:
             plans.append(PartPlan(lo, lo + c, native))
@@ -108,9 +109,9 @@ def split_levels(levels: Sequence[torch.Tensor], feat_size: int) -> list[Part]:
         while sum(f.shape[1] for f in group) < plan.hi - plan.lo:
             group.append(levels[i])
             i += 1
-        data = group[0] if plan.native is not None else align(group, feat_size)
+        data = group[0] if plan.native_size is not None else align(group, feat_size)
         parts.append(
-            Part(plan.lo, plan.hi, data.contiguous(memory_format=torch.channels_last), plan.native is not None)
+            Part(plan.lo, plan.hi, data.contiguous(memory_format=torch.channels_last), plan.native_size is not None)
         )
     return parts
 
