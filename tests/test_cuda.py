@@ -14,10 +14,10 @@ from posprobe.data import TensorImages, synthetic_images
 from posprobe.features.cache import FeatureCache
 from posprobe.features.encode import encode
 from posprobe.metrics import spearman
-from posprobe.readouts.joint import predict_source
+from posprobe.readouts.joint import predict_source, train_readouts
 from posprobe.readouts.pem import Readout
 from posprobe.readouts.probe import PositionProbe
-from posprobe.readouts.train import ReadoutJob, TrainConfig, train_readouts
+from posprobe.readouts.train import ReadoutJob, TrainConfig
 from posprobe.targets import make_target
 
 

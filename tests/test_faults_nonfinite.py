@@ -28,8 +28,9 @@ from posprobe.errors import PosprobeError
 from posprobe.features.encode import encode
 from posprobe.features.sources import StreamedSet
 from posprobe.metrics import mae, spearman
+from posprobe.readouts.joint import train_readouts
 from posprobe.readouts.probe import PositionProbe
-from posprobe.readouts.train import ReadoutJob, TrainConfig, train_readouts
+from posprobe.readouts.train import ReadoutJob, TrainConfig
 from posprobe.targets import make_target
 
 SIZE, FEAT = 32, 8

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from posprobe.features.encode import EncodedSet
 from posprobe.features.parts import FeatureBatch, Part, PartPlan, align
 from posprobe.features.sources import as_source
-from posprobe.readouts.joint import MapLoss, conv_parts, predict_source
+from posprobe.readouts.joint import MapLoss, conv_parts, predict_source, train_readouts
 from posprobe.readouts.pem import Readout
-from posprobe.readouts.train import ReadoutJob, TrainConfig, train_readouts
+from posprobe.readouts.train import ReadoutJob, TrainConfig
 from posprobe.targets import PATTERNS, make_target
 
 FEAT, OUT = 10, 20

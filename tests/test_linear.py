@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from posprobe.errors import PosprobeError
 from posprobe.features.encode import EncodedSet
 from posprobe.features.parts import interp_matrix
+from posprobe.readouts.joint import train_readouts
 from posprobe.readouts.linear import (
     LinearProbe,
     LinearReadout,
@@ -17,7 +18,7 @@ from posprobe.readouts.linear import (
     conjugate_gradients,
     sketch_basis,
 )
-from posprobe.readouts.train import ReadoutJob, TrainConfig, train_readouts
+from posprobe.readouts.train import ReadoutJob, TrainConfig
 from posprobe.targets import make_target
 
 FEAT, OUT, C = 6, 10, 3

@@ -17,10 +17,10 @@ from posprobe.errors import PosprobeError
 from posprobe.features.cache import FeatureCache
 from posprobe.features.encode import encode
 from posprobe.features.sources import StreamedSet
-from posprobe.readouts.joint import predict_source
+from posprobe.readouts.joint import predict_source, train_readouts
 from posprobe.readouts.pem import Readout
 from posprobe.readouts.probe import PositionProbe
-from posprobe.readouts.train import ReadoutJob, TrainConfig, train_readouts
+from posprobe.readouts.train import ReadoutJob, TrainConfig
 from posprobe.studies.bench import reset_peak_rss
 from posprobe.targets import make_target
 

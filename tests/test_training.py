@@ -13,10 +13,10 @@ from posprobe.data import TensorImages, synthetic_images
 from posprobe.errors import PosprobeError
 from posprobe.features.encode import EncodedSet
 from posprobe.features.sources import MemorySource
-from posprobe.readouts.joint import predict_source
+from posprobe.readouts.joint import predict_source, train_readouts
 from posprobe.readouts.pem import Readout
 from posprobe.readouts.probe import PositionProbe
-from posprobe.readouts.train import PROFILES, ReadoutJob, TrainConfig, get_profile, is_official, train_readouts
+from posprobe.readouts.train import PROFILES, ReadoutJob, TrainConfig, get_profile, is_official
 from posprobe.targets import make_target
 
 

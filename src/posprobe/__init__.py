@@ -23,10 +23,11 @@ from .features.parts import align
 from .features.sources import StreamedSet
 from .metrics import is_constant, mae, spearman
 from .readouts.engine import Cell, ReadoutSetting, Scores, score_cells, train_cells
+from .readouts.joint import train_readouts
 from .readouts.linear import LinearProbe, LinearReadout
 from .readouts.pem import Readout
 from .readouts.probe import PositionProbe
-from .readouts.train import PROFILES, TrainConfig, get_profile, train_readouts
+from .readouts.train import PROFILES, TrainConfig, get_profile
 from .targets import PATTERNS, load_target_image, make_target
 
 __all__ = [

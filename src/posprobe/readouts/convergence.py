@@ -5,7 +5,7 @@ not a measurement of the features. The rule:
 
 - **still falling**: the mean loss over the last tenth of the updates is more than ``STILL_FALLING`` (5%)
   below the mean over the tenth before it: more updates would still lower it. Not finished.
-- **diverged**: a non-finite loss. Not finished. (``joint.train_jobs`` stops training at the first one with an
+- **diverged**: a non-finite loss. Not finished. (``joint.train_readouts`` stops training at the first one with an
   error, so a readout it trained never reaches scoring with this verdict; the rule still judges any curve.)
 - **flat map**: finished, but the final loss (mean over the last tenth) is at least ``PLATEAU`` (90%) of the
   loss of the best constant map, the target's own variance: the readout draws (almost) a constant map.

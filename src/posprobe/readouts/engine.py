@@ -7,7 +7,7 @@ cell per distinct (setting, pattern, seed) of its tables, ``layer-curve`` a cell
 benchmark the probe's. Controls, readout-free measures and sweeps add cells or consume ``Scores``; none needs
 a loop of its own.
 
-Every cell of one seed trains in the same passes over the features (``joint.train_jobs``: the same batches,
+Every cell of one seed trains in the same passes over the features (``joint.train_readouts``: the same batches,
 fused first convolutions), from a readout drawn with ``torch.manual_seed(seed)``, so a cell's readout does not
 depend on which other cells train beside it (up to float rounding).
 """
@@ -24,9 +24,9 @@ from ..errors import PosprobeError
 from ..intervals import bootstrap
 from ..metrics import is_constant, mae, spearman
 from .convergence import Convergence
-from .joint import predict_each
+from .joint import predict_each, train_readouts
 from .pem import Readout
-from .train import ReadoutJob, Schedule, TrainConfig, train_readouts
+from .train import ReadoutJob, Schedule, TrainConfig
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from ..errors import PosprobeError
 from ..features.parts import FeatureBatch, interp_matrix
 from ..features.sources import as_source
 from .pem import UpsampledHead
+from .train import ReadoutJob, TrainConfig
 
 
 class MapLoss:
@@ -150,7 +151,7 @@ def plan_groups(jobs: Sequence) -> tuple[list[_Group], list[int]]:
         if conv is None:
             single.append(j)
             continue
-        channels = getattr(job, "channels", None)
+        channels = job.channels  # a ReadoutJob, or a _Reader when predicting
         key = (
             conv.kernel_size,
             conv.padding,
@@ -216,11 +217,19 @@ def _group_losses(group: _Group, jobs: Sequence, losses: Sequence[_JobLoss], bat
     return [losses[j].from_map(m[:, 0]) for j, m in zip(group.members, maps)]
 
 
-def train_jobs(features, jobs: list, config, device: str | torch.device = "cpu", progress: bool = True) -> list:
-    """Train every job's readout for ``config.schedule(len(features))`` updates over ``features`` (tensor,
-    EncodedSet or source), cycling the set with a fresh shuffle each pass.
+def train_readouts(
+    features,
+    jobs: Sequence[ReadoutJob],
+    config: TrainConfig,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Sequence[ReadoutJob]:
+    """Train every job's readout for ``config.schedule(len(features))`` updates over ``features`` (aligned
+    features (N, C, fs, fs), an ``EncodedSet`` or a feature source: a cache entry, or a ``StreamedSet`` that
+    re-runs the encoder every pass), cycling the set with a fresh shuffle each pass. All jobs train in the same
+    passes: fused first convolutions, loss on the small map (rewrites that change float rounding only).
 
-    Fills each job's per-update training loss (``job.losses``); readouts end in eval mode.
+    Fills each job's per-update training loss (``job.losses``) and schedule; readouts end in eval mode.
     """
     source = as_source(features)
     n = len(source)
@@ -279,14 +288,6 @@ def train_jobs(features, jobs: list, config, device: str | torch.device = "cpu",
     return jobs
 
 
-def _describe(job) -> str:
-    describe = getattr(job, "describe", None)
-    if callable(describe):
-        return describe()
-    key = getattr(job, "key", "?")
-    return " / ".join(map(str, key)) if isinstance(key, tuple) else str(key)
-
-
 def _check_losses(curves: torch.Tensor, lo: int, hi: int, jobs: Sequence, config, updates: int, bar) -> None:
     """Stop training with one line at the first update in [lo, hi) whose loss is not finite: a diverged readout
     draws NaN maps, and a NaN map must never be scored (NaN != NaN would rank it as a plausible SPC near 0)."""
@@ -301,7 +302,7 @@ def _check_losses(curves: torch.Tensor, lo: int, hi: int, jobs: Sequence, config
     others = int(bad.any(1).sum()) - 1
     also = f" ({others} other readout(s) too)" if others else ""
     raise PosprobeError(
-        f"readout {_describe(jobs[j])} diverged: its training loss became {value} at update {lo + col + 1} of "
+        f"readout {jobs[j].describe()} diverged: its training loss became {value} at update {lo + col + 1} of "
         f"{updates}{also}; lower the learning rate (--lr, now {config.lr:g}), nothing was scored"
     )
 

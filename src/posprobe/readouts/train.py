@@ -20,7 +20,6 @@ import torch
 
 from ..errors import PosprobeError, unknown_choice
 from .convergence import Convergence, check_convergence
-from .joint import train_jobs
 from .pem import Readout
 
 PAPER_TRAIN_IMAGES = 10_553  # DUT-S train
@@ -205,21 +204,3 @@ class ReadoutJob:
     def convergence(self) -> Convergence:
         """Whether training finished (``convergence.RULE``)."""
         return check_convergence(self.losses, self.target)
-
-
-def train_readouts(
-    features,
-    jobs: list[ReadoutJob],
-    config: TrainConfig,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> list[ReadoutJob]:
-    """Train every job's readout on ``features`` for ``config.schedule(n)`` updates; fills each job's
-    per-update loss and schedule.
-
-    ``features``: aligned features (N, C, fs, fs) as a tensor, an ``EncodedSet`` or a feature source (a
-    cache entry, or a ``StreamedSet`` that re-runs the encoder every pass). All jobs train in the same
-    passes (``joint.train_jobs``: fused first convolutions, loss on the small map; rewrites that change
-    float rounding only).
-    """
-    return train_jobs(features, jobs, config, device, progress)

@@ -21,6 +21,7 @@ from ..output.plots import loss_curves_plot, prediction_grid
 from ..output.rundir import atomic_run_dir, environment, write_csv, write_json, write_torch
 from ..readouts.convergence import RULE, constant_map_loss, loss_curve
 from ..readouts.engine import Scores
+from ..readouts.linear import LinearProbe
 from ..readouts.pem import check_readout_config
 from ..readouts.probe import PositionProbe
 from ..readouts.train import PROFILES, TrainConfig
@@ -107,7 +108,7 @@ class ProbeRun:
     scores: dict[str, dict[str, Scores]]  # test set -> target -> scores
     previews: dict[str, tuple[list[str], torch.Tensor]]  # test set -> (ids, images (n, 3, S, S))
     seconds: dict[str, float]
-    linear: object | None = None  # linear.LinearProbe when --readout linear
+    linear: LinearProbe | None = None  # when --readout linear
     linear_scores: dict[str, dict[str, Scores]] = field(default_factory=dict)
 
     def metric_rows(self) -> list[dict]:
@@ -189,8 +190,6 @@ def execute(config: ProbeRunConfig, progress: bool = True) -> ProbeRun:
     seconds = {"encode_tests": t1 - t0, "encode_train": t2 - t1, "train_readouts": t3 - t2, "score_tests": t4 - t3}
     run = ProbeRun(config, backbone, probe, train, tests, scores, previews, seconds)
     if config.readout == "linear":
-        from ..readouts.linear import LinearProbe
-
         linear = LinearProbe(
             backbone,
             config.patterns,
