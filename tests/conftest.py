@@ -74,3 +74,39 @@ def image_folder(tmp_path: Path, rng: np.random.Generator) -> Path:
     (root / "sub" / "data.csv").write_text("1,2,3\n")
     (root / "sub" / "no_suffix").write_bytes(b"\x89PNG but no suffix")
     return root
+
+
+def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """Run `posprobe ARGS` in this process through the console entry point; returns (code, stdout, stderr)."""
+    import warnings
+
+    from posprobe import cli
+
+    monkeypatch.setattr(sys, "argv", ["posprobe", *args])
+    with warnings.catch_warnings():
+        showwarning = warnings.showwarning
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        finally:
+            warnings.showwarning = showwarning
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code: int, err: str) -> str:
+    """Exit 2, no traceback, and one error line, the last (progress notes such as the cache's may precede it)."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    errors = [line for line in lines if line.startswith("posprobe: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    return errors[0]
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    line = one_line_error(code, err)
+    for f in fragments:
+        assert f in line, (f, line)

@@ -6,41 +6,13 @@ import csv
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import save_image
+from conftest import assert_one_line_error, run_cli, save_image
 from posprobe import cli
-
-
-def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """Run `posprobe ARGS` in this process through the console entry point; returns (code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["posprobe", *args])
-    with warnings.catch_warnings():
-        showwarning = warnings.showwarning
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        finally:
-            warnings.showwarning = showwarning
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    """Exit 2, no traceback, and the error is one line (progress notes such as the cache's may precede it)."""
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2, err
-    assert "Traceback" not in err
-    errors = [line for line in lines if line.startswith("posprobe: error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], err
-    for f in fragments:
-        assert f in errors[0], (f, errors[0])
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ forward pass (``isfinite().all()`` per level took 200-660 ms). The checkpoint ch
 from __future__ import annotations
 
 import math
-import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -20,8 +18,7 @@ import scipy.stats
 import torch
 import torchvision
 
-from conftest import save_image
-from posprobe import cli
+from conftest import one_line_error, run_cli, save_image
 from posprobe.backbones import create_backbone
 from posprobe.data import TensorImages
 from posprobe.errors import PosprobeError
@@ -44,29 +41,6 @@ def images(n: int = 4, seed: int = 0, name: str = "noise") -> TensorImages:
 def resnet_state(seed: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     return {k: v.clone() for k, v in torchvision.models.resnet18(weights=None).state_dict().items()}
-
-
-def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
-    """`posprobe ARGS` in this process through the console entry point: (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["posprobe", *args])
-    showwarning = warnings.showwarning
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        warnings.showwarning = showwarning
-    return code, capsys.readouterr().err
-
-
-def one_line_error(code: int, err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2, err
-    assert "Traceback" not in err
-    errors = [line for line in lines if line.startswith("posprobe: error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], err
-    return errors[0]
 
 
 # ---- scores: against scipy -----------------------------------------------------------------------------
@@ -253,7 +227,7 @@ def folders(tmp_path):
 
 
 def test_cli_lr_1e30_exits_2_with_the_update_and_advice(folders, tmp_path, capsys, monkeypatch):
-    code, err = run_cli(
+    code, _, err = run_cli(
         ["probe", "--backbone", "posenet", "--lr", "1e30", *folders, "--out", str(tmp_path / "o")], capsys, monkeypatch
     )
     line = one_line_error(code, err)
@@ -263,7 +237,7 @@ def test_cli_lr_1e30_exits_2_with_the_update_and_advice(folders, tmp_path, capsy
 
 @pytest.mark.parametrize("lr", ["0", "-1", "nan", "inf"])
 def test_cli_lr_must_be_finite_and_positive(folders, tmp_path, capsys, monkeypatch, lr):
-    code, err = run_cli(
+    code, _, err = run_cli(
         ["probe", "--backbone", "posenet", "--lr", lr, *folders, "--out", str(tmp_path / "o")], capsys, monkeypatch
     )
     assert f"--lr must be a finite number > 0; given {float(lr)}" in one_line_error(code, err)
@@ -273,7 +247,7 @@ def test_cli_refuses_a_nan_checkpoint(folders, tmp_path, capsys, monkeypatch):
     state = resnet_state()
     state["layer3.1.bn2.bias"][5] = math.nan
     torch.save(state, tmp_path / "nan.pth")
-    code, err = run_cli(
+    code, _, err = run_cli(
         [
             "probe",
             "--backbone",
@@ -291,7 +265,7 @@ def test_cli_refuses_a_nan_checkpoint(folders, tmp_path, capsys, monkeypatch):
 
 
 def test_cli_non_finite_features_exit_2_naming_the_level(folders, overflowing, tmp_path, capsys, monkeypatch):
-    code, err = run_cli(
+    code, _, err = run_cli(
         ["probe", "--backbone", "resnet18", "--weights", overflowing.weights, *folders, "--out", str(tmp_path / "o")],
         capsys,
         monkeypatch,

@@ -16,12 +16,11 @@ import signal
 import subprocess
 import sys
 import threading
-import warnings
 from pathlib import Path
 
 import pytest
 
-from posprobe import cli
+from conftest import assert_one_line_error, run_cli
 from posprobe.output import rundir
 
 FAST = [
@@ -177,30 +176,6 @@ def test_sigint_mid_extraction_says_what_the_cache_keeps(tmp_path):
 # -- in this process: the checks before compute and the OS errors -------------------------------------------------
 
 
-def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
-    """`posprobe ARGS` through the console entry point in this process: (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["posprobe", *args])
-    with warnings.catch_warnings():
-        showwarning = warnings.showwarning
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        finally:
-            warnings.showwarning = showwarning
-    return code, capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    assert lines[-1].startswith("posprobe: error: ") and sum(line.startswith("posprobe: error") for line in lines) == 1
-    for f in fragments:
-        assert f in lines[-1], (f, lines[-1])
-
-
 @pytest.fixture
 def no_compute(monkeypatch):
     """Any command that gets past its checks fails the test: they must come before the work."""
@@ -215,13 +190,13 @@ def no_compute(monkeypatch):
 def test_out_name_too_long_for_its_temp_name_is_refused_before_compute(tmp_path, capsys, monkeypatch, no_compute):
     """245 characters fit a 255-byte file system, but not .NAME.partial-PID-XXXXXXXX (D9: it failed after compute)."""
     out = tmp_path / ("n" * 245)
-    code, err = run_cli(["probe", *FAST, "--out", str(out)], capsys, monkeypatch)
+    code, _, err = run_cli(["probe", *FAST, "--out", str(out)], capsys, monkeypatch)
     assert_one_line_error(code, err, "is too long", "choose a name of at most")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_parent_folder_name_too_long_is_refused_before_compute(tmp_path, capsys, monkeypatch, no_compute):
-    code, err = run_cli(["probe", *FAST, "--out", str(tmp_path / ("m" * 300) / "r")], capsys, monkeypatch)
+    code, _, err = run_cli(["probe", *FAST, "--out", str(tmp_path / ("m" * 300) / "r")], capsys, monkeypatch)
     assert_one_line_error(code, err, "too long")
 
 
@@ -231,7 +206,7 @@ def test_out_under_read_only_folder_is_refused_before_compute(tmp_path, capsys, 
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        code, err = run_cli(["probe", *FAST, "--out", str(locked / "r")], capsys, monkeypatch)
+        code, _, err = run_cli(["probe", *FAST, "--out", str(locked / "r")], capsys, monkeypatch)
     finally:
         locked.chmod(0o755)
     assert_one_line_error(code, err, str(locked), "not writable")
@@ -248,7 +223,7 @@ def test_os_error_while_writing_results_is_one_line(tmp_path, capsys, monkeypatc
 
     monkeypatch.setattr(posprobe.studies.probe_run, "write_json", write_json)
     out = tmp_path / "r"
-    code, err = run_cli(["probe", *FAST, "--epochs", "1", "--no-cache", "--out", str(out)], capsys, monkeypatch)
+    code, _, err = run_cli(["probe", *FAST, "--epochs", "1", "--no-cache", "--out", str(out)], capsys, monkeypatch)
     # the temp folder's path is shown as OUT's: the user never named .r.partial-...
     assert_one_line_error(code, err, f"{out / 'config.json'}: {os.strerror(code_)} ({errno.errorcode[code_]})")
     assert list(tmp_path.iterdir()) == []
@@ -263,13 +238,13 @@ def test_os_error_without_a_path_names_out(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(posprobe.studies.probe_run, "write_csv", write_csv)
     out = tmp_path / "r"
-    code, err = run_cli(["probe", *FAST, "--epochs", "1", "--no-cache", "--out", str(out)], capsys, monkeypatch)
+    code, _, err = run_cli(["probe", *FAST, "--epochs", "1", "--no-cache", "--out", str(out)], capsys, monkeypatch)
     assert_one_line_error(code, err, f"{out}: No space left on device (ENOSPC); free space there")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_usage_errors_keep_exit_2_and_their_message(capsys, monkeypatch):
-    code, err = run_cli(["probe", "--no-such-option"], capsys, monkeypatch)
+    code, _, err = run_cli(["probe", "--no-such-option"], capsys, monkeypatch)
     assert code == 2 and "No such option" in err and "Traceback" not in err
 
 
@@ -344,7 +319,7 @@ def test_a_real_full_out_disk_is_one_line(tiny_disk, capsys, monkeypatch, leave)
     readouts' torch.save included) are written gives the path and ENOSPC; exit 2 either way, nothing left."""
     fill(tiny_disk, leave)
     out = tiny_disk / "r"
-    code, err = run_cli(["probe", *FAST, "--epochs", "1", "--no-cache", "--out", str(out)], capsys, monkeypatch)
+    code, _, err = run_cli(["probe", *FAST, "--epochs", "1", "--no-cache", "--out", str(out)], capsys, monkeypatch)
     assert code == 2 and "Traceback" not in err and "No space left on device" in err, err
     assert len([line for line in err.splitlines() if line.startswith("posprobe: error:")]) == 1
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler"]
