@@ -191,6 +191,87 @@ class TensorImages(Dataset):
         return self.images[i]
 
 
+class RolledImages(Dataset):
+    """Images with content that says nothing about absolute position: each circularly rolled on the torus.
+
+    ``random`` (the default): every image appears ``rolls`` times, each rolled by a shift (dy, dx) drawn
+    uniformly from {0..S-1}^2, seeded per copy. Whatever the image, the pixel at any location is then a uniform
+    draw from its pixels, and the joint distribution of any pattern of pixels is the same at every location: no
+    function of the input, however content-aware, can tell where it is, so whatever still reads out position
+    comes from the network (padding, a position embedding, strides), not from the photos' layout.
+    ``orbit_step``: instead every image at every shift (a * step, b * step), a complete orbit when step is 1: a
+    network equivariant to those shifts then has exactly the same mean features at every location.
+    Item k is copy k % copies of image k // copies; ``source`` gives the image an item came from.
+    """
+
+    def __init__(self, images: Dataset, rolls: int = 1, seed: int = 0, orbit_step: int | None = None):
+        if rolls < 1:
+            raise PosprobeError(f"rolls per image must be >= 1; given {rolls}")
+        size = _image_side(images)
+        if orbit_step is not None:
+            if orbit_step < 1 or size % orbit_step:
+                raise PosprobeError(f"orbit step must divide the image size {size}; given {orbit_step}")
+            grid = range(0, size, orbit_step)
+            orbit = [(a, b) for a in grid for b in grid]
+            self.shifts = [orbit for _ in range(len(images))]
+        else:
+            self.shifts = []
+            for i in range(len(images)):
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+                self.shifts.append([tuple(torch.randint(size, (2,), generator=gen).tolist()) for _ in range(rolls)])
+        self.base, self.copies = images, len(self.shifts[0])
+        self.rolls, self.seed, self.orbit_step, self.image_size = rolls, seed, orbit_step, size
+        self.source_ids = list(getattr(images, "ids", [str(i) for i in range(len(images))]))
+        self.ids = [f"{name}@roll{dy},{dx}" for name, shifts in zip(self.source_ids, self.shifts) for dy, dx in shifts]
+        self.name = f"{getattr(images, 'name', 'images')}-rolled"
+        how = (
+            f"every shift in steps of {orbit_step} px"
+            if orbit_step
+            else f"{rolls} seeded uniform shift(s), seed {seed}"
+        )
+        self.description = f"{getattr(images, 'description', '') or self.name}, circularly rolled: {how}"
+
+    def __len__(self) -> int:
+        return len(self.shifts) * self.copies
+
+    def source(self, k: int) -> int:
+        """The index of the image item ``k`` was rolled from."""
+        return k // self.copies
+
+    @property
+    def source_of(self) -> dict[str, str]:
+        """Item id -> the id of the image it was rolled from."""
+        return {item: self.source_ids[k // self.copies] for k, item in enumerate(self.ids)}
+
+    def __getitem__(self, k: int) -> torch.Tensor | None:
+        x = self.base[k // self.copies]
+        if x is None:
+            return None
+        dy, dx = self.shifts[k // self.copies][k % self.copies]
+        return torch.roll(x, (dy, dx), dims=(-2, -1))
+
+    def unreadable_reason(self, image: int | str) -> str | None:
+        fn = getattr(self.base, "unreadable_reason", None)
+        if fn is None:
+            return None
+        k = self.ids.index(image) if isinstance(image, str) else image
+        return fn(k // self.copies)
+
+    def transform_identity(self) -> dict:
+        """What was done to ``base``: the cache keys these features by the base images' identity and this."""
+        return {"transform": "circular roll", "shifts": self.shifts}
+
+
+def _image_side(images: Dataset) -> int:
+    """The side S of a set's (3, S, S) images, without decoding one where the set says it."""
+    side = getattr(images, "image_size", None)
+    if side is None and isinstance(getattr(images, "images", None), torch.Tensor):
+        side = images.images.shape[-1]
+    if side is None:
+        side = next(x.shape[-1] for x in (images[i] for i in range(len(images))) if x is not None)
+    return int(side)
+
+
 def synthetic_images(kind: str, image_size: int = 224, seed: int = 0) -> TensorImages:
     """One synthetic test image: all black (0), all white (1), or seeded Gaussian noise.
 
