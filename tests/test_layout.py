@@ -19,6 +19,7 @@ STAGE = {
     "backbones": 1,
     "features": 2,
     "readouts": 3,
+    "measures": 3,
     "studies": 4,
     "cli": 5,
 }

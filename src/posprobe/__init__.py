@@ -19,8 +19,18 @@ from .data import FolderImages, TensorImages, bundled_test_set, bundled_train_se
 from .errors import PosprobeError
 from .features.cache import FeatureCache
 from .features.encode import EncodedSet, encode
+from .features.levels import LevelView, level_views
 from .features.parts import align
 from .features.sources import StreamedSet
+from .measures import (
+    BlankMap,
+    Equivariance,
+    PositionVariance,
+    blank_maps,
+    mean_map,
+    position_variance_fraction,
+    translation_equivariance,
+)
 from .metrics import is_constant, mae, spearman
 from .readouts.engine import Cell, ReadoutSetting, Scores, score_cells, train_cells
 from .readouts.joint import train_readouts
@@ -34,14 +44,18 @@ __all__ = [
     "PATTERNS",
     "PROFILES",
     "Backbone",
+    "BlankMap",
     "Cell",
     "EncodedSet",
+    "Equivariance",
     "FeatureCache",
     "FolderImages",
     "Level",
+    "LevelView",
     "LinearProbe",
     "LinearReadout",
     "PositionProbe",
+    "PositionVariance",
     "PosprobeError",
     "Readout",
     "ReadoutSetting",
@@ -51,6 +65,7 @@ __all__ = [
     "TrainConfig",
     "__version__",
     "align",
+    "blank_maps",
     "bundled_test_set",
     "bundled_train_set",
     "create_backbone",
@@ -58,14 +73,18 @@ __all__ = [
     "get_backbone_spec",
     "get_profile",
     "is_constant",
+    "level_views",
     "list_backbones",
     "load_target_image",
     "mae",
     "make_target",
+    "mean_map",
+    "position_variance_fraction",
     "register_backbone",
     "score_cells",
     "spearman",
     "synthetic_images",
     "train_cells",
     "train_readouts",
+    "translation_equivariance",
 ]

@@ -512,6 +512,75 @@ def layer_curve_cmd(
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="The feature cache: list entries, total size, verify, clear.")
+
+
+@app.command("measure")
+def measure_cmd(
+    out: OutDir,
+    backbone: str = typer.Option(..., help="Backbone name (see 'posprobe backbones'), tv:NAME or timm:NAME."),
+    weights: Optional[str] = typer.Option(None, help="Backbone weights: its default, 'random' or a checkpoint path."),
+    layers: Optional[str] = typer.Option(
+        None, help="Layers to tap, comma list or 'all' (see 'posprobe layers MODEL'); default: the backbone's own taps."
+    ),
+    backbone_padding: Optional[str] = typer.Option(
+        None, help="Re-pad every conv and pool: zeros, reflect, replicate, circular or valid (default: as built)."
+    ),
+    pos_embed: str = typer.Option("keep", help="A ViT's learned position embedding: keep, zero or shuffle."),
+    input_norm: InputNorm = "paper",
+    train: TrainDir = None,
+    test: TestDir = None,
+    rolled: bool = typer.Option(
+        False, "--rolled", help="Also measure the training images circularly rolled by a seeded uniform shift."
+    ),
+    shifts: Optional[str] = typer.Option(
+        None, help="EQ-T shifts in input pixels, comma list (default: 1, 2 and 4 x the deepest level's stride)."
+    ),
+    image_size: ImageSize = 224,
+    feat_size: FeatSize = 28,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    crops_per_photo: CropsPerPhoto = 8,
+    cache: UseCache = True,
+    cache_dir: CacheDir = None,
+    cache_max_gb: CacheMaxGb = 32.0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Readout-free measures per level: position-variance fraction, mean and blank-input maps, EQ-T equivariance."""
+    from .output.rundir import check_out_dir, resolve_device
+    from .studies.measure_run import MeasureConfig, format_measure_table, parse_shifts, run_measures, write_measures
+
+    check_out_dir(out, overwrite)
+    config = MeasureConfig(
+        backbone=backbone,
+        weights=weights,
+        layers=_layer_list(layers),
+        backbone_padding=backbone_padding,
+        pos_embed=pos_embed,
+        input_norm=input_norm,
+        train_dir=str(train) if train else None,
+        test_dir=str(test) if test else None,
+        rolled=rolled,
+        shifts=parse_shifts(shifts),
+        image_size=image_size,
+        feat_size=feat_size,
+        seed=seed,
+        device=resolve_device(device),
+        crops_per_photo=crops_per_photo,
+        cache=cache,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        cache_max_gb=cache_max_gb,
+    )
+    result = run_measures(config, progress=not quiet)
+    write_measures(result, out, overwrite)
+    print(f"{backbone} ({result.backbone.weights_label}); input: {result.backbone.input_description}")
+    for line in _surgery_lines(result.backbone, image_size):
+        print(line)
+    print(format_measure_table(result))
+    print(f"({result.seconds['total']:.1f} s)")
+    print(f"wrote {out}")
+
+
 app.add_typer(cache_app, name="cache")
 
 

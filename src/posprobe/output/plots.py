@@ -9,6 +9,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 
@@ -172,4 +173,91 @@ def loss_curves_plot(
     fig.suptitle("Training loss (MSE) per readout; dashed: the best constant map; grey: lr decay", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    return fig
+
+
+def position_maps_plot(
+    path: Path,
+    rows: Mapping[str, Sequence[tuple[str, torch.Tensor | np.ndarray, bool]]],
+    title: str = "",
+) -> Figure:
+    """One row per level, one panel per map: rows[level] = [(panel title, (h, w) map, signed), ...].
+
+    A signed map (a mean of standardised features) is drawn blue-white-red, symmetric about 0; the others (energy,
+    blank-input deviation) from 0 up. Each panel has its own colour bar: the levels' scales differ."""
+    cols = max((len(panels) for panels in rows.values()), default=1)
+    fig = Figure(figsize=(2.3 * cols + 0.8, 2.0 * max(1, len(rows))))
+    axes = fig.subplots(max(1, len(rows)), cols, squeeze=False)
+    for r, (level, panels) in enumerate(rows.items()):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(panels):
+                ax.axis("off")
+                continue
+            name, image, signed = panels[c]
+            img = np.asarray(image, dtype=float)
+            finite = img[np.isfinite(img)]
+            top = float(np.abs(finite).max()) if finite.size else 1.0
+            top = top if top > 0 else 1.0
+            kwargs = dict(cmap="RdBu_r", vmin=-top, vmax=top) if signed else dict(cmap="viridis", vmin=0, vmax=top)
+            shown = ax.imshow(img, interpolation="nearest", **kwargs)
+            cbar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+            cbar.ax.tick_params(labelsize=6)
+            ax.set_title(name, fontsize=7)
+            if c == 0:
+                ax.set_ylabel(level, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return fig
+
+
+def layer_measures_plot(
+    path: Path,
+    levels: Sequence[str],
+    pvf: Mapping[str, Sequence[tuple[float, float, float]]],
+    eqt: Mapping[tuple[str, str, int], Sequence[float]],
+    title: str = "",
+    ceiling: float = 150.0,
+) -> Figure:
+    """Two panels against the tapped level: pvf[condition] = (value, lo, hi) per level, drawn with its interval
+    bars; eqt[(mode, axis, shift)] = dB per level (NaN: not measured; +inf, an exact match, drawn at ``ceiling``):
+    a colour per shift, solid for the interior mode and dashed for the circular one, o for x and s for y."""
+    fig = Figure(figsize=(10, 3.8))
+    left, right = fig.subplots(1, 2)
+    x = np.arange(len(levels))
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (condition, values) in enumerate(pvf.items()):
+        v = np.array([[np.nan if a is None else a for a in t] for t in values], dtype=float).reshape(-1, 3)
+        err = np.abs(np.stack([v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]]))
+        colour = colours[k % len(colours)]
+        left.errorbar(x, v[:, 0], yerr=np.nan_to_num(err), fmt="o-", color=colour, capsize=2, label=condition)
+    left.axhline(0.0, color="grey", linewidth=0.5)
+    left.set_ylabel("position-variance fraction (bars: 95% interval)")
+    left.legend(fontsize=7)
+    shifts = list(dict.fromkeys(s for _, _, s in eqt))
+    for (mode, axis, shift), values in eqt.items():
+        v = np.array(values, dtype=float)
+        right.plot(
+            x,
+            np.where(np.isposinf(v), ceiling, v),
+            "--" if mode == "circular" else "-",
+            marker="o" if axis == "x" else "s",
+            markersize=3,
+            linewidth=0.8 if mode == "circular" else 1.2,
+            color=colours[shifts.index(shift) % len(colours)],
+            label=f"{mode} {axis} {shift} px",
+        )
+    right.set_ylabel(f"EQ-T, dB (exact match drawn at {ceiling:g})")
+    right.legend(fontsize=6, ncol=2)
+    for ax in (left, right):
+        ax.set_xticks(x, list(levels), rotation=45, ha="right", fontsize=7)
+        ax.set_xlabel("tapped level")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     return fig
