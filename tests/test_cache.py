@@ -280,6 +280,8 @@ def test_the_probe_command_caches_features_and_reports_the_linear_probe(tmp_path
         str(tmp_path / "test"),
         "--synthetic",
         "none",
+        "--controls",
+        "none",
         "--image-size",
         "32",
         "--feat-size",

@@ -77,7 +77,9 @@ def test_probe_writes_a_complete_run_directory(small_sets, tmp_path, capsys, mon
         assert (out / name).is_file(), name
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert {r["pattern"] for r in rows} == {"H", "G"}
-    assert {r["test_set"] for r in rows} == {"test", "black", "white", "noise"}
+    # the default controls: pixels (not run: the network is PosENet) and the rolled test images
+    assert {r["test_set"] for r in rows} == {"test", "black", "white", "noise", "test-rolled"}
+    assert "pixels: not run" in stdout and (out / "selectivity.csv").is_file()
     assert list(rows[0]) == [
         "pattern",
         "test_set",
@@ -91,6 +93,7 @@ def test_probe_writes_a_complete_run_directory(small_sets, tmp_path, capsys, mon
         "mae_std",
         "n",
         "n_constant",
+        "status",
     ]
     assert {r["n"] for r in rows if r["test_set"] == "test"} == {"3"}
     test_h = next(r for r in rows if (r["pattern"], r["test_set"]) == ("H", "test"))

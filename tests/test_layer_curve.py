@@ -59,6 +59,12 @@ def test_tiny_layer_curve_scores_every_level_and_writes_its_run(tmp_path):
     assert first["depth"] == 0.0 and first["stride"] == 2 and first["size"] == "16x16" and first["n"] == 12
     assert curve.rows[1]["depth"] == 1.0 and curve.rows[2]["channels"] == 128
     assert all(-1.0 <= r["spc_mean"] <= 1.0 for r in curve.rows)
+    # every level beside the pixel control (one PosENet readout, shared) and its score on the rolled photos
+    assert len({r["spc_pixels"] for r in curve.rows}) == 1
+    for r in curve.rows:
+        assert r["selectivity"] == pytest.approx(r["spc_mean"] - r["spc_pixels"], abs=1e-6)
+        assert r["content_share"] == pytest.approx(r["spc_mean"] - r["spc_rolled"], abs=1e-6)
+        assert r["selectivity_lo"] <= r["selectivity"] <= r["selectivity_hi"]
     out = write_layer_curve(curve, tmp_path / "run")
     assert {p.name for p in out.iterdir()} == {
         "config.json",

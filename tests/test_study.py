@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -13,6 +14,7 @@ from posprobe.data import TensorImages, synthetic_images
 from posprobe.errors import PosprobeError
 from posprobe.readouts.convergence import check_convergence
 from posprobe.readouts.train import TrainConfig
+from posprobe.studies.controls import DEFAULT_CONTROLS, control_presets
 from posprobe.studies.paper import paper_cell, paper_values
 from posprobe.studies.presets import FIGURES, PRESETS, TABLES, get_preset
 from posprobe.studies.report import check_direction
@@ -196,10 +198,26 @@ def test_every_cell_of_every_preset_is_produced_and_reported(tmp_path):
         data_label="tiny",
     )
     produced = {(r["study"], r["row"], r["pattern"], r["test_set"]) for r in result.records}
-    expected = {(p.name, v.key, pat, t) for p in presets for v in p.variants for pat in p.patterns for t in p.test_sets}
+    ran = [*presets, *control_presets(presets, DEFAULT_CONTROLS)]  # every table row's controls too
+    expected = {(p.name, v.key, pat, t) for p in ran for v in p.variants for pat in p.patterns for t in p.test_sets}
     assert produced == expected
     out = tmp_path / "out"
+    assert "## Controls: selectivity and content share" in report
+    selectivity = list(csv.DictReader((out / "selectivity.csv").open()))
+    table1_vgg_h = next(r for r in selectivity if (r["study"], r["row"], r["pattern"]) == ("table1", "vgg16", "H"))
+    table1_posenet_h = next(
+        r for r in result.records if (r["study"], r["row"], r["pattern"]) == ("table1", "posenet", "H")
+    )
+    # the control is Table 1's own PosENet row (the same readout, trained once): selectivity is their difference
+    assert float(table1_vgg_h["spc_pixels"]) == pytest.approx(table1_posenet_h["spc_mean"], abs=1e-6)
+    assert float(table1_vgg_h["selectivity"]) == pytest.approx(
+        float(table1_vgg_h["spc"]) - float(table1_vgg_h["spc_pixels"]), abs=1e-9
+    )
+    assert float(table1_vgg_h["content_share"]) == pytest.approx(
+        float(table1_vgg_h["spc"]) - float(table1_vgg_h["spc_rolled"]), abs=1e-9
+    )
     for name in (
+        "selectivity.csv",
         "report.md",
         "results.csv",
         "results.json",

@@ -170,6 +170,14 @@ def probe_cmd(
         help="pem (the paper's readout), or linear: also the exact best linear "
         "k x k readout (closed-form ridge), reported beside it.",
     ),
+    controls: str = typer.Option(
+        "pixels,rolled",  # studies.controls.DEFAULT_CONTROLS (the CLI imports no torch at startup)
+        help="Controls, comma list, 'all' or 'none': pixels (PosENet on the raw image; seconds), rolled (score on "
+        "rolled test images; rolls x test images of encoding), random (same architecture, random weights; about "
+        "the run again), rolled-train (train again on rolled images; the training set again). "
+        "Selectivity = SPC - the best control's SPC.",
+    ),
+    rolls: int = typer.Option(4, help="Rolled copies of each natural test image for the rolled controls."),
     cache: UseCache = True,
     cache_dir: CacheDir = None,
     cache_max_gb: CacheMaxGb = 32.0,
@@ -178,7 +186,8 @@ def probe_cmd(
     from .data import parse_synthetic
     from .output.rundir import check_out_dir
     from .readouts.train import is_official
-    from .studies.probe_run import ProbeRunConfig, execute, format_table, write
+    from .studies.controls import parse_controls
+    from .studies.probe_run import ProbeRunConfig, execute, format_selectivity, format_table, write
     from .targets import resolve_patterns
 
     check_out_dir(out, overwrite)
@@ -192,6 +201,8 @@ def probe_cmd(
         backbone_padding=backbone_padding,
         pos_embed=pos_embed,
         readout=readout,
+        controls=parse_controls(controls),
+        rolls=rolls,
         **_shared_settings(locals()),
     )
     run = execute(config, progress=not quiet)
@@ -205,8 +216,21 @@ def probe_cmd(
     print(f"training: {run.probe.schedule_.describe()}")
     for line in _surgery_lines(run.backbone, image_size):
         print(line)
-    print(format_table(run.metric_rows(), run.probe.convergence_))
-    _warn_unconverged({f"readout {k}": c for k, c in run.probe.convergence_.items()})
+    print(format_table(run.metric_rows()))
+    if run.controls is not None:
+        print("selectivity = SPC - the best control's SPC; content share = SPC on the photos - on them rolled")
+        print(format_selectivity(run.controls.selectivity_rows()))
+        for note in run.controls.notes:
+            print(f"control {note}")
+    _warn_unconverged(
+        {
+            f"readout {k}"
+            + ("" if a.encoder == "network" else f" ({a.encoder})")
+            + (" trained on rolled images" if a.training == "rolled" else ""): c
+            for a in run.arms()
+            for k, c in a.probe.convergence_.items()
+        }
+    )
     if run.linear is not None:
         print(run.linear.describe())
     print(f"wrote {out}")
@@ -275,6 +299,12 @@ def reproduce_cmd(
     input_norm: InputNorm = "paper",
     crops_per_photo: CropsPerPhoto = 8,
     device: Device = "cpu",
+    controls: str = typer.Option(
+        "pixels,rolled",
+        help="Controls of every table row, comma list or 'none': pixels (PosENet with the row's readout; seconds), "
+        "rolled (scored on rolled test photos; rolls x test images of encoding per backbone).",
+    ),
+    rolls: int = typer.Option(4, help="Rolled copies of each natural test image for the rolled control."),
     cache: UseCache = True,
     cache_dir: CacheDir = None,
     cache_max_gb: CacheMaxGb = 32.0,
@@ -283,6 +313,7 @@ def reproduce_cmd(
 ) -> None:
     """Reproduce the paper's tables and figures, our numbers beside the paper's, in one report."""
     from .output.rundir import check_out_dir, resolve_device
+    from .studies.controls import parse_controls, study_controls
     from .studies.reproduce import build_image_sets, describe_data, resolve_presets, run_reproduce
     from .studies.study import parse_backbone_map_option
 
@@ -294,8 +325,14 @@ def reproduce_cmd(
     config = _train_config(
         profile, epochs=epochs, lr=lr, batch_size=batch_size, readout_width=readout_width, steps=steps
     )
+    chosen = study_controls(parse_controls(controls))
+    if rolls < 1:
+        raise PosprobeError(f"--rolls must be at least 1; given {rolls}")
     train_set, test_sets = build_image_sets(
-        str(train) if train else None, str(test) if test else None, presets, crops_per_photo=crops_per_photo
+        str(train) if train else None,
+        str(test) if test else None,
+        presets,
+        crops_per_photo=crops_per_photo,
     )
     report, result = run_reproduce(
         presets,
@@ -313,6 +350,8 @@ def reproduce_cmd(
         describe_data(train, test),
         cache=_feature_cache(cache, cache_dir, cache_max_gb),
         input_norm=input_norm,
+        controls=chosen,
+        rolls=rolls,
     )
     print(report)
     _warn_unconverged(_study_verdicts(result))
@@ -471,6 +510,12 @@ def layer_curve_cmd(
     include_all: bool = typer.Option(
         True, "--all/--no-all", help="Also train one readout over all levels together (the paper's last column)."
     ),
+    controls: str = typer.Option(
+        "pixels,rolled",
+        help="Controls of every level, comma list or 'none': pixels (PosENet with the same readout: selectivity), "
+        "rolled (scored on rolled test photos: content share).",
+    ),
+    rolls: int = typer.Option(4, help="Rolled copies of each test image for the rolled control."),
     profile: Profile = "official",
     epochs: Epochs = None,
     steps: Steps = None,
@@ -487,6 +532,7 @@ def layer_curve_cmd(
 ) -> None:
     """Where position lives: probe every tapped level on its own and plot SPC against depth (Table 3, any network)."""
     from .output.rundir import check_out_dir
+    from .studies.controls import parse_controls
     from .studies.layer_curve import LayerCurveConfig, format_curve_table, run_layer_curve, write_layer_curve
     from .targets import resolve_patterns
 
@@ -498,6 +544,8 @@ def layer_curve_cmd(
         pos_embeds=tuple(p.strip() for p in pos_embed.split(",") if p.strip()) or ("keep",),
         patterns=tuple(resolve_patterns(pattern)),
         include_all=include_all,
+        controls=parse_controls(controls),
+        rolls=rolls,
         **_shared_settings(locals()),
     )
     curve = run_layer_curve(config, progress=not quiet)

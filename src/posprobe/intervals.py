@@ -21,6 +21,7 @@ step is up, **not reproduced** when a step is down, **inconclusive** otherwise.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,33 @@ def _as_grid(values: torch.Tensor) -> torch.Tensor:
     return v[None] if v.dim() == 1 else v
 
 
+def _resample_means(grids: list[torch.Tensor], resamples: int, seed: int) -> torch.Tensor:
+    """(resamples, k): the mean of each of k same-shaped (S, N) grids under the same two-way resamples, so that
+    statistics of several grids keep their pairing (the same seeds and images in every grid)."""
+    s, n = grids[0].shape
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(s, (resamples, s), generator=gen) if s > 1 else torch.zeros(resamples, 1, dtype=torch.long)
+    cols = torch.randint(n, (resamples, n), generator=gen) if n > 1 else torch.zeros(resamples, 1, dtype=torch.long)
+    chunk = max(1, (1 << 22) // (rows.shape[1] * cols.shape[1]))  # resamples per pass: ~32 MB of float64
+    out = []
+    for grid in grids:
+        out.append(
+            torch.cat(
+                [
+                    grid[rows[i : i + chunk, :, None], cols[i : i + chunk, None, :]].mean((1, 2))  # (r, S', N')
+                    for i in range(0, resamples, chunk)
+                ]
+            )
+        )
+    return torch.stack(out, dim=1)
+
+
+def _percentiles(values: torch.Tensor, level: float) -> tuple[float, float]:
+    tail = (1 - level) / 2
+    lo, hi = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
 def bootstrap(values: torch.Tensor, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> Interval:
     """Mean of (S, N) seed x image values (or (N,)) and its two-way percentile bootstrap interval.
 
@@ -67,23 +95,32 @@ def bootstrap(values: torch.Tensor, level: float = LEVEL, resamples: int = RESAM
     grid = _as_grid(values)  # (S, N)
     s, n = grid.shape
     mean = float(grid.mean())
-    if s * n == 0 or not math.isfinite(mean):
+    if s * n == 0 or not math.isfinite(mean) or s * n == 1:
         return Interval(mean, math.nan, math.nan)
-    if s == 1 and n == 1:
-        return Interval(mean, math.nan, math.nan)
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.randint(s, (resamples, s), generator=gen) if s > 1 else torch.zeros(resamples, 1, dtype=torch.long)
-    cols = torch.randint(n, (resamples, n), generator=gen) if n > 1 else torch.zeros(resamples, 1, dtype=torch.long)
-    chunk = max(1, (1 << 22) // (rows.shape[1] * cols.shape[1]))  # resamples per pass: ~32 MB of float64
-    means = torch.cat(
-        [
-            grid[rows[i : i + chunk, :, None], cols[i : i + chunk, None, :]].mean((1, 2))  # (r, S', N')
-            for i in range(0, resamples, chunk)
-        ]
-    )
-    tail = (1 - level) / 2
-    lo, hi = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return Interval(mean, lo, hi)
+    return Interval(mean, *_percentiles(_resample_means([grid], resamples, seed)[:, 0], level))
+
+
+def paired_statistic(
+    values: Sequence[torch.Tensor],
+    statistic: Callable[[torch.Tensor], torch.Tensor],
+    level: float = LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> Interval:
+    """``statistic`` of the means of several paired score grids (each (S, N) or (N,): the same seeds and images),
+    with the two-way bootstrap interval that resamples the same seeds and images in all of them.
+
+    ``statistic`` maps (R, k) means (R resamples, or 1 for the point estimate; k grids) to (R,): e.g. selectivity
+    ``m[:, 0] - m[:, 1:].max(1)``, whose interval a per-grid bootstrap could not give.
+    """
+    grids = [_as_grid(v) for v in values]
+    if any(g.shape != grids[0].shape for g in grids):
+        raise ValueError(f"paired scores need the same seeds and images; got {[tuple(g.shape) for g in grids]}")
+    point = float(statistic(torch.stack([g.mean() for g in grids])[None])[0])
+    s, n = grids[0].shape
+    if s * n <= 1 or not math.isfinite(point):
+        return Interval(point, math.nan, math.nan)
+    return Interval(point, *_percentiles(statistic(_resample_means(grids, resamples, seed)), level))
 
 
 def step_direction(before: torch.Tensor, after: torch.Tensor) -> tuple[str, Interval]:

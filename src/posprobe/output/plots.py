@@ -67,6 +67,7 @@ def layer_curve_plot(
     title: str = "",
     stand_ins: Collection[str] = (),
     intervals: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]] | None = None,
+    control: Mapping[str, float] | None = None,
 ) -> Figure:
     """SPC against depth, one panel per pattern and one line per curve (backbone / padding / pos-embed).
 
@@ -76,6 +77,7 @@ def layer_curve_plot(
     stand_ins: the curves whose weights stand in for the paper's; their legend entries say "(stand-in)", as the
     reports' tables do, so the figure alone never passes one off as the paper's network.
     intervals[curve][pattern]: the 95% interval (lo, hi) of each point, drawn as an error bar.
+    control[pattern]: the pixel control's SPC (PosENet, the same readout), a dotted grey line.
     """
     patterns = list(dict.fromkeys(p for by_pattern in points.values() for p in by_pattern))
     fig = Figure(figsize=(4.2 * len(patterns), 3.6))
@@ -101,6 +103,8 @@ def layer_curve_plot(
                 )
             if together and pattern in together.get(curve, {}):
                 ax.axhline(together[curve][pattern], color=colour, linestyle="--", linewidth=0.8)
+        if control and pattern in control:
+            ax.axhline(control[pattern], color="grey", linestyle=":", linewidth=1.0, label="pixels (PosENet)")
         if len(points) == 1:
             pts = next(iter(points.values())).get(pattern, [])
             ax.set_xticks([d for d, _, _ in pts], [name for _, name, _ in pts], rotation=45, ha="right", fontsize=7)
@@ -173,6 +177,39 @@ def loss_curves_plot(
     fig.suptitle("Training loss (MSE) per readout; dashed: the best constant map; grey: lr decay", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    return fig
+
+
+def controls_plot(path: Path, rows: Sequence[Mapping], title: str = "") -> Figure:
+    """SPC of the network's readout beside each control's, per pattern, with 95% intervals: one panel per
+    training condition and test set (rows as ``studies.controls.ControlRun.selectivity_rows`` gives them)."""
+    panels = list(dict.fromkeys((r["training"], r["test_set"]) for r in rows))
+    readouts = ["spc"] + [k for k in rows[0] if k.startswith("spc_") and not k.endswith(("_lo", "_hi"))]
+    fig = Figure(figsize=(max(4.0, 1.1 * len({r["pattern"] for r in rows}) + 1.5) * len(panels) ** 0.5 * 1.6, 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    width = 0.8 / len(readouts)
+    for ax, (training, test_set) in zip(axes, panels):
+        mine = [r for r in rows if (r["training"], r["test_set"]) == (training, test_set)]
+        for j, key in enumerate(readouts):
+            x = [i + (j - (len(readouts) - 1) / 2) * width for i in range(len(mine))]
+            y = [r[key] for r in mine]
+            err = [
+                [max(0.0, v - r[f"{key}_lo"]) for v, r in zip(y, mine)],
+                [max(0.0, r[f"{key}_hi"] - v) for v, r in zip(y, mine)],
+            ]
+            label = "network" if key == "spc" else key[4:]
+            ax.bar(x, y, width, yerr=err, capsize=2, label=label, error_kw={"elinewidth": 0.8})
+        ax.set_xticks(range(len(mine)), [r["pattern"] for r in mine])
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+        ax.set_ylim(min(-0.2, ax.get_ylim()[0]), 1.0)
+        trained = "" if training == "natural" else ", trained on rolled images"
+        ax.set_title(f"{display_name(test_set)}{trained}", fontsize=9)
+        ax.set_ylabel("SPC (bars: 95% interval)")
+    axes[0].legend(fontsize=7, loc="upper right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     return fig
 
 

@@ -90,6 +90,19 @@ class Scores:
         }
 
 
+def pooled(scores: Scores, source_of: Mapping[str, str]) -> Scores:
+    """Scores of several copies of each image (e.g. ``data.RolledImages``: item id -> source image id) -> one score
+    per source image: the mean over its copies, constant only when every copy's map is. Intervals are then over
+    images, not over correlated copies of one image."""
+    groups: dict[str, list[int]] = {}
+    for j, item in enumerate(scores.ids):
+        groups.setdefault(source_of[item], []).append(j)
+    ids = list(groups)
+    mean = lambda t: torch.stack([t[groups[i]].float().mean() for i in ids])  # noqa: E731
+    constant = torch.tensor([bool(scores.constant[groups[i]].all()) for i in ids])
+    return Scores(ids, mean(scores.spc), mean(scores.mae), constant, scores.first_maps)
+
+
 def level_channels(backbone: Backbone, levels: Sequence[str] | None) -> torch.Tensor | None:
     """Indices of ``levels``' channels in the backbone's aligned (concatenated) features (None: all levels)."""
     if levels is None:

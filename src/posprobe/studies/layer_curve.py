@@ -17,14 +17,16 @@ from ..backbones import Backbone, create_backbone
 from ..backbones.padding import check_padding_mode
 from ..backbones.pos_embed import check_pos_embed_mode
 from ..backbones.registry import parse_layers
+from ..data import RolledImages
 from ..errors import PosprobeError
 from ..features.cache import encode_images
 from ..output.plots import layer_curve_plot
 from ..output.rundir import atomic_run_dir, environment, write_csv, write_json
 from ..readouts.convergence import RULE, Convergence, loss_curve
-from ..readouts.engine import Cell, ReadoutSetting, score_cells, train_cells
+from ..readouts.engine import Cell, ReadoutSetting, pooled, score_cells, train_cells
 from ..readouts.pem import check_readout_config
 from ..targets import make_target, resolve_patterns
+from .controls import STUDY_CONTROLS, control_columns, study_controls
 from .probe_run import ReadoutSettings
 
 ALL = "all"
@@ -44,6 +46,8 @@ class LayerCurveConfig(ReadoutSettings):
     pos_embeds: tuple[str, ...] = ("keep",)
     patterns: tuple[str, ...] = ("H", "G")  # the patterns Table 3 reports
     include_all: bool = True
+    controls: tuple[str, ...] = STUDY_CONTROLS  # pixels: PosENet with the same readout; rolled: rolled test photos
+    rolls: int = 4  # rolled copies of each test image
 
 
 @dataclass(frozen=True)
@@ -164,10 +168,47 @@ def _encode_pair(backbone: Backbone, train_set, test_set, config: LayerCurveConf
     return encode_images(backbone, train_set, config.feat_size, **common), test
 
 
+def _pixel_control(config: LayerCurveConfig, train_set, test_set, rolled_set, targets, cache, progress: bool):
+    """(test set, pattern) -> scores of PosENet with the curves' readout ("natural", and "rolled" with a rolled
+    set): the pixels control every level's selectivity is measured against; and its trained cells."""
+    backbone = create_backbone("posenet")
+    train, test = _encode_pair(backbone, train_set, test_set, config, cache, progress)
+    setting = ReadoutSetting(config.kernel_size, config.depth, config.readout_padding)
+    cells = [Cell(setting, p, config.seed) for p in targets]
+    labels = {cell: f"pixels / {cell.target}" for cell in cells}
+    trained = train_cells(
+        train,
+        cells,
+        targets,
+        backbone,
+        config.train,
+        config.feat_size,
+        config.image_size,
+        config.device,
+        progress,
+        labels,
+    )
+    out = {("natural", c.target): s for c, s in score_cells(trained, test, targets, config.device).items()}
+    rolled = _rolled_scores(trained, backbone, rolled_set, targets, config, cache, progress)
+    return out | {("rolled", c.target): s for c, s in rolled.items()}, trained
+
+
+def _rolled_scores(trained, backbone: Backbone, rolled_set, targets, config: LayerCurveConfig, cache, progress: bool):
+    """Every trained cell's scores on the rolled test images, one per source image ({} without a rolled set)."""
+    if rolled_set is None:
+        return {}
+    common = dict(device=config.device, progress=progress, cache=cache, allow_stream=False)
+    rolled = encode_images(backbone, rolled_set, config.feat_size, **common)
+    return {c: pooled(s, rolled_set.source_of) for c, s in score_cells(trained, rolled, targets, config.device).items()}
+
+
 def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCurve:
     """Probe every tapped level of every curve on its own (and all levels together)."""
     check_readout_config(config.feat_size, config.kernel_size, config.depth, config.readout_padding)
     patterns = resolve_patterns(list(config.patterns))
+    study_controls(config.controls)
+    if config.rolls < 1:
+        raise PosprobeError(f"--rolls must be at least 1; given {config.rolls}")
     curves = curves_of(config)
     backbones = _build_backbones(config, curves)
     started = time.perf_counter()
@@ -175,6 +216,13 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
     cache = config.feature_cache()
     targets = {p: make_target(p, config.image_size, config.image_size) for p in patterns}
     rows, resolved, losses, data, verdicts = [], {}, {}, {}, {}
+    rolled_set = RolledImages(test_set, config.rolls, config.seed) if "rolled" in config.controls else None
+    pixels = {}
+    if "pixels" in config.controls:
+        pixels, trained = _pixel_control(config, train_set, test_set, rolled_set, targets, cache, progress)
+        for cell, done in trained.items():
+            losses[f"pixels | {ALL} | {cell.target}"] = loss_curve(done.losses)
+            verdicts[f"pixels | {ALL} | {cell.target}"] = done.convergence
     for c in curves:
         backbone = backbones[c.label]
         train, test = _encode_pair(backbone, train_set, test_set, config, cache, progress)
@@ -209,6 +257,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
             {cell: f"{level} / {cell.target}" for cell, level in cells.items()},
         )
         scores = score_cells(trained, test, targets, config.device)
+        rolled = _rolled_scores(trained, backbone, rolled_set, targets, config, cache, progress)
         shapes = backbone.level_shapes(config.image_size)
         for cell, level in cells.items():
             p, done = cell.target, trained[cell]
@@ -222,6 +271,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
                     "pattern": p,
                     "test_set": test.name,
                     **scores[cell].summary(),
+                    **control_columns(scores[cell], pixels.get(("natural", p)), rolled.get(cell)),
                     "updates": done.schedule.updates,
                     "convergence": done.convergence.status,
                 }
@@ -281,5 +331,6 @@ def write_layer_curve(curve: LayerCurve, out: Path, overwrite: bool = False) -> 
             f"({cfg.image_size} px, readout k={cfg.kernel_size})",
             stand_ins=stand_ins,
             intervals=bars,
+            control={r["pattern"]: r["spc_pixels"] for r in curve.rows if "spc_pixels" in r},
         )
     return out

@@ -17,7 +17,7 @@ from ..errors import PosprobeError
 from ..features.cache import FeatureCache, default_cache_dir
 from ..features.encode import EncodedSet
 from ..intervals import Interval
-from ..output.plots import loss_curves_plot, prediction_grid
+from ..output.plots import controls_plot, loss_curves_plot, prediction_grid
 from ..output.rundir import atomic_run_dir, environment, write_csv, write_json, write_torch
 from ..readouts.convergence import RULE, constant_map_loss, loss_curve
 from ..readouts.engine import Scores
@@ -26,6 +26,8 @@ from ..readouts.pem import check_readout_config
 from ..readouts.probe import PositionProbe
 from ..readouts.train import PROFILES, TrainConfig
 from ..targets import PATTERNS, load_target_image
+from .controls import COSTS, DEFAULT_CONTROLS, Arm, ControlRun, run_controls, unavailable
+from .controls import DOC as CONTROL_DOC
 
 METRIC_FIELDS = (
     "spc_mean",
@@ -94,6 +96,8 @@ class ProbeRunConfig(ReadoutSettings):
     backbone_padding: str | None = None  # None: the model's own padding (see backbones.padding)
     pos_embed: str = "keep"  # keep, zero or shuffle a ViT's position embedding
     readout: str = "pem"  # pem, or linear: the exact linear probe reported beside the PEM readout
+    controls: tuple[str, ...] = DEFAULT_CONTROLS  # studies.controls.CONTROLS
+    rolls: int = 4  # rolled copies of each natural test image (the rolled controls)
 
 
 @dataclass
@@ -110,20 +114,45 @@ class ProbeRun:
     seconds: dict[str, float]
     linear: LinearProbe | None = None  # when --readout linear
     linear_scores: dict[str, dict[str, Scores]] = field(default_factory=dict)
+    controls: ControlRun | None = None  # when --controls names any
+
+    def arms(self) -> list[Arm]:
+        """The network's readouts and, with controls, every control arm (the network's first)."""
+        return self.controls.arms if self.controls else [Arm("network", "natural", self.probe, self.scores)]
 
     def metric_rows(self) -> list[dict]:
-        rows = []
-        for target in self.probe.targets:
-            for test_name, by_target in self.scores.items():
-                rows.append({"pattern": target, "test_set": test_name, **by_target[target].summary()})
-        if self.linear is not None:  # a readout column, only when there is more than one readout
-            rows = [{"readout": "pem", **r} for r in rows]
-            for target in self.linear.targets:
-                for test_name, by_target in self.linear_scores.items():
-                    rows.append(
-                        {"readout": "linear", "pattern": target, "test_set": test_name, **by_target[target].summary()}
-                    )
-        return rows
+        """One row per readout, pattern and test set; the readout, encoder and training columns appear only
+        when they vary (with --readout linear, with --controls)."""
+        rows = [
+            {
+                "readout": "pem",
+                "encoder": a.encoder,
+                "training": a.training,
+                "pattern": t,
+                "test_set": ts,
+                **by_target[t].summary(),
+                "status": a.probe.convergence_[t].status,
+            }
+            for a in self.arms()
+            for t in a.probe.targets
+            for ts, by_target in a.scores.items()
+        ]
+        if self.linear is not None:
+            rows += [
+                {
+                    "readout": "linear",
+                    "encoder": "network",
+                    "training": "natural",
+                    "pattern": t,
+                    "test_set": ts,
+                    **by_target[t].summary(),
+                    "status": "closed form",
+                }
+                for t in self.linear.targets
+                for ts, by_target in self.linear_scores.items()
+            ]
+        constant = [k for k in ("readout", "encoder", "training") if len({r[k] for r in rows}) == 1]
+        return [{k: v for k, v in r.items() if k not in constant} for r in rows]
 
 
 def prepare(config: ProbeRunConfig, progress: bool = True) -> tuple[Backbone, PositionProbe, object, dict[str, object]]:
@@ -133,9 +162,25 @@ def prepare(config: ProbeRunConfig, progress: bool = True) -> tuple[Backbone, Po
         raise PosprobeError(f"--image-size must be at least 8; given {config.image_size}")
     if config.readout not in ("pem", "linear"):
         raise PosprobeError(f"--readout must be pem or linear; given '{config.readout}'")
-    backbone = create_backbone(
+    backbone = build_backbone(config, config.weights)
+    backbone.level_shapes(config.image_size)  # a too-small input fails here, clearly
+    extra = {Path(p).stem: load_target_image(p, config.image_size, config.image_size) for p in config.target_images}
+    probe = new_probe(config, backbone, extra, progress)
+    unavailable(config.controls, backbone)  # a control that would only repeat the network stops here
+    if config.rolls < 1:
+        raise PosprobeError(f"--rolls must be at least 1; given {config.rolls}")
+    train_set, natural = config.image_sets()
+    tests: dict[str, object] = {natural.name: natural}
+    for kind in config.synthetic:
+        tests[kind] = synthetic_images(kind, config.image_size, config.seed)
+    return backbone, probe, train_set, tests
+
+
+def build_backbone(config: ProbeRunConfig, weights: str | None) -> Backbone:
+    """The run's backbone (taps, padding surgery, position embedding, input) with ``weights``."""
+    return create_backbone(
         config.backbone,
-        config.weights,
+        weights,
         config.seed,
         config.input_norm,
         layers=config.layers,
@@ -143,8 +188,12 @@ def prepare(config: ProbeRunConfig, progress: bool = True) -> tuple[Backbone, Po
         pos_embed=config.pos_embed,
         image_size=config.image_size,
     )
-    backbone.level_shapes(config.image_size)  # a too-small input fails here, clearly
-    extra = {Path(p).stem: load_target_image(p, config.image_size, config.image_size) for p in config.target_images}
+
+
+def new_probe(
+    config: ProbeRunConfig, backbone: Backbone, extra_targets: dict[str, torch.Tensor], progress: bool = True
+) -> PositionProbe:
+    """An unfitted probe with the run's readout, training, device and feature cache on ``backbone``."""
     probe = PositionProbe(
         backbone,
         config.patterns,
@@ -156,16 +205,12 @@ def prepare(config: ProbeRunConfig, progress: bool = True) -> tuple[Backbone, Po
         config.train,
         config.seed,
         config.device,
-        extra_targets=extra,
+        extra_targets=extra_targets,
         strict=config.strict,
         progress=progress,
     )
     probe.cache = config.feature_cache()
-    train_set, natural = config.image_sets()
-    tests: dict[str, object] = {natural.name: natural}
-    for kind in config.synthetic:
-        tests[kind] = synthetic_images(kind, config.image_size, config.seed)
-    return backbone, probe, train_set, tests
+    return probe
 
 
 def execute(config: ProbeRunConfig, progress: bool = True) -> ProbeRun:
@@ -189,6 +234,22 @@ def execute(config: ProbeRunConfig, progress: bool = True) -> ProbeRun:
     t4 = time.perf_counter()
     seconds = {"encode_tests": t1 - t0, "encode_train": t2 - t1, "train_readouts": t3 - t2, "score_tests": t4 - t3}
     run = ProbeRun(config, backbone, probe, train, tests, scores, previews, seconds)
+    if config.controls:
+        extra = {k: v for k, v in probe.targets.items() if k not in config.patterns}
+        run.controls = run_controls(
+            config.controls,
+            probe,
+            scores,
+            lambda b: new_probe(config, b, extra, progress),
+            lambda weights: build_backbone(config, weights),
+            train_set,
+            test_sets,
+            next(iter(test_sets)),
+            config.rolls,
+            config.seed,
+        )
+        seconds["controls"] = run.controls.seconds
+        t4 = time.perf_counter()
     if config.readout == "linear":
         linear = LinearProbe(
             backbone,
@@ -207,17 +268,42 @@ def execute(config: ProbeRunConfig, progress: bool = True) -> ProbeRun:
     return run
 
 
-def format_table(rows: list[dict], convergence: dict | None = None) -> str:
-    """Compact text table: one line per target and test set, SPC and MAE with their 95% intervals over test
-    images; a readout that did not converge or draws a flat map says so (convergence: pattern -> Convergence)."""
-    lines = [f"{'pattern':<8}{'test set':<16}{'SPC [95% interval]':<25}{'MAE [95% interval]':<25}{'n':>5}{'const':>7}"]
+def format_table(rows: list[dict]) -> str:
+    """Compact text table: one line per readout, pattern and test set, SPC and MAE with their 95% intervals
+    over test images; a readout that did not converge or draws a flat map says so."""
+    lines = [f"{'readout':<22}{'test set':<16}{'SPC [95% interval]':<25}{'MAE [95% interval]':<25}{'n':>5}{'const':>7}"]
     for r in rows:
-        pattern = f"{r['pattern']} lin" if r.get("readout") == "linear" else r["pattern"]
-        status = convergence[r["pattern"]].status if convergence and r.get("readout", "pem") == "pem" else "converged"
+        who = [r["pattern"], "lin" if r.get("readout") == "linear" else ""]
+        who += [r.get("encoder", "network"), "rolled-train" if r.get("training") == "rolled" else ""]
+        label = " ".join(w for w in who if w and w != "network")
+        status = r["status"]
         lines.append(
-            f"{pattern:<8}{r['test_set'][:15]:<16}{str(Interval(r['spc_mean'], r['spc_lo'], r['spc_hi'])):<25}"
+            f"{label[:21]:<22}{r['test_set'][:15]:<16}{str(Interval(r['spc_mean'], r['spc_lo'], r['spc_hi'])):<25}"
             f"{str(Interval(r['mae_mean'], r['mae_lo'], r['mae_hi'])):<25}{r['n']:>5}{r['n_constant']:>7}"
-            + ("" if status == "converged" else f"  {status}")
+            + ("" if status in ("converged", "closed form") else f"  {status}")
+        )
+    return "\n".join(lines)
+
+
+def format_selectivity(rows: list[dict]) -> str:
+    """Selectivity table: the network's SPC, each control's, the selectivity and the content share."""
+    if not rows:
+        return ""
+    controls = [k[4:] for k in rows[0] if k.startswith("spc_") and not k.endswith(("_lo", "_hi"))]
+    head = f"{'pattern':<10}{'test set':<16}{'SPC':>7}" + "".join(f"{c:>9}" for c in controls)
+    lines = [head + f"{'selectivity [95% interval]':>30}{'content share':>28}"]
+    for r in rows:
+        sel = str(Interval(r["selectivity"], r["selectivity_lo"], r["selectivity_hi"])) if "selectivity" in r else ""
+        share = (
+            str(Interval(r["content_share"], r["content_share_lo"], r["content_share_hi"]))
+            if "content_share" in r
+            else ""
+        )
+        label = r["pattern"] + (" rt" if r["training"] == "rolled" else "")
+        lines.append(
+            f"{label:<10}{r['test_set'][:15]:<16}{r['spc']:>7.3f}"
+            + "".join(f"{r[f'spc_{c}']:>9.3f}" for c in controls)
+            + f"{sel:>30}{share:>28}"
         )
     return "\n".join(lines)
 
@@ -241,9 +327,14 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
                 "convergence_rule": RULE,
                 "train_loss_curve": curves,
                 "seconds": run.seconds,
+                **({"controls": _controls_record(run.controls)} if run.controls is not None else {}),
                 **({"linear_probe": run.linear.summary()} if run.linear is not None else {}),
             },
         )
+        if run.controls is not None:
+            selectivity = run.controls.selectivity_rows()
+            write_csv(tmp / "selectivity.csv", selectivity)
+            controls_plot(tmp / "controls.png", selectivity, f"{run.backbone.name} ({run.backbone.weights_label})")
         write_json(tmp / "environment.json", environment(cfg.device))
         linear = (
             {"linear_readouts": {k: r.state_dict() for k, r in run.linear.readouts_.items()}}
@@ -251,6 +342,11 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
             else {}
         )
         readouts = {k: r.state_dict() for k, r in probe.readouts_.items()}
+        if run.controls is not None:
+            linear["control_readouts"] = {
+                f"{a.encoder}/{a.training}": {k: r.state_dict() for k, r in a.probe.readouts_.items()}
+                for a in run.controls.arms[1:]
+            }
         write_torch(
             tmp / "readouts.pt",
             {"config": cfg.to_dict(), "in_channels": run.backbone.channels, "readouts": readouts, **linear},
@@ -265,6 +361,27 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
         )
         _prediction_figures(run, tmp / "predictions")
     return out
+
+
+def _controls_record(controls: ControlRun) -> dict:
+    """metrics.json's controls: which ran, what each costs, what was skipped, selectivity, every arm's training."""
+    return {
+        "names": list(controls.names),
+        "costs": {k: COSTS[k] for k in controls.names},
+        "definitions": CONTROL_DOC,
+        "not_run": controls.notes,
+        "rolled_test_set": controls.rolled,
+        "selectivity": controls.selectivity_rows(),
+        "arms": {
+            f"{a.encoder}/{a.training}": {
+                "backbone": a.probe.backbone.name,
+                "weights": a.probe.backbone.weights_label,
+                "convergence": {k: c.to_dict() for k, c in a.probe.convergence_.items()},
+                "train_loss_curve": {k: loss_curve(v) for k, v in a.probe.losses_.items()},
+            }
+            for a in controls.arms
+        },
+    }
 
 
 def _resolved(run: ProbeRun) -> dict:
@@ -289,9 +406,13 @@ def _resolved(run: ProbeRun) -> dict:
 
 
 def _per_image_rows(run: ProbeRun) -> list[dict]:
-    """per_image.csv: every test image's SPC, MAE and constant flag, per pattern and test set."""
-    return [
+    """per_image.csv: every test image's SPC, MAE and constant flag, per readout, pattern and test set (a rolled
+    test set: per source image, the mean over its rolls)."""
+    arms = run.arms()
+    rows = [
         {
+            "encoder": a.encoder,
+            "training": a.training,
             "pattern": t,
             "test_set": ts,
             "image": i,
@@ -299,10 +420,14 @@ def _per_image_rows(run: ProbeRun) -> list[dict]:
             "mae": float(s.mae[k]),
             "constant": bool(s.constant[k]),
         }
-        for ts, by_target in run.scores.items()
+        for a in arms
+        for ts, by_target in a.scores.items()
         for t, s in by_target.items()
         for k, i in enumerate(s.ids)
     ]
+    if len(arms) == 1:
+        rows = [{k: v for k, v in r.items() if k not in ("encoder", "training")} for r in rows]
+    return rows
 
 
 def _prediction_figures(run: ProbeRun, folder: Path) -> None:

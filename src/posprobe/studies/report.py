@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from ..intervals import SEED_SPREAD_LIMIT, TEST, Interval, step_direction, verdict
 from ..readouts.convergence import RULE
+from .controls import GUIDE as CONTROL_GUIDE
+from .controls import study_selectivity
 from .paper import paper_cell
 from .study import Direction, StudyPreset, StudyResult, aggregate, distinct_trainings
 
@@ -18,7 +20,7 @@ def result_rows(result: StudyResult, presets: Sequence[StudyPreset]) -> list[dic
     tables = {p.name: p.paper_table for p in presets}
     rows = []
     for r in aggregate(result):
-        paper = paper_cell(tables[r["study"]], r["row"], r["pattern"], r["test_set"])
+        paper = paper_cell(tables.get(r["study"]), r["row"], r["pattern"], r["test_set"])
         rows.append(
             {
                 **r,
@@ -239,4 +241,28 @@ def render(
             said, detail = check_direction(d, result, rows, preset.name)
             shown = said if said in ("reproduced", "not checked") else f"**{said}**"
             lines += ["", f"- Paper: {d.claim}. Here: {shown} ({detail})."]
+    lines += controls_section(study_selectivity(result, presets))
     return "\n".join(lines) + "\n"
+
+
+def controls_section(rows: list[dict]) -> list[str]:
+    """Every network row beside its pixel control (PosENet with the same readout) and its score on the rolled
+    photos: how much of its SPC the controls cannot explain, and how much the photos' layout gave it."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Controls: selectivity and content share",
+        "",
+        f"{CONTROL_GUIDE} Cells: mean [95% interval], paired over the same images and seeds.",
+        "",
+        "| Table | Pattern | Model | SPC | PosENet, same readout | selectivity | SPC, rolled photos | content share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    cell = lambda r, k: str(Interval(r[k], r[f"{k}_lo"], r[f"{k}_hi"])) if k in r else "—"  # noqa: E731
+    for r in rows:
+        lines.append(
+            f"| {r['study']} | {r['pattern']} | {r['label']} | {cell(r, 'spc')} | {cell(r, 'spc_pixels')} | "
+            f"{cell(r, 'selectivity')} | {cell(r, 'spc_rolled')} | {cell(r, 'content_share')} |"
+        )
+    return lines

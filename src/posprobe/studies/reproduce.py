@@ -6,13 +6,14 @@ import platform
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..data import synthetic_images, train_and_test_images
+from ..data import RolledImages, synthetic_images, train_and_test_images
 from ..features.cache import FeatureCache
 from ..output.plots import loss_curves_plot
 from ..output.rundir import atomic_run_dir, environment, write_csv, write_json
 from ..readouts.convergence import constant_map_loss
 from ..readouts.train import TrainConfig, is_official
 from ..targets import make_target
+from .controls import DEFAULT_CONTROLS, ROLLED_TEST_SET, control_presets, study_controls, study_selectivity
 from .figures import draw
 from .presets import PRESETS, get_preset
 from .report import render, result_rows
@@ -60,13 +61,20 @@ def run_reproduce(
     feat_size: int = 28,
     cache: FeatureCache | None = None,
     input_norm: str = "paper",
+    controls: Sequence[str] = DEFAULT_CONTROLS,
+    rolls: int = 4,
 ) -> tuple[str, StudyResult]:
     """Run the presets together (one encoding per backbone) and write report.md, results.csv/json, figures.
 
     ``cache``: a ``cache.FeatureCache`` (features encoded once, reused by later runs) or None (in memory).
+    ``controls``: ``pixels`` and ``rolled`` (controls.py) for every table row; ``rolls`` rolled copies of each
+    natural test image (seeded 0) for the rolled one.
     """
+    controls = study_controls(controls)
+    if "rolled" in controls:
+        test_images = {**test_images, ROLLED_TEST_SET: RolledImages(test_images["natural"], rolls, 0)}
     result = run_study(
-        presets,
+        [*presets, *control_presets(presets, controls)],
         train_images,
         test_images,
         train_config,
@@ -92,7 +100,11 @@ def run_reproduce(
         loss_figure = write_loss_curves(result, tmp / "loss_curves.png", image_size)
         rows = result_rows(result, presets)
         write_csv(tmp / "results.csv", rows)
-        write_json(tmp / "results.json", _results_json(result, header, rows, train_config, env))
+        selectivity = study_selectivity(result, presets)
+        write_csv(tmp / "selectivity.csv", selectivity)
+        write_json(
+            tmp / "results.json", {**_results_json(result, header, rows, train_config, env), "selectivity": selectivity}
+        )
         report = render(result, presets, header, figures, loss_figure)
         (tmp / "report.md").write_text(report)
     return report, result

@@ -19,7 +19,16 @@ from ..errors import PosprobeError
 from ..features.cache import FeatureCache, encode_images
 from ..intervals import SEED_SPREAD_LIMIT, bootstrap
 from ..readouts.convergence import Convergence, loss_curve
-from ..readouts.engine import Cell, ReadoutSetting, Scores, TrainedCell, level_channels, score_cells, train_cells
+from ..readouts.engine import (
+    Cell,
+    ReadoutSetting,
+    Scores,
+    TrainedCell,
+    level_channels,
+    pooled,
+    score_cells,
+    train_cells,
+)
 from ..readouts.pem import check_readout_config
 from ..readouts.train import Schedule, TrainConfig
 from ..targets import make_target
@@ -272,7 +281,9 @@ def run_study(
         scored = {}  # (cell, test set) -> Scores
         for t, enc in tests.items():
             used = {c: trained[c] for c, users in wanted.items() if any(t in pr.test_sets for pr, _, _ in users)}
-            scored.update({(c, t): sc for c, sc in score_cells(used, enc, targets, device, n_preview).items()})
+            copies = getattr(test_images[t], "source_of", None)  # a rolled set: one score per source image
+            for c, sc in score_cells(used, enc, targets, device, n_preview).items():
+                scored[(c, t)] = pooled(sc, copies) if copies else sc
         _collect(result, backbone, wanted, trained, scored)
     result.per_image = {k: {m: torch.stack(v) for m, v in g.items()} for k, g in result.per_image.items()}  # (S, N)
     result.seconds = time.perf_counter() - started
