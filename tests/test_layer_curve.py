@@ -65,11 +65,15 @@ def test_tiny_layer_curve_scores_every_level_and_writes_its_run(tmp_path):
         assert r["selectivity"] == pytest.approx(r["spc_mean"] - r["spc_pixels"], abs=1e-6)
         assert r["content_share"] == pytest.approx(r["spc_mean"] - r["spc_rolled"], abs=1e-6)
         assert r["selectivity_lo"] <= r["selectivity"] <= r["selectivity_hi"]
+    # and its readout-free position-variance fraction, with an interval per level
+    relu = next(r for r in curve.rows if r["level"] == "relu")
+    assert relu["pvf_lo"] <= relu["pvf"] <= relu["pvf_hi"] and relu["pvf_measured_at"] == "aligned 8x8 (native 16x16)"
     out = write_layer_curve(curve, tmp_path / "run")
     assert {p.name for p in out.iterdir()} == {
         "config.json",
         "layer_curve.csv",
         "layer_curve.png",
+        "position_variance.png",
         "metrics.json",
         "environment.json",
     }

@@ -68,8 +68,10 @@ def layer_curve_plot(
     stand_ins: Collection[str] = (),
     intervals: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]] | None = None,
     control: Mapping[str, float] | None = None,
+    quantity: str = "SPC",
 ) -> Figure:
-    """SPC against depth, one panel per pattern and one line per curve (backbone / padding / pos-embed).
+    """SPC (or another per-level ``quantity``, one panel each) against depth, one panel per pattern and one line
+    per curve (backbone / padding / pos-embed).
 
     points[curve][pattern]: (relative depth in [0, 1], level name, SPC) per tapped level, in order;
     together[curve][pattern]: SPC of the readout over all levels, drawn as a dashed line of the same colour.
@@ -113,8 +115,10 @@ def layer_curve_plot(
             ax.set_xlabel("relative depth of the tapped level")
         ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.0)
         ax.axhline(0.0, color="grey", linewidth=0.5)
-        ax.set_title(f"pattern {pattern}", fontsize=9)
-        ax.set_ylabel("SPC (bars: 95% interval; dashed: all levels)" if intervals else "SPC (dashed: all levels)")
+        ax.set_title(f"pattern {pattern}" if quantity == "SPC" else pattern, fontsize=9)
+        ax.set_ylabel(
+            f"{quantity} (bars: 95% interval; dashed: all levels)" if intervals else f"{quantity} (dashed: all levels)"
+        )
     axes[0][0].legend(fontsize=7, loc="lower right")
     if title:
         fig.suptitle(title, fontsize=10)

@@ -125,10 +125,17 @@ class ControlRun:
             row.update(_interval(f"minus_{arm.encoder}", paired_statistic(grids, _difference(k))))
         if controls:
             row.update(_interval("selectivity", paired_statistic(grids, selectivity)))
+        net = self.arm("network", training)
         if self.rolled is not None and test_set == self.natural:
-            net = self.arm("network", training)
             pair = paired_spc([net.scores[self.natural][target], net.scores[self.rolled][target]])
             row.update(_interval("content_share", paired_statistic(pair, _difference(1))))
+        # a control that did not finish training or drew a flat map understates what it could read: the
+        # selectivity is then an upper bound, and the row says so
+        row["training_flags"] = "; ".join(
+            f"{a.encoder}: {a.probe.convergence_[target].status}"
+            for a in (net, *controls)
+            if a.probe.convergence_[target].status != "converged"
+        )
         return row
 
 

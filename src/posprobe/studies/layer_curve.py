@@ -20,6 +20,9 @@ from ..backbones.registry import parse_layers
 from ..data import RolledImages
 from ..errors import PosprobeError
 from ..features.cache import encode_images
+from ..features.encode import EncodedSet
+from ..features.levels import level_views
+from ..measures import position_variance_fraction
 from ..output.plots import layer_curve_plot
 from ..output.rundir import atomic_run_dir, environment, write_csv, write_json
 from ..readouts.convergence import RULE, Convergence, loss_curve
@@ -202,6 +205,29 @@ def _rolled_scores(trained, backbone: Backbone, rolled_set, targets, config: Lay
     return {c: pooled(s, rolled_set.source_of) for c, s in score_cells(trained, rolled, targets, config.device).items()}
 
 
+def _position_variance(backbone: Backbone, train, shapes: list, device: str) -> dict[str, dict]:
+    """level -> the readout-free position-variance fraction of its training features (measures/; one more pass
+    over them) and where it was measured; ALL: the levels pooled (their position variances over their total
+    variances, no interval). Nothing for a streamed set (no stored features to read)."""
+    if not isinstance(train, EncodedSet):
+        return {}
+    out, pos, total = {}, 0.0, 0.0
+    for view, shape in zip(level_views(train, backbone.levels), shapes):
+        pv = position_variance_fraction(view.data, view.scale, view.level.name, device=device)
+        out[view.level.name] = {
+            "pvf": pv.pvf.mean,
+            "pvf_lo": pv.pvf.lo,
+            "pvf_hi": pv.pvf.hi,
+            "pvf_raw": pv.pvf_raw.mean,
+            "pvf_measured_at": view.resolution(tuple(shape[1:])),
+        }
+        pos, total = pos + pv.position_variance, total + pv.total_variance
+    nan = float("nan")
+    pooled_pvf = pos / total if total > 0 else nan
+    out[ALL] = {"pvf": pooled_pvf, "pvf_lo": nan, "pvf_hi": nan, "pvf_raw": nan, "pvf_measured_at": "levels pooled"}
+    return out
+
+
 def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCurve:
     """Probe every tapped level of every curve on its own (and all levels together)."""
     check_readout_config(config.feat_size, config.kernel_size, config.depth, config.readout_padding)
@@ -259,6 +285,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
         scores = score_cells(trained, test, targets, config.device)
         rolled = _rolled_scores(trained, backbone, rolled_set, targets, config, cache, progress)
         shapes = backbone.level_shapes(config.image_size)
+        pvf = _position_variance(backbone, train, shapes, config.device)
         for cell, level in cells.items():
             p, done = cell.target, trained[cell]
             rows.append(
@@ -272,6 +299,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
                     "test_set": test.name,
                     **scores[cell].summary(),
                     **control_columns(scores[cell], pixels.get(("natural", p)), rolled.get(cell)),
+                    **pvf.get(level, {}),
                     "updates": done.schedule.updates,
                     "convergence": done.convergence.status,
                 }
@@ -333,4 +361,24 @@ def write_layer_curve(curve: LayerCurve, out: Path, overwrite: bool = False) -> 
             intervals=bars,
             control={r["pattern"]: r["spc_pixels"] for r in curve.rows if "spc_pixels" in r},
         )
+        _position_variance_plot(curve, tmp / "position_variance.png")
     return out
+
+
+def _position_variance_plot(curve: LayerCurve, path: Path) -> None:
+    """position_variance.png: each level's readout-free position-variance fraction against depth, per curve."""
+    points: dict[str, dict[str, list[tuple[float, str, float]]]] = {}
+    bars: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    together: dict[str, dict[str, float]] = {}
+    first = curve.rows[0]["pattern"]  # one row per level: the measure does not depend on the pattern
+    for r in curve.rows:
+        if r["pattern"] != first or "pvf" not in r:
+            continue
+        if r["level"] == ALL:
+            together.setdefault(r["curve"], {})["PVF"] = r["pvf"]
+        else:
+            points.setdefault(r["curve"], {}).setdefault("PVF", []).append((float(r["depth"]), r["level"], r["pvf"]))
+            bars.setdefault(r["curve"], {}).setdefault("PVF", []).append((r["pvf_lo"], r["pvf_hi"]))
+    if points:
+        title = "position-variance fraction of the training features, per level (readout-free)"
+        layer_curve_plot(path, points, together, title=title, intervals=bars, quantity="position-variance fraction")

@@ -291,7 +291,7 @@ def format_selectivity(rows: list[dict]) -> str:
         return ""
     controls = [k[4:] for k in rows[0] if k.startswith("spc_") and not k.endswith(("_lo", "_hi"))]
     head = f"{'pattern':<10}{'test set':<16}{'SPC':>7}" + "".join(f"{c:>9}" for c in controls)
-    lines = [head + f"{'selectivity [95% interval]':>30}{'content share':>28}"]
+    lines = [head + f"{'selectivity [95% interval]':>30}{'content share':>28}  (◌ flat map, ⚠ unfinished)"]
     for r in rows:
         sel = str(Interval(r["selectivity"], r["selectivity_lo"], r["selectivity_hi"])) if "selectivity" in r else ""
         share = (
@@ -304,8 +304,18 @@ def format_selectivity(rows: list[dict]) -> str:
             f"{label:<10}{r['test_set'][:15]:<16}{r['spc']:>7.3f}"
             + "".join(f"{r[f'spc_{c}']:>9.3f}" for c in controls)
             + f"{sel:>30}{share:>28}"
+            + _flags(r.get("training_flags", ""))
         )
     return "\n".join(lines)
+
+
+def _flags(text: str) -> str:
+    """'pixels: flat map; random: still falling' -> '  ◌pixels ⚠random' (◌ flat map, ⚠ not finished)."""
+    marks = [
+        ("◌" if status == "flat map" else "⚠") + who
+        for who, _, status in (f.partition(": ") for f in text.split("; ") if f)
+    ]
+    return "  " + " ".join(marks) if marks else ""
 
 
 def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
