@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from conftest import assert_one_line_error, run_cli, save_image
 from posprobe.backbones import Backbone, BackboneSpec, Level
-from posprobe.data import RolledImages, TensorImages
+from posprobe.data import RolledImages, TensorImages, image_group
 from posprobe.errors import PosprobeError
 from posprobe.features.encode import EncodedSet
 from posprobe.features.levels import level_views
@@ -111,7 +111,7 @@ def test_pure_noise_interval_covers_zero_where_the_plain_plug_in_would_not():
 
 def test_the_gram_statistics_give_the_direct_values_for_the_sample_itself():
     x, _ = pattern_plus_noise(30, 3, 5, 0.4, seed=4)
-    sums = _one_pass(torch.tensor(x), 1.0, 1 << 30, "cpu", gram=True)
+    sums = _one_pass(torch.tensor(x), 1.0, 1 << 30, "cpu", gram=True, group=torch.arange(30))
     u, raw = resampled_pvf(sums.gram, sums.within.sum(1), sums.means, 25, torch.ones(1, 30, dtype=torch.float64))
     ref_u, ref_raw, _, _ = numpy_pvf(x)
     assert float(u[0]) == pytest.approx(ref_u, rel=1e-10) and float(raw[0]) == pytest.approx(ref_raw, rel=1e-10)
@@ -125,6 +125,27 @@ def test_the_gram_statistics_give_the_direct_values_for_the_sample_itself():
     g = d @ d.T
     distinct = np.array(rows)[:, None] != np.array(rows)[None, :]
     assert float(u2[0]) == pytest.approx(g[distinct].sum() / (distinct.sum() * 25) / xs.var(axis=(0, 2, 3)).sum())
+
+
+def test_images_of_one_group_are_never_paired_and_groups_are_resampled_whole():
+    """Four near-copies of each of 12 images (as the bundled set's crops of one photo), no position at all: counted
+    as 48 independent images their agreement reads as position; as 12 groups it does not."""
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(12, 4, 6, 6))
+    x = np.repeat(base, 4, axis=0) + 0.1 * rng.normal(size=(48, 4, 6, 6))
+    labels = [f"photo{i // 4}#crop{i % 4}" for i in range(48)]
+    naive = position_variance_fraction(torch.tensor(x))
+    grouped = position_variance_fraction(torch.tensor(x), groups=[image_group(i) for i in labels])
+    # by hand: pairs of images from different photos only
+    d = (x - x.mean((2, 3), keepdims=True)).reshape(48, -1)
+    photo = np.arange(48) // 4
+    other = photo[:, None] != photo[None, :]
+    by_hand = (d @ d.T)[other].sum() / (other.sum() * 36) / x.var(axis=(0, 2, 3)).sum()
+    assert grouped.pvf.mean == pytest.approx(by_hand, rel=1e-9)
+    assert naive.pvf.lo > 0.02  # the copies agree with each other: it looks like position
+    assert grouped.pvf.lo < 0 < grouped.pvf.hi
+    with pytest.raises(PosprobeError, match="at least 2 groups"):
+        position_variance_fraction(torch.tensor(x[:4]), groups=["a"] * 4)
 
 
 def test_chunking_does_not_change_the_result():

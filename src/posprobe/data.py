@@ -195,13 +195,14 @@ class RolledImages(Dataset):
     """Images with content that says nothing about absolute position: each circularly rolled on the torus.
 
     ``random`` (the default): every image appears ``rolls`` times, each rolled by a shift (dy, dx) drawn
-    uniformly from {0..S-1}^2, seeded per copy. Whatever the image, the pixel at any location is then a uniform
-    draw from its pixels, and the joint distribution of any pattern of pixels is the same at every location: no
-    function of the input, however content-aware, can tell where it is, so whatever still reads out position
-    comes from the network (padding, a position embedding, strides), not from the photos' layout.
+    uniformly from {0..S-1}^2 by a generator seeded with ``seed`` and the image's index. Whatever the image, the
+    pixel at any location is then a uniform draw from its pixels, and the joint distribution of any pattern of
+    pixels is the same at every location: no function of the input, however content-aware, can tell where it
+    is, so whatever still reads out position comes from the network (padding, a position embedding, strides),
+    not from the photos' layout.
     ``orbit_step``: instead every image at every shift (a * step, b * step), a complete orbit when step is 1: a
     network equivariant to those shifts then has exactly the same mean features at every location.
-    Item k is copy k % copies of image k // copies; ``source`` gives the image an item came from.
+    Item k is copy k % copies of image k // copies; ``source_of`` maps each item's id to its image's.
     """
 
     def __init__(self, images: Dataset, rolls: int = 1, seed: int = 0, orbit_step: int | None = None):
@@ -233,10 +234,6 @@ class RolledImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.shifts) * self.copies
-
-    def source(self, k: int) -> int:
-        """The index of the image item ``k`` was rolled from."""
-        return k // self.copies
 
     @property
     def source_of(self) -> dict[str, str]:
@@ -270,6 +267,13 @@ def _image_side(images: Dataset) -> int:
     if side is None:
         side = next(x.shape[-1] for x in (images[i] for i in range(len(images))) if x is not None)
     return int(side)
+
+
+def image_group(image_id: str) -> str:
+    """The image an item derives from: the crops of one photo (ids 'photo#crop3', ``bundled_train_set``) and the
+    rolls of one image ('name@roll4,9', ``RolledImages``) are one group. They are not independent samples:
+    statistics over images (measures/) pair only items of different groups and resample groups whole."""
+    return image_id.split("@roll")[0].split("#crop")[0]
 
 
 def synthetic_images(kind: str, image_size: int = 224, seed: int = 0) -> TensorImages:

@@ -167,7 +167,9 @@ def dataset_identity(images: Dataset) -> dict | None:
         return images.cache_identity()
     if hasattr(images, "transform_identity"):  # e.g. data.RolledImages: its base images, transformed
         base = dataset_identity(images.base)
-        return None if base is None else {**base, "n": len(images), **images.transform_identity()}
+        if base is None:
+            return None
+        return {"base": base, "image_size": base["image_size"], "n": len(images), **images.transform_identity()}
     paths, ids = getattr(images, "paths", None), getattr(images, "ids", None)
     if paths is not None and ids is not None and hasattr(images, "image_size"):
         h = hashlib.sha256()

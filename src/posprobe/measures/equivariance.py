@@ -18,7 +18,7 @@ lost, and the level's features f(roll(x, s)) are compared with roll(f(x), t):
 
 MSE is averaged over the kept locations, channels and images; EQ-T = 10 log10(V / MSE) dB, V the level's
 per-channel variance over the unshifted images and locations, averaged over channels, so that levels of different
-scale compare. MSE = 0 gives +inf (an exactly equivariant network; float32 rounding alone gives about 140 dB).
+scale compare. MSE = 0 gives +inf (an exactly equivariant network; float32 rounding alone gives 120-140 dB).
 The interval resamples images: per-image error sums and variance terms (resample.py); it is the percentile
 interval of MSE / V, written in dB.
 

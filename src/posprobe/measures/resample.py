@@ -41,14 +41,15 @@ def percentile_interval(values: torch.Tensor, level: float = LEVEL) -> tuple[flo
 
 
 def total_variance(counts: torch.Tensor, within: torch.Tensor, means: torch.Tensor, locations: int) -> torch.Tensor:
-    """Sum over channels of each channel's variance over the images and locations of each resample, (r,).
+    """Sum over channels of each channel's variance over the images and locations of each resample, (r,);
+    counts (r, N) need not sum to N (a resample of groups of images).
 
     within (N,): per image, the sum over channels and locations of the squared deviations from that image's own
     channel means; means (N, C): each image's channel means. The variance splits into the mean within-image part
     and the variance of the image means (the means are centred first: no cancellation between large raw moments).
     """
-    n = within.shape[0]
+    weight = counts.sum(1)  # (r,) images in each resample (N, unless groups of images are resampled)
     centred = means - means.mean(0)  # the variance is shift-invariant; (N, C)
-    inside = counts @ within / (n * locations)  # (r,)
-    between = counts @ centred.pow(2).sum(1) / n - (counts @ centred / n).pow(2).sum(1)  # (r,)
+    inside = counts @ within / (weight * locations)  # (r,)
+    between = counts @ centred.pow(2).sum(1) / weight - (counts @ centred / weight[:, None]).pow(2).sum(1)  # (r,)
     return inside + between

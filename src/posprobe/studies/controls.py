@@ -16,8 +16,9 @@ on inputs or encoders that lack the thing measured. posprobe's controls:
 - ``rolled-train``: every readout trained again on the training images rolled once each, and scored on every
   test set: a readout that never saw content aligned with position cannot have learnt content cues.
 
-Per training condition, pattern and test set: ``selectivity = SPC - max(SPC of the encoder controls)`` (pixels,
-random) and each control's difference, and per readout ``content share = SPC(natural) - SPC(rolled)``, each with
+Per training condition, pattern and test set: ``selectivity = SPC - max(0, SPC of the encoder controls)`` (pixels,
+random; floored at chance, so it never exceeds the SPC) and each control's plain difference, and per readout
+``content share = SPC(natural) - SPC(rolled)``, each with
 the paired two-way bootstrap interval over the same test images (``intervals.paired_statistic``).
 """
 
@@ -60,6 +61,8 @@ def parse_controls(spec: str) -> tuple[str, ...]:
         return CONTROLS
     if items == ["none"] or not items:
         return ()
+    if {"all", "none"} & set(items):
+        raise PosprobeError(f"--controls takes 'all', 'none' or a list of {', '.join(CONTROLS)}; given '{spec}'")
     for s in items:
         if s not in CONTROLS:
             raise unknown_choice("control", s, (*CONTROLS, "all", "none"))
@@ -89,17 +92,6 @@ class ControlRun:
 
     def arm(self, encoder: str, training: str) -> Arm | None:
         return next((a for a in self.arms if a.encoder == encoder and a.training == training), None)
-
-    def metric_rows(self) -> list[dict]:
-        """Per arm, pattern and test set the summary of its scores (the network's natural arm excluded: the
-        run's own rows hold it)."""
-        return [
-            {"encoder": a.encoder, "training": a.training, "pattern": t, "test_set": ts, **s.summary()}
-            for a in self.arms
-            if (a.encoder, a.training) != ("network", "natural")
-            for ts, by_target in a.scores.items()
-            for t, s in by_target.items()
-        ]
 
     def selectivity_rows(self) -> list[dict]:
         """Per training, pattern and test set: the network's SPC, each encoder control's, the selectivity and
@@ -140,8 +132,10 @@ class ControlRun:
 
 
 def selectivity(means: torch.Tensor) -> torch.Tensor:
-    """(R, k) means, the readout first and its controls after -> (R,) readout minus the best control."""
-    return means[:, 0] - means[:, 1:].max(dim=1).values
+    """(R, k) means, the readout first and its controls after -> (R,) readout minus the best control, floored at
+    chance: a control that anti-correlates with the target (SPC < 0) explains nothing, and subtracting its
+    negative score would credit the network with more than its own SPC."""
+    return means[:, 0] - means[:, 1:].clamp(min=0).max(dim=1).values
 
 
 def _difference(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -172,6 +166,21 @@ def paired_spc(scores: list[Scores]) -> list[torch.Tensor]:
     encoder could not read is dropped from all, so the comparison stays paired)."""
     common = [i for i in scores[0].ids if all(i in s.ids for s in scores[1:])]
     return [s.spc[[s.ids.index(i) for i in common]] for s in scores]
+
+
+def check_rolls(rolls: int) -> None:
+    """--rolls, checked before any work."""
+    if rolls < 1:
+        raise PosprobeError(f"--rolls must be at least 1; given {rolls}")
+
+
+def same_input(control: Backbone, network: Backbone) -> Backbone:
+    """``control`` fed exactly what ``network`` is fed (a random-weight build would otherwise resolve
+    ``--input-norm paper`` to plain [0, 1], while e.g. the HED stand-in gets x 57)."""
+    control.mean.copy_(network.mean)
+    control.std.copy_(network.std)
+    control.input_norm = network.input_norm
+    return control
 
 
 def unavailable(names: tuple[str, ...], network: Backbone) -> dict[str, str]:
@@ -213,7 +222,8 @@ def run_controls(
     encoders: list[tuple[str, PositionProbe]] = [("network", network)]
     for kind in ENCODER_CONTROLS:
         if kind in names and kind not in skipped:
-            encoders.append((kind, make_probe(create_backbone("posenet") if kind == "pixels" else build("random"))))
+            encoder = create_backbone("posenet") if kind == "pixels" else same_input(build("random"), network.backbone)
+            encoders.append((kind, make_probe(encoder)))
     tests = dict(test_sets)
     rolled = None
     if "rolled" in names or "rolled-train" in names:
@@ -243,12 +253,16 @@ ROLLED_TEST_SET = "natural-rolled"  # a study's natural test images, rolled (dat
 CONTROL_STUDY = "controls/"  # prefix of the hidden presets that hold a study's control cells
 STUDY_CONTROLS = ("pixels", "rolled")  # what a study's rows get (random weights and rolled training: probe)
 GUIDE = (
-    "**Controls.** selectivity = SPC − the SPC of PosENet (the same readout on the raw pixels, trained and "
-    "scored the same way): position the network adds beyond what colour and the readout itself give. The rolled "
-    "photos are the test photos circularly rolled by seeded uniform shifts (several per photo, averaged per "
-    "photo), so their content says nothing about absolute position; content share = SPC on the photos − SPC on "
-    "them rolled: how much of the score the photos' layout (sky up, subject central) gave the readout. A network "
-    "with no position of its own scores about 0 on the rolled photos."
+    "**Controls.** selectivity = SPC − max(0, the SPC of PosENet): PosENet is the same readout on the raw pixels, "
+    "trained and scored the same way, so selectivity is the position the network adds beyond what colour and the "
+    "readout itself give (floored at chance: a control below 0 explains nothing). The rolled photos are the test "
+    "photos circularly rolled by seeded uniform shifts (several per photo, averaged per photo), so their content "
+    "says nothing about absolute position: a network with no position of its own scores about 0 there. Content "
+    "share = SPC on the photos − SPC on them rolled: how much the score depends on the photos being upright and "
+    "in place, which is their layout (sky up, subject central) helping the readout, but also moved content and "
+    "the roll's seam misleading it (`probe --controls rolled-train` separates the two: a readout trained on "
+    "rolled images cannot have learnt the layout). ◌ after a PosENet score: its readout drew a flat map; ⚠: it "
+    "did not finish training (the selectivity is then an upper bound)."
 )
 
 
@@ -285,28 +299,35 @@ def control_presets(presets: Sequence[StudyPreset], controls: Sequence[str]) -> 
 
 def study_selectivity(result: StudyResult, presets: Sequence[StudyPreset]) -> list[dict]:
     """Per table row and pattern: SPC, the pixel control's SPC with the same readout, the selectivity, the SPC
-    on the rolled photos and the content share, each with its paired interval over images and seeds."""
+    on the rolled photos and the content share, each with its paired interval over images and seeds, and the
+    training flags of the row's readout and its control (a flat or unfinished control: an upper bound)."""
     rows = []
     for preset in control_presets(presets, ("pixels", "rolled")):
         for v in preset.variants:
             if v.backbone == "posenet":
                 continue
             for pattern in preset.patterns:
-                key = (preset.name, v.key, pattern)
-                net = result.per_image.get((*key, "natural"))
-                if net is None:
-                    continue
-                row = {"study": preset.name[len(CONTROL_STUDY) :], "row": v.key, "label": v.label, "pattern": pattern}
-                row.update(_interval("spc", paired_statistic([net["spc"]], lambda m: m[:, 0])))
-                pixels = result.per_image.get((preset.name, f"{v.key}/pixels", pattern, "natural"))
-                if pixels is not None:
-                    row.update(_interval("spc_pixels", paired_statistic([pixels["spc"]], lambda m: m[:, 0])))
-                    row.update(_interval("selectivity", paired_statistic([net["spc"], pixels["spc"]], selectivity)))
-                rolled = result.per_image.get((*key, ROLLED_TEST_SET))
-                if rolled is not None:
-                    row.update(_interval("spc_rolled", paired_statistic([rolled["spc"]], lambda m: m[:, 0])))
-                    row.update(
-                        _interval("content_share", paired_statistic([net["spc"], rolled["spc"]], _difference(1)))
-                    )
-                rows.append(row)
+                net = result.per_image.get((preset.name, v.key, pattern, "natural"))
+                if net is not None:
+                    rows.append(_study_row(result, preset.name, v, pattern, net["spc"]))
     return rows
+
+
+def _study_row(result: StudyResult, study: str, v: Variant, pattern: str, spc: torch.Tensor) -> dict:
+    """One row of study_selectivity: the network row ``v`` of the hidden preset ``study``, its (S, N) ``spc``."""
+    row = {"study": study[len(CONTROL_STUDY) :], "row": v.key, "label": v.label, "pattern": pattern}
+    row.update(_interval("spc", paired_statistic([spc], lambda m: m[:, 0])))
+    pixels = result.per_image.get((study, f"{v.key}/pixels", pattern, "natural"))
+    if pixels is not None:
+        row.update(_interval("spc_pixels", paired_statistic([pixels["spc"]], lambda m: m[:, 0])))
+        row.update(_interval("selectivity", paired_statistic([spc, pixels["spc"]], selectivity)))
+    rolled = result.per_image.get((study, v.key, pattern, ROLLED_TEST_SET))
+    if rolled is not None:
+        row.update(_interval("spc_rolled", paired_statistic([rolled["spc"]], lambda m: m[:, 0])))
+        row.update(_interval("content_share", paired_statistic([spc, rolled["spc"]], _difference(1))))
+    flags = []
+    for who, key in (("network", v.key), ("pixels", f"{v.key}/pixels")):
+        verdicts = result.convergence.get((study, key, pattern), [])
+        flags += [f"{who}: {status}" for status in sorted({c.status for c in verdicts} - {"converged"})]
+    row["training_flags"] = "; ".join(flags)
+    return row

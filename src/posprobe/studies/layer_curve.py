@@ -17,7 +17,7 @@ from ..backbones import Backbone, create_backbone
 from ..backbones.padding import check_padding_mode
 from ..backbones.pos_embed import check_pos_embed_mode
 from ..backbones.registry import parse_layers
-from ..data import RolledImages
+from ..data import RolledImages, image_group
 from ..errors import PosprobeError
 from ..features.cache import encode_images
 from ..features.encode import EncodedSet
@@ -29,7 +29,7 @@ from ..readouts.convergence import RULE, Convergence, loss_curve
 from ..readouts.engine import Cell, ReadoutSetting, pooled, score_cells, train_cells
 from ..readouts.pem import check_readout_config
 from ..targets import make_target, resolve_patterns
-from .controls import STUDY_CONTROLS, control_columns, study_controls
+from .controls import STUDY_CONTROLS, check_rolls, control_columns, study_controls
 from .probe_run import ReadoutSettings
 
 ALL = "all"
@@ -49,6 +49,7 @@ class LayerCurveConfig(ReadoutSettings):
     pos_embeds: tuple[str, ...] = ("keep",)
     patterns: tuple[str, ...] = ("H", "G")  # the patterns Table 3 reports
     include_all: bool = True
+    position_variance: bool = True  # each level's readout-free PVF with its interval (an N x N Gram matrix)
     controls: tuple[str, ...] = STUDY_CONTROLS  # pixels: PosENet with the same readout; rolled: rolled test photos
     rolls: int = 4  # rolled copies of each test image
 
@@ -171,9 +172,9 @@ def _encode_pair(backbone: Backbone, train_set, test_set, config: LayerCurveConf
     return encode_images(backbone, train_set, config.feat_size, **common), test
 
 
-def _pixel_control(config: LayerCurveConfig, train_set, test_set, rolled_set, targets, cache, progress: bool):
-    """(test set, pattern) -> scores of PosENet with the curves' readout ("natural", and "rolled" with a rolled
-    set): the pixels control every level's selectivity is measured against; and its trained cells."""
+def _pixel_control(config: LayerCurveConfig, train_set, test_set, targets, cache, progress: bool):
+    """pattern -> the test scores of PosENet with the curves' readout, the pixels control every level's
+    selectivity is measured against; and its trained cells."""
     backbone = create_backbone("posenet")
     train, test = _encode_pair(backbone, train_set, test_set, config, cache, progress)
     setting = ReadoutSetting(config.kernel_size, config.depth, config.readout_padding)
@@ -191,9 +192,7 @@ def _pixel_control(config: LayerCurveConfig, train_set, test_set, rolled_set, ta
         progress,
         labels,
     )
-    out = {("natural", c.target): s for c, s in score_cells(trained, test, targets, config.device).items()}
-    rolled = _rolled_scores(trained, backbone, rolled_set, targets, config, cache, progress)
-    return out | {("rolled", c.target): s for c, s in rolled.items()}, trained
+    return {c.target: s for c, s in score_cells(trained, test, targets, config.device).items()}, trained
 
 
 def _rolled_scores(trained, backbone: Backbone, rolled_set, targets, config: LayerCurveConfig, cache, progress: bool):
@@ -212,8 +211,9 @@ def _position_variance(backbone: Backbone, train, shapes: list, device: str) -> 
     if not isinstance(train, EncodedSet):
         return {}
     out, pos, total = {}, 0.0, 0.0
+    groups = [image_group(i) for i in train.ids]  # the crops of one photo are not independent images
     for view, shape in zip(level_views(train, backbone.levels), shapes):
-        pv = position_variance_fraction(view.data, view.scale, view.level.name, device=device)
+        pv = position_variance_fraction(view.data, view.scale, view.level.name, device=device, groups=groups)
         out[view.level.name] = {
             "pvf": pv.pvf.mean,
             "pvf_lo": pv.pvf.lo,
@@ -233,8 +233,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
     check_readout_config(config.feat_size, config.kernel_size, config.depth, config.readout_padding)
     patterns = resolve_patterns(list(config.patterns))
     study_controls(config.controls)
-    if config.rolls < 1:
-        raise PosprobeError(f"--rolls must be at least 1; given {config.rolls}")
+    check_rolls(config.rolls)
     curves = curves_of(config)
     backbones = _build_backbones(config, curves)
     started = time.perf_counter()
@@ -243,12 +242,13 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
     targets = {p: make_target(p, config.image_size, config.image_size) for p in patterns}
     rows, resolved, losses, data, verdicts = [], {}, {}, {}, {}
     rolled_set = RolledImages(test_set, config.rolls, config.seed) if "rolled" in config.controls else None
-    pixels = {}
+    pixels, pixel_status = {}, {}
     if "pixels" in config.controls:
-        pixels, trained = _pixel_control(config, train_set, test_set, rolled_set, targets, cache, progress)
+        pixels, trained = _pixel_control(config, train_set, test_set, targets, cache, progress)
         for cell, done in trained.items():
             losses[f"pixels | {ALL} | {cell.target}"] = loss_curve(done.losses)
             verdicts[f"pixels | {ALL} | {cell.target}"] = done.convergence
+            pixel_status[cell.target] = {"pixels_convergence": done.convergence.status}
     for c in curves:
         backbone = backbones[c.label]
         train, test = _encode_pair(backbone, train_set, test_set, config, cache, progress)
@@ -285,7 +285,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
         scores = score_cells(trained, test, targets, config.device)
         rolled = _rolled_scores(trained, backbone, rolled_set, targets, config, cache, progress)
         shapes = backbone.level_shapes(config.image_size)
-        pvf = _position_variance(backbone, train, shapes, config.device)
+        pvf = _position_variance(backbone, train, shapes, config.device) if config.position_variance else {}
         for cell, level in cells.items():
             p, done = cell.target, trained[cell]
             rows.append(
@@ -298,7 +298,8 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
                     "pattern": p,
                     "test_set": test.name,
                     **scores[cell].summary(),
-                    **control_columns(scores[cell], pixels.get(("natural", p)), rolled.get(cell)),
+                    **control_columns(scores[cell], pixels.get(p), rolled.get(cell)),
+                    **pixel_status.get(p, {}),
                     **pvf.get(level, {}),
                     "updates": done.schedule.updates,
                     "convergence": done.convergence.status,

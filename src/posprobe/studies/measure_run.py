@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..backbones import Backbone, create_backbone
-from ..data import RolledImages
+from ..data import RolledImages, image_group
 from ..errors import PosprobeError
 from ..features.cache import encode_images
 from ..features.levels import level_views
@@ -191,8 +191,9 @@ def _measure_levels(backbone: Backbone, images, config: MeasureConfig, cache, pr
     )
     native = {lv.name: tuple(s[1:]) for lv, s in zip(backbone.levels, backbone.level_shapes(config.image_size))}
     per_level, where = [], {}
+    groups = [image_group(i) for i in encoded.ids]  # the crops of one photo are not independent images
     for view in level_views(encoded, backbone.levels):
-        pv = position_variance_fraction(view.data, view.scale, view.level.name, device=config.device)
+        pv = position_variance_fraction(view.data, view.scale, view.level.name, device=config.device, groups=groups)
         per_level.append(pv)
         where[view.level.name] = view.resolution(native[view.level.name])
     return encoded, per_level, where

@@ -26,7 +26,7 @@ from ..readouts.pem import check_readout_config
 from ..readouts.probe import PositionProbe
 from ..readouts.train import PROFILES, TrainConfig
 from ..targets import PATTERNS, load_target_image
-from .controls import COSTS, DEFAULT_CONTROLS, Arm, ControlRun, run_controls, unavailable
+from .controls import COSTS, DEFAULT_CONTROLS, Arm, ControlRun, check_rolls, run_controls, unavailable
 from .controls import DOC as CONTROL_DOC
 
 METRIC_FIELDS = (
@@ -167,8 +167,7 @@ def prepare(config: ProbeRunConfig, progress: bool = True) -> tuple[Backbone, Po
     extra = {Path(p).stem: load_target_image(p, config.image_size, config.image_size) for p in config.target_images}
     probe = new_probe(config, backbone, extra, progress)
     unavailable(config.controls, backbone)  # a control that would only repeat the network stops here
-    if config.rolls < 1:
-        raise PosprobeError(f"--rolls must be at least 1; given {config.rolls}")
+    check_rolls(config.rolls)
     train_set, natural = config.image_sets()
     tests: dict[str, object] = {natural.name: natural}
     for kind in config.synthetic:
@@ -346,20 +345,20 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
             write_csv(tmp / "selectivity.csv", selectivity)
             controls_plot(tmp / "controls.png", selectivity, f"{run.backbone.name} ({run.backbone.weights_label})")
         write_json(tmp / "environment.json", environment(cfg.device))
-        linear = (
+        extra = (
             {"linear_readouts": {k: r.state_dict() for k, r in run.linear.readouts_.items()}}
             if run.linear is not None
             else {}
         )
         readouts = {k: r.state_dict() for k, r in probe.readouts_.items()}
         if run.controls is not None:
-            linear["control_readouts"] = {
+            extra["control_readouts"] = {
                 f"{a.encoder}/{a.training}": {k: r.state_dict() for k, r in a.probe.readouts_.items()}
                 for a in run.controls.arms[1:]
             }
         write_torch(
             tmp / "readouts.pt",
-            {"config": cfg.to_dict(), "in_channels": run.backbone.channels, "readouts": readouts, **linear},
+            {"config": cfg.to_dict(), "in_channels": run.backbone.channels, "readouts": readouts, **extra},
         )
         panel = f"{run.backbone.name}, k={cfg.kernel_size} depth={cfg.depth}"
         loss_curves_plot(

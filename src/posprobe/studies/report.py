@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from ..intervals import SEED_SPREAD_LIMIT, TEST, Interval, step_direction, verdict
 from ..readouts.convergence import RULE
 from .controls import GUIDE as CONTROL_GUIDE
-from .controls import study_selectivity
 from .paper import paper_cell
 from .study import Direction, StudyPreset, StudyResult, aggregate, distinct_trainings
 
@@ -20,7 +19,9 @@ def result_rows(result: StudyResult, presets: Sequence[StudyPreset]) -> list[dic
     tables = {p.name: p.paper_table for p in presets}
     rows = []
     for r in aggregate(result):
-        paper = paper_cell(tables.get(r["study"]), r["row"], r["pattern"], r["test_set"])
+        if r["study"] not in tables:  # a control's hidden preset: its numbers are in selectivity.csv
+            continue
+        paper = paper_cell(tables[r["study"]], r["row"], r["pattern"], r["test_set"])
         rows.append(
             {
                 **r,
@@ -122,7 +123,8 @@ def training_section(result: StudyResult, rows: list[dict], loss_figure: str | N
     for key, sched in result.schedules.items():
         lines.append(f"- `{key}`: {sched.describe()}")
     unfinished, flat = {}, {}
-    labels = {(r["study"], r["row"]): f"{r['label']} ({r['backbone']})" for r in rows}
+    # every trained row by name, the controls' hidden rows too (a control may train a readout no table holds)
+    labels = {(r["study"], r["row"]): f"{r['label']} ({r['backbone']})" for r in result.records}
     for places, pattern, verdicts in distinct_trainings(result):
         key = " = ".join(dict.fromkeys(labels[p] for p in places)) + f" · {pattern}"
         bad = [f"seed {i}: {c.describe()}" for i, c in enumerate(verdicts) if not c.finished]
@@ -203,6 +205,7 @@ def render(
     header: dict,
     figures: dict[str, list[str]],
     loss_figure: str | None = None,
+    selectivity: list[dict] | None = None,
 ) -> str:
     rows = result_rows(result, presets)
     names = ", ".join(p.name for p in presets)
@@ -241,7 +244,7 @@ def render(
             said, detail = check_direction(d, result, rows, preset.name)
             shown = said if said in ("reproduced", "not checked") else f"**{said}**"
             lines += ["", f"- Paper: {d.claim}. Here: {shown} ({detail})."]
-    lines += controls_section(study_selectivity(result, presets))
+    lines += controls_section(selectivity or [])
     return "\n".join(lines) + "\n"
 
 
@@ -261,8 +264,11 @@ def controls_section(rows: list[dict]) -> list[str]:
     ]
     cell = lambda r, k: str(Interval(r[k], r[f"{k}_lo"], r[f"{k}_hi"])) if k in r else "—"  # noqa: E731
     for r in rows:
+        flags = dict(f.split(": ", 1) for f in r["training_flags"].split("; ") if f)
+        mark = {who: (" ◌" if status == "flat map" else " ⚠") for who, status in flags.items()}
         lines.append(
-            f"| {r['study']} | {r['pattern']} | {r['label']} | {cell(r, 'spc')} | {cell(r, 'spc_pixels')} | "
-            f"{cell(r, 'selectivity')} | {cell(r, 'spc_rolled')} | {cell(r, 'content_share')} |"
+            f"| {r['study']} | {r['pattern']} | {r['label']} | {cell(r, 'spc')}{mark.get('network', '')} | "
+            f"{cell(r, 'spc_pixels')}{mark.get('pixels', '')} | {cell(r, 'selectivity')} | {cell(r, 'spc_rolled')} | "
+            f"{cell(r, 'content_share')} |"
         )
     return lines

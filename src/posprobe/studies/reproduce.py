@@ -100,12 +100,13 @@ def run_reproduce(
         loss_figure = write_loss_curves(result, tmp / "loss_curves.png", image_size)
         rows = result_rows(result, presets)
         write_csv(tmp / "results.csv", rows)
-        selectivity = study_selectivity(result, presets)
-        write_csv(tmp / "selectivity.csv", selectivity)
+        selectivity = study_selectivity(result, presets) if controls else []
+        if selectivity:
+            write_csv(tmp / "selectivity.csv", selectivity)
         write_json(
             tmp / "results.json", {**_results_json(result, header, rows, train_config, env), "selectivity": selectivity}
         )
-        report = render(result, presets, header, figures, loss_figure)
+        report = render(result, presets, header, figures, loss_figure, selectivity)
         (tmp / "report.md").write_text(report)
     return report, result
 
