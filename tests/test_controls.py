@@ -18,7 +18,7 @@ from posprobe.features.cache import feature_key
 from posprobe.intervals import bootstrap, paired_statistic
 from posprobe.readouts.engine import Scores, pooled
 from posprobe.readouts.train import TrainConfig
-from posprobe.studies.controls import parse_controls, selectivity
+from posprobe.studies.controls import parse_controls, same_input, selectivity
 from posprobe.studies.probe_run import ProbeRunConfig, execute
 
 
@@ -67,6 +67,9 @@ def test_paired_statistic_matches_the_bootstrap_of_the_differences_and_a_direct_
     sel = paired_statistic([a, b, c], selectivity)
     assert sel.mean == pytest.approx(float(a.mean() - max(b.mean(), c.mean())), abs=1e-12)
     assert sel.lo < sel.mean < sel.hi
+    # a control below chance explains nothing: selectivity is then the SPC itself, never more
+    below = paired_statistic([a, -b], selectivity)
+    assert below.mean == pytest.approx(float(a.mean()), abs=1e-12) and below.hi <= float(a.max())
     with pytest.raises(ValueError, match="same seeds and images"):
         paired_statistic([a, b[:, :5]], selectivity)
 
@@ -88,6 +91,16 @@ def test_control_names_are_parsed_and_checked():
     assert parse_controls("none") == ()
     with pytest.raises(PosprobeError, match="unknown control 'pixel'"):
         parse_controls("pixel")
+    with pytest.raises(PosprobeError, match="takes 'all', 'none' or a list"):
+        parse_controls("pixels,all")
+
+
+def test_the_random_control_is_fed_what_the_network_is_fed():
+    network = create_backbone("efficientnet_lite0")  # --input-norm paper: x (ImageNet std / its own std)
+    control = same_input(create_backbone("efficientnet_lite0", "random"), network)
+    assert torch.equal(control.mean, network.mean) and torch.equal(control.std, network.std)
+    assert control.input_norm == network.input_norm == "paper"
+    assert create_backbone("efficientnet_lite0", "random").input_norm == "none"  # what it would get otherwise
 
 
 # ---- acceptance: a stride-1 conv stack whose only position source is its padding --------------------------------

@@ -249,6 +249,21 @@ def test_every_cell_of_every_preset_is_produced_and_reported(tmp_path):
     assert t4_h["spc"] == vgg_h["spc"]
 
 
+def test_no_controls_means_no_control_rows_and_no_controls_section(tmp_path):
+    train, tests = _tiny_sets()
+    preset = get_preset("table4")
+    mapping = parse_backbone_map(["vgg16=vgg16:random", "vgg16_nopad=vgg16:random"])
+    args = dict(backbone_map=mapping, progress=False, image_size=64, feat_size=12, data_label="tiny")
+    config = TrainConfig(epochs=1, batch_size=2)
+    report, result = run_reproduce([preset], tmp_path / "none", config, "quick", train, tests, controls=(), **args)
+    assert "Controls" not in report and not (tmp_path / "none" / "selectivity.csv").exists()
+    assert {r["study"] for r in result.records} == {"table4"}
+    _, result = run_reproduce([preset], tmp_path / "on", config, "quick", train, tests, **args)
+    assert any(r["study"].startswith("controls/") for r in result.records)  # they ran...
+    saved = list(csv.DictReader((tmp_path / "on" / "results.csv").open()))
+    assert {r["study"] for r in saved} == {"table4"}  # ...and stay in selectivity.csv, out of results.csv
+
+
 def test_seeds_report_spread_and_a_missing_weight_says_how_to_substitute(tmp_path):
     train, tests = _tiny_sets()
     preset = StudyPreset(

@@ -277,7 +277,9 @@ def study_controls(names: Sequence[str]) -> tuple[str, ...]:
 def control_presets(presets: Sequence[StudyPreset], controls: Sequence[str]) -> list[StudyPreset]:
     """Per table, a hidden preset with each network row again (the same readout cells: no extra training) and
     a PosENet row with the same readout (pixels), scored on the natural and, with ``rolled``, the rolled test
-    images. Rows that tables already hold are trained once (the engine shares equal cells)."""
+    images. Rows that tables already hold are trained once (the engine shares equal cells). No controls: none."""
+    if not controls:
+        return []
     out = []
     for preset in presets:
         rows = [v for v in preset.variants if v.backbone != "posenet"]
