@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backbones import Backbone, create_backbone
@@ -30,7 +30,7 @@ from ..measures import (
 )
 from ..output.plots import layer_measures_plot, position_maps_plot
 from ..output.rundir import atomic_run_dir, environment, write_csv, write_json
-from .probe_run import ReadoutSettings
+from .probe_run import ReadoutSettings, backbone_record
 
 NATURAL, ROLLED = "natural", "rolled"
 # ReadoutSettings fields that only a trained readout uses: not part of a measure run's record
@@ -314,17 +314,8 @@ def _map_rows(result: MeasureResult) -> dict:
 
 def _resolved(result: MeasureResult) -> dict:
     """What the settings resolved to: weights, input, levels and their sizes, surgery, shifts."""
-    backbone = result.backbone
     return {
-        "backbone_weights": backbone.weights_label,
-        "input_norm": backbone.input_norm,
-        "input": backbone.input_description,
-        "levels": [asdict(level) for level in backbone.levels],
-        "level_shapes": backbone.level_shapes(result.config.image_size),
+        **backbone_record(result.backbone, result.config.image_size),
         "measured_at": result.resolution,
-        "channels": backbone.channels,
-        "interpolation": backbone.interpolation,
-        "backbone_padding": backbone.padding_report.to_dict() if backbone.padding_report else None,
-        "pos_embed": backbone.pos_embed_note,
         "shifts": list(result.shifts),
     }

@@ -393,20 +393,26 @@ def _controls_record(controls: ControlRun) -> dict:
     }
 
 
-def _resolved(run: ProbeRun) -> dict:
-    """What the settings resolved to: weights, input, schedule, levels and their sizes, surgery, image sets."""
-    backbone = run.backbone
+def backbone_record(backbone: Backbone, image_size: int) -> dict:
+    """What a backbone resolved to, as config.json records it: weights, input, levels and their sizes, surgery."""
     return {
         "backbone_weights": backbone.weights_label,
         "input_norm": backbone.input_norm,
         "input": backbone.input_description,
-        "schedule": run.probe.schedule_.to_dict(),
         "levels": [asdict(level) for level in backbone.levels],
-        "level_shapes": backbone.level_shapes(run.config.image_size),
+        "level_shapes": backbone.level_shapes(image_size),
         "channels": backbone.channels,
         "interpolation": backbone.interpolation,
         "backbone_padding": backbone.padding_report.to_dict() if backbone.padding_report else None,
         "pos_embed": backbone.pos_embed_note,
+    }
+
+
+def _resolved(run: ProbeRun) -> dict:
+    """What the settings resolved to: the backbone, the schedule that ran, the image sets."""
+    return {
+        **backbone_record(run.backbone, run.config.image_size),
+        "schedule": run.probe.schedule_.to_dict(),
         "train_set": {"description": run.train.description, "n": len(run.train), "skipped": run.train.skipped},
         "test_sets": {
             k: {"description": v.description, "n": len(v), "skipped": v.skipped} for k, v in run.tests.items()
