@@ -203,6 +203,7 @@ def test_every_cell_of_every_preset_is_produced_and_reported(tmp_path):
     assert produced == expected
     out = tmp_path / "out"
     assert "## Controls: selectivity and content share" in report
+    assert "| table1 | H | VGG16 → `vgg16` (stand-in) |" in report  # a substituted row says so here too
     selectivity = list(csv.DictReader((out / "selectivity.csv").open()))
     table1_vgg_h = next(r for r in selectivity if (r["study"], r["row"], r["pattern"]) == ("table1", "vgg16", "H"))
     table1_posenet_h = next(

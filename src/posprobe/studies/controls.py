@@ -317,7 +317,9 @@ def study_selectivity(result: StudyResult, presets: Sequence[StudyPreset]) -> li
 
 def _study_row(result: StudyResult, study: str, v: Variant, pattern: str, spc: torch.Tensor) -> dict:
     """One row of study_selectivity: the network row ``v`` of the hidden preset ``study``, its (S, N) ``spc``."""
+    ran = result.backbones.get(v.backbone_key, {})
     row = {"study": study[len(CONTROL_STUDY) :], "row": v.key, "label": v.label, "pattern": pattern}
+    row |= {"ran_as": ran.get("ran_as", v.backbone), "substituted": bool(ran.get("substituted"))}
     row.update(_interval("spc", paired_statistic([spc], lambda m: m[:, 0])))
     pixels = result.per_image.get((study, f"{v.key}/pixels", pattern, "natural"))
     if pixels is not None:

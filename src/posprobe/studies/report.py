@@ -263,12 +263,13 @@ def controls_section(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     cell = lambda r, k: str(Interval(r[k], r[f"{k}_lo"], r[f"{k}_hi"])) if k in r else "—"  # noqa: E731
+    stand_in = lambda r: f" → `{r['ran_as']}` (stand-in)" if r["substituted"] else ""  # noqa: E731
     for r in rows:
         flags = dict(f.split(": ", 1) for f in r["training_flags"].split("; ") if f)
         mark = {who: (" ◌" if status == "flat map" else " ⚠") for who, status in flags.items()}
         lines.append(
-            f"| {r['study']} | {r['pattern']} | {r['label']} | {cell(r, 'spc')}{mark.get('network', '')} | "
-            f"{cell(r, 'spc_pixels')}{mark.get('pixels', '')} | {cell(r, 'selectivity')} | {cell(r, 'spc_rolled')} | "
-            f"{cell(r, 'content_share')} |"
+            f"| {r['study']} | {r['pattern']} | {r['label']}{stand_in(r)} | {cell(r, 'spc')}{mark.get('network', '')} "
+            f"| {cell(r, 'spc_pixels')}{mark.get('pixels', '')} | {cell(r, 'selectivity')} | "
+            f"{cell(r, 'spc_rolled')} | {cell(r, 'content_share')} |"
         )
     return lines
