@@ -319,6 +319,34 @@ def test_eqt_of_a_fixed_additive_map_matches_the_hand_computed_error():
         assert torch.equal(interior_mask(side, side, shift, axis), torch.from_numpy(mask))
 
 
+def test_a_network_without_padding_is_exactly_equivariant_on_the_cells_that_read_no_wrapped_input():
+    """Valid convolutions and a stride-2 pool: each map is a crop, and on a rolled input its cells j >= t read
+    exactly the windows cells j - t read before, so the interior mode is an exact match and the circular mode,
+    which needs a torus, is skipped with the reason."""
+
+    class Valid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            f1 = torch.relu(self.a(x))  # (14, 14) of 16
+            return [f1, torch.relu(self.b(F.max_pool2d(f1, 2)))]  # (5, 5), stride 2
+
+    torch.manual_seed(0)
+    net = Valid()
+    levels = (Level("a", 4, 1), Level("b", 4, 2))
+    spec = BackboneSpec("valid-test", "", levels, lambda w, s: net, ("random",), "random", exact_strides=False)
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    out = {(e.level, e.axis, e.shift): e for e in translation_equivariance(Backbone(spec, net, "random"), x, [2, 4])}
+    for (level, axis, shift), e in out.items():
+        assert e.interior_db.mean == math.inf, (level, axis, shift)
+        assert e.circular_db is None and "not a torus" in e.circular_skipped
+    b = out[("b", "x", 4)]  # 5x5 map moved by 2 cells: columns 2..4 are compared
+    assert b.cells == 2 and b.interior_locations == 5 * 3
+    assert torch.equal(interior_mask(5, 5, 2, "x", cropped=True)[0], torch.tensor([False, False, True, True, True]))
+
+
 def test_levels_whose_stride_does_not_divide_the_shift_are_skipped_with_the_reason():
     class Two(nn.Module):
         def forward(self, x):

@@ -22,8 +22,13 @@ scale compare. MSE = 0 gives +inf (an exactly equivariant network; float32 round
 The interval resamples images: per-image error sums and variance terms (resample.py); it is the percentile
 interval of MSE / V, written in dB.
 
-A level whose stride does not divide s, or whose map is not exactly S / r on a side (a network without padding
-loses border pixels, so a whole input shift is no whole shift of its map), is skipped for that s, with the reason.
+A level whose stride does not divide s is skipped for that s, with the reason. A level whose map is not S / r on a
+side (a network without padding loses border pixels) is a crop of the map a padded network would have: its cell j
+reads the input window starting at j r, so on the rolled input the cells j >= t read exactly the windows that
+cells j - t read on the original, with no wrapped content in them. For such a level the interior mode compares
+f(roll(x, s))[j] with f(x)[j - t] on exactly those cells (no margin needed: nothing there is padding or seam), and
+the circular mode, which needs a torus, is skipped with the reason. A shift of the whole map side or more leaves
+nothing to compare and is skipped.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class Equivariance:
     variance: float = math.nan  # V: per-channel variance over images and locations, mean over channels
     skipped: str = ""  # why the level was not measured at this shift
     interior_skipped: str = ""  # why the interior mode was not
+    circular_skipped: str = ""  # why the circular mode was not (a map without padding is no torus)
 
     def to_dict(self) -> dict:
         def db(iv: Interval | None) -> dict | None:
@@ -88,6 +94,7 @@ class Equivariance:
             "variance": _number(self.variance),
             "skipped": self.skipped,
             "interior_skipped": self.interior_skipped,
+            "circular_skipped": self.circular_skipped,
         }
 
 
@@ -103,8 +110,12 @@ def margin(side: int) -> int:
     return max(1, math.floor(side / 8 + 0.5))
 
 
-def interior_mask(h: int, w: int, cells: int, axis: str) -> torch.Tensor:
-    """(h, w) bool: the locations the interior mode keeps for a shift of ``cells`` along ``axis`` (module doc)."""
+def interior_mask(h: int, w: int, cells: int, axis: str, cropped: bool = False) -> torch.Tensor:
+    """(h, w) bool: the locations the interior mode keeps for a shift of ``cells`` along ``axis`` (module doc);
+    ``cropped``: a level without padding, where exactly the cells at least ``cells`` from the start are kept."""
+    if cropped:
+        keep = torch.arange(w if axis == "x" else h) >= cells
+        return keep[None, :].expand(h, w) if axis == "x" else keep[:, None].expand(h, w)
     my, mx = margin(h), margin(w)
     rows = torch.zeros(h, dtype=torch.bool)
     rows[my : h - my] = True
@@ -133,6 +144,16 @@ class _Stats:
     interior: dict  # (axis, shift) -> list of (B,) squared-error sums over the kept locations
 
 
+def cropped_levels(backbone: Backbone, image_size: int) -> set[int]:
+    """The levels whose map is not image_size / stride on a side: crops, as a network without padding makes."""
+    shapes = backbone.level_shapes(image_size)
+    return {
+        i
+        for i, (lv, (_, h, w)) in enumerate(zip(backbone.levels, shapes))
+        if image_size % lv.stride or (h, w) != (image_size // lv.stride,) * 2
+    }
+
+
 def _plan(backbone: Backbone, image_size: int, shifts: Sequence[int], axes: Sequence[str]) -> dict:
     """(level index, axis, shift) -> the skip reason, or '' when measured."""
     shapes = backbone.level_shapes(image_size)
@@ -143,10 +164,8 @@ def _plan(backbone: Backbone, image_size: int, shifts: Sequence[int], axes: Sequ
                 reason = ""
                 if s % lv.stride:
                     reason = f"stride {lv.stride} does not divide the shift {s}"
-                elif image_size % lv.stride or (h, w) != (image_size // lv.stride,) * 2:
-                    reason = (
-                        f"map {h}x{w} is not {image_size}/{lv.stride} on a side: the shift moves it by no whole cell"
-                    )
+                elif s // lv.stride >= (w if a == "x" else h):
+                    reason = f"the shift moves the {h}x{w} map by its whole side or more"
                 plan[(i, a, s)] = reason
     return plan
 
@@ -167,7 +186,7 @@ def _batches(images: Dataset | torch.Tensor, batch_size: int, skipped: list[int]
         yield torch.stack(batch)
 
 
-def _accumulate(backbone, x: torch.Tensor, plan: dict, shifts, axes, stats: list[_Stats]) -> None:
+def _accumulate(backbone, x: torch.Tensor, plan: dict, shifts, axes, stats: list[_Stats], cropped: set[int]) -> None:
     """One batch: the unshifted pass, then one pass per (shift, axis); per-image sums into ``stats``."""
     base = backbone(x)
     for st, f in zip(stats, base):
@@ -187,8 +206,9 @@ def _accumulate(backbone, x: torch.Tensor, plan: dict, shifts, axes, stats: list
                 t = s // backbone.levels[i].stride
                 d = g - torch.roll(f, t, dims=dim)  # exact in float32 where the two agree closely
                 err = (d * d).sum(1, dtype=torch.float64)  # (B, h, w): over channels
-                mask = interior_mask(err.shape[-2], err.shape[-1], t, a).to(err.device)
-                st.circular.setdefault((a, s), []).append(err.sum((1, 2)).cpu())
+                mask = interior_mask(err.shape[-2], err.shape[-1], t, a, i in cropped).to(err.device)
+                if i not in cropped:
+                    st.circular.setdefault((a, s), []).append(err.sum((1, 2)).cpu())
                 st.interior.setdefault((a, s), []).append(err[:, mask].sum(1).cpu())
 
 
@@ -223,10 +243,10 @@ def translation_equivariance(
                     raise PosprobeError(
                         f"a shift must be between 1 and {size - 1} pixels (the image side - 1); given {s}"
                     )
-            plan = _plan(backbone, size, shifts, axes)
+            plan, cropped = _plan(backbone, size, shifts, axes), cropped_levels(backbone, size)
         x = x.to(device)
         x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        _accumulate(backbone, x, plan, shifts, axes, stats)
+        _accumulate(backbone, x, plan, shifts, axes, stats, cropped)
         bar.update(len(x))
     bar.close()
     name = getattr(images, "name", "images")
@@ -259,21 +279,28 @@ def translation_equivariance(
                         )
                     )
                     continue
-                out.append(_result(st, a, s, means, within, (c, h, w), resamples, seed, common))
+                out.append(_result(st, a, s, means, within, (c, h, w), resamples, seed, common, i in cropped))
     return out
 
 
-def _result(st: _Stats, a: str, s: int, means, within, shape, resamples: int, seed: int, common: dict) -> Equivariance:
+def _result(
+    st: _Stats, a: str, s: int, means, within, shape, resamples: int, seed: int, common: dict, cropped: bool
+) -> Equivariance:
     """The dB values and intervals of one (level, axis, shift) from its per-image sums."""
     c, h, w = shape
     t = s // common["stride"]
-    kept = int(interior_mask(h, w, t, a).sum())
+    kept = int(interior_mask(h, w, t, a, cropped).sum())
     n = len(within)
     ones = torch.ones(1, n, dtype=torch.float64)
     variance = float(total_variance(ones, within, means, h * w)[0]) / c
-    circ = torch.cat(st.circular[(a, s)])  # (N,)
-    inner = torch.cat(st.interior[(a, s)])
-    circ_db, circ_mse = _db(circ, c * h * w, variance, within, means, h * w, c, resamples, seed)
+    inner = torch.cat(st.interior[(a, s)])  # (N,)
+    circ_db, circ_mse, no_torus = None, math.nan, ""
+    if cropped:
+        no_torus = f"the {h}x{w} map is a crop (no padding), not a torus: only the interior mode applies"
+    else:
+        circ_db, circ_mse = _db(
+            torch.cat(st.circular[(a, s)]), c * h * w, variance, within, means, h * w, c, resamples, seed
+        )
     inner_db, inner_mse, why = None, math.nan, ""
     if kept:
         inner_db, inner_mse = _db(inner, c * kept, variance, within, means, h * w, c, resamples, seed)
@@ -283,12 +310,13 @@ def _result(st: _Stats, a: str, s: int, means, within, shape, resamples: int, se
         cells=t,
         circular_db=circ_db,
         interior_db=inner_db,
-        margin=margin(w if a == "x" else h),
+        margin=0 if cropped else margin(w if a == "x" else h),
         interior_locations=kept,
         circular_mse=circ_mse,
         interior_mse=inner_mse,
         variance=variance,
         interior_skipped=why,
+        circular_skipped=no_torus,
         **common,
     )
 
