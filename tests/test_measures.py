@@ -439,6 +439,11 @@ def test_measure_writes_its_run_directory(small_sets, tmp_path, capsys, monkeypa
     measures = json.loads((out / "measures.json").read_text())
     assert len(measures["equivariance"]) == 2 * 2 * 2 and measures["equivariance"][0]["n_images"] == 3
     assert len(measures["position_variance"]["rolled"][0]["pvf_channels"]) == 64
+    quick = tmp_path / "quick"
+    code, _, err = run_cli([*args, "--no-interval", "--quiet", "--out", str(quick)], capsys, monkeypatch)
+    assert code == 0, err
+    row = next(csv.DictReader((quick / "measures.csv").open()))
+    assert row["pvf"] == rows[0]["pvf"] and math.isnan(float(row["pvf_lo"]))  # the same value, no Gram matrix
 
 
 @pytest.mark.parametrize(
@@ -448,6 +453,7 @@ def test_measure_writes_its_run_directory(small_sets, tmp_path, capsys, monkeypa
         (["--shifts", "a,b"], ["--shifts must be a comma list"]),
         (["--shifts", "32"], ["--shifts must be between 1 and 31"]),
         (["--image-size", "4"], ["--image-size must be at least 8"]),
+        (["--cache-max-gb", "0.00001"], ["6 images would take 0.0 GB, over --cache-max-gb 1e-05", "smaller --train"]),
     ],
 )
 def test_bad_measure_settings_are_one_line_errors_and_write_nothing(

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..backbones import Backbone, create_backbone
 from ..data import RolledImages, image_group
 from ..errors import PosprobeError
-from ..features.cache import encode_images
+from ..features.cache import GB, encode_images
 from ..features.levels import level_views
 from ..measures import (
     BlankMap,
@@ -61,6 +61,7 @@ class MeasureConfig(ReadoutSettings):
     rolled: bool = False  # also measure the training images circularly rolled (data.RolledImages)
     shifts: tuple[int, ...] | None = None  # EQ-T shifts in input pixels; None: 1, 2, 4 x the deepest stride
     blank_values: tuple[float, ...] = (0.0, 1.0)
+    interval: bool = True  # the PVF's bootstrap interval: an N x N Gram matrix (hours on CPU at DUT-S's 10,553)
 
     def to_dict(self) -> dict:
         out = super().to_dict()
@@ -193,10 +194,27 @@ def _measure_levels(backbone: Backbone, images, config: MeasureConfig, cache, pr
     per_level, where = [], {}
     groups = [image_group(i) for i in encoded.ids]  # the crops of one photo are not independent images
     for view in level_views(encoded, backbone.levels):
-        pv = position_variance_fraction(view.data, view.scale, view.level.name, device=config.device, groups=groups)
+        pv = position_variance_fraction(
+            view.data, view.scale, view.level.name, interval=config.interval, device=config.device, groups=groups
+        )
         per_level.append(pv)
         where[view.level.name] = view.resolution(native[view.level.name])
     return encoded, per_level, where
+
+
+def _check_room(backbone: Backbone, images, config: MeasureConfig, cache) -> None:
+    """The measure reads every level whole, so a set whose features the cache would stream instead of keeping
+    (over ``--cache-max-gb``) is refused before any work rather than held in memory as float32."""
+    if cache is not None:
+        need = cache.expected_bytes(
+            cache.layout(backbone, config.image_size, config.feat_size), len(images), config.feat_size
+        )
+        if need > cache.max_gb * GB:
+            raise PosprobeError(
+                f"the features of {len(images)} images would take {need / GB:.1f} GB, over --cache-max-gb "
+                f"{cache.max_gb:g}; measure reads them from the cache: raise --cache-max-gb (the disk needs the room) "
+                "or pass a smaller --train"
+            )
 
 
 def run_measures(config: MeasureConfig, progress: bool = True) -> MeasureResult:
@@ -204,6 +222,7 @@ def run_measures(config: MeasureConfig, progress: bool = True) -> MeasureResult:
     backbone, shifts = prepare(config)
     train_set, test_set = config.image_sets()
     cache = config.feature_cache()
+    _check_room(backbone, train_set, config, cache)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     # the test set first: it is small, and an unreadable one then fails before the costly training pass
