@@ -228,6 +228,31 @@ def _position_variance(backbone: Backbone, train, shapes: list, device: str) -> 
     return out
 
 
+def _level_cells(config: LayerCurveConfig, backbone: Backbone, patterns: list[str]) -> dict[Cell, str]:
+    """One readout cell per (tapped level, pattern), and per pattern one over every level (ALL) when asked."""
+    levels: list[str | None] = [lv.name for lv in backbone.levels]
+    if config.include_all and len(levels) > 1:
+        levels.append(None)  # every level together
+    setting = lambda level: ReadoutSetting(  # noqa: E731
+        config.kernel_size, config.depth, config.readout_padding, None if level is None else (level,)
+    )
+    return {Cell(setting(level), p, config.seed): level or ALL for level in levels for p in patterns}
+
+
+def _pixel_baseline(config: LayerCurveConfig, train_set, test_set, targets, cache, progress: bool, losses, verdicts):
+    """The pixels control's scores and its training verdicts per pattern ({} without it); its loss curves and
+    verdicts go into ``losses`` / ``verdicts`` beside the curves'."""
+    if "pixels" not in config.controls:
+        return {}, {}
+    pixels, trained = _pixel_control(config, train_set, test_set, targets, cache, progress)
+    status = {}
+    for cell, done in trained.items():
+        losses[f"pixels | {ALL} | {cell.target}"] = loss_curve(done.losses)
+        verdicts[f"pixels | {ALL} | {cell.target}"] = done.convergence
+        status[cell.target] = {"pixels_convergence": done.convergence.status}
+    return pixels, status
+
+
 def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCurve:
     """Probe every tapped level of every curve on its own (and all levels together)."""
     check_readout_config(config.feat_size, config.kernel_size, config.depth, config.readout_padding)
@@ -242,13 +267,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
     targets = {p: make_target(p, config.image_size, config.image_size) for p in patterns}
     rows, resolved, losses, data, verdicts = [], {}, {}, {}, {}
     rolled_set = RolledImages(test_set, config.rolls, config.seed) if "rolled" in config.controls else None
-    pixels, pixel_status = {}, {}
-    if "pixels" in config.controls:
-        pixels, trained = _pixel_control(config, train_set, test_set, targets, cache, progress)
-        for cell, done in trained.items():
-            losses[f"pixels | {ALL} | {cell.target}"] = loss_curve(done.losses)
-            verdicts[f"pixels | {ALL} | {cell.target}"] = done.convergence
-            pixel_status[cell.target] = {"pixels_convergence": done.convergence.status}
+    pixels, pixel_status = _pixel_baseline(config, train_set, test_set, targets, cache, progress, losses, verdicts)
     for c in curves:
         backbone = backbones[c.label]
         train, test = _encode_pair(backbone, train_set, test_set, config, cache, progress)
@@ -256,20 +275,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
             "train": {"description": train.description, "n": len(train), "skipped": train.skipped},
             "test": {"description": test.description, "n": len(test), "skipped": test.skipped},
         }
-        levels: list[str | None] = [lv.name for lv in backbone.levels]
-        if config.include_all and len(levels) > 1:
-            levels.append(None)  # every level together
-        cells = {
-            Cell(
-                ReadoutSetting(
-                    config.kernel_size, config.depth, config.readout_padding, None if level is None else (level,)
-                ),
-                p,
-                config.seed,
-            ): level or ALL
-            for level in levels
-            for p in patterns
-        }
+        cells = _level_cells(config, backbone, patterns)
         trained = train_cells(
             train,
             list(cells),
