@@ -5,6 +5,7 @@ notebook keeps its own) and no figure is left registered anywhere."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
@@ -185,34 +186,41 @@ def loss_curves_plot(
 
 
 def controls_plot(path: Path, rows: Sequence[Mapping], title: str = "") -> Figure:
-    """SPC of the network's readout beside each control's, per pattern, with 95% intervals: one panel per
-    training condition and test set (rows as ``studies.controls.ControlRun.selectivity_rows`` gives them)."""
-    panels = list(dict.fromkeys((r["training"], r["test_set"]) for r in rows))
+    """SPC of the network's readout beside each control's, per pattern, with 95% intervals: a row of panels per
+    training condition, a panel per test set of several images (a single synthetic image has no interval and is
+    left to the tables), on one SPC scale (rows as ``studies.controls.ControlRun.selectivity_rows`` gives them)."""
+    rows = [r for r in rows if r.get("n", 2) > 1] or list(rows)
+    trainings = list(dict.fromkeys(r["training"] for r in rows))
+    test_sets = list(dict.fromkeys(r["test_set"] for r in rows))
     readouts = ["spc"] + [k for k in rows[0] if k.startswith("spc_") and not k.endswith(("_lo", "_hi"))]
-    fig = Figure(figsize=(max(4.0, 1.1 * len({r["pattern"] for r in rows}) + 1.5) * len(panels) ** 0.5 * 1.6, 3.4))
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    n_patterns = len({r["pattern"] for r in rows})
+    fig = Figure(figsize=(max(3.2, 0.9 * n_patterns + 1.2) * len(test_sets), 2.8 * len(trainings) + 0.6))
+    axes = fig.subplots(len(trainings), len(test_sets), squeeze=False, sharey=True)
     width = 0.8 / len(readouts)
-    for ax, (training, test_set) in zip(axes, panels):
-        mine = [r for r in rows if (r["training"], r["test_set"]) == (training, test_set)]
-        for j, key in enumerate(readouts):
-            x = [i + (j - (len(readouts) - 1) / 2) * width for i in range(len(mine))]
-            y = [r[key] for r in mine]
-            err = [
-                [max(0.0, v - r[f"{key}_lo"]) for v, r in zip(y, mine)],
-                [max(0.0, r[f"{key}_hi"] - v) for v, r in zip(y, mine)],
-            ]
-            label = "network" if key == "spc" else key[4:]
-            ax.bar(x, y, width, yerr=err, capsize=2, label=label, error_kw={"elinewidth": 0.8})
-        ax.set_xticks(range(len(mine)), [r["pattern"] for r in mine])
-        ax.axhline(0.0, color="grey", linewidth=0.5)
-        ax.set_ylim(min(-0.2, ax.get_ylim()[0]), 1.0)
-        trained = "" if training == "natural" else ", trained on rolled images"
-        ax.set_title(f"{display_name(test_set)}{trained}", fontsize=9)
-        ax.set_ylabel("SPC (bars: 95% interval)")
-    axes[0].legend(fontsize=7, loc="upper right")
+    for row_axes, training in zip(axes, trainings):
+        for ax, test_set in zip(row_axes, test_sets):
+            mine = [r for r in rows if (r["training"], r["test_set"]) == (training, test_set)]
+            for j, key in enumerate(readouts):
+                x = [i + (j - (len(readouts) - 1) / 2) * width for i in range(len(mine))]
+                y = [r[key] for r in mine]
+                gap = lambda a, b: 0.0 if math.isnan(a - b) else max(0.0, a - b)  # noqa: E731
+                err = [
+                    [gap(v, r[f"{key}_lo"]) for v, r in zip(y, mine)],
+                    [gap(r[f"{key}_hi"], v) for v, r in zip(y, mine)],
+                ]
+                label = "network" if key == "spc" else key[4:]
+                ax.bar(x, y, width, yerr=err, capsize=2, label=label, error_kw={"elinewidth": 0.8})
+            ax.set_xticks(range(len(mine)), [r["pattern"] for r in mine])
+            ax.axhline(0.0, color="grey", linewidth=0.5)
+            ax.set_ylim(-0.3, 1.05)
+            trained = "readouts trained on photos" if training == "natural" else "readouts trained on rolled images"
+            ax.set_title(f"{display_name(test_set)}\n{trained}", fontsize=8)
+        row_axes[0].set_ylabel("SPC (bars: 95% interval)", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     return fig
 

@@ -193,10 +193,11 @@ def unavailable(names: tuple[str, ...], network: Backbone) -> dict[str, str]:
     elif "random" in names and str(network.weights) == "random":
         why["random"] = "the network's weights are random already"
     if names and len(why) == len(names):
+        others = [c for c in CONTROLS if c not in why]
         raise PosprobeError(
-            f"--controls {','.join(names)} cannot run on {network.name} ({network.weights_label}): "
+            f"--controls {','.join(names)} cannot run on {network.name}: "
             + "; ".join(f"{k}: {v}" for k, v in why.items())
-            + f"; choose from {', '.join(CONTROLS)}"
+            + f"; choose from {', '.join(others)}, or none"
         )
     return why
 
@@ -261,8 +262,9 @@ GUIDE = (
     "share = SPC on the photos − SPC on them rolled: how much the score depends on the photos being upright and "
     "in place, which is their layout (sky up, subject central) helping the readout, but also moved content and "
     "the roll's seam misleading it (`probe --controls rolled-train` separates the two: a readout trained on "
-    "rolled images cannot have learnt the layout). ◌ after a PosENet score: its readout drew a flat map; ⚠: it "
-    "did not finish training (the selectivity is then an upper bound)."
+    "rolled images cannot have learnt the layout). ◌ after a score: its readout drew a flat map in some seed; ⚠: it "
+    "did not finish training. A PosENet control so marked may understate what its input holds, so the selectivity "
+    "is then an upper bound."
 )
 
 
@@ -270,7 +272,10 @@ def study_controls(names: Sequence[str]) -> tuple[str, ...]:
     """The controls a study's rows can have, checked: ``pixels`` and ``rolled`` (the costly ones are probe's)."""
     for kind in names:
         if kind not in STUDY_CONTROLS:
-            raise unknown_choice("control of a study (random and rolled-train: posprobe probe)", kind, STUDY_CONTROLS)
+            raise PosprobeError(
+                f"--controls {kind} runs only in posprobe probe; reproduce, demo and layer-curve run "
+                f"{', '.join(STUDY_CONTROLS)} or none"
+            )
     return tuple(names)
 
 

@@ -263,12 +263,13 @@ def format_measure_table(result: MeasureResult) -> str:
     blanks = [f"blank {b:g}" for b in result.config.blank_values]
     head = (
         f"{'level':<14}{'stride':>6}  {'measured at':<32}"
-        + "".join(f"{'PVF ' + c + ' [95%]':<28}" for c in conditions)
-        + f"{'raw':>8}"
+        + "".join(f"{'PVF ' + c + (' [95%]' if result.config.interval else ''):<28}" for c in conditions)
+        + f"{'raw ' + conditions[0][:3]:>8}"
         + "".join(f"{b:>9}" for b in blanks)
-        + "".join(f"{'EQ-T in ' + str(s):>16}" for s in result.shifts)
+        + "".join(f"{str(s) + ' px x/y':>16}" for s in result.shifts)
     )
-    lines = [head]
+    note = "EQ-T: interior mode, dB (inf: exact), along x / y; -: not measured (measures.json says why)"
+    lines = [note, head]
     for i, lv in enumerate(result.backbone.levels):
         pvs = [result.position[c][i] for c in conditions]
         ratios = [
@@ -279,7 +280,7 @@ def format_measure_table(result: MeasureResult) -> str:
         dbs = [f"{_db_text(_interior(eq, 'x', s))}/{_db_text(_interior(eq, 'y', s))}" for s in result.shifts]
         lines.append(
             f"{lv.name[:13]:<14}{lv.stride:>6}  {result.resolution[lv.name][:31]:<32}"
-            + "".join(f"{str(pv.pvf):<28}" for pv in pvs)
+            + "".join(f"{str(pv.pvf).replace('-0.000', '0.000'):<28}" for pv in pvs)
             + f"{pvs[0].pvf_raw.mean:>8.4f}"
             + "".join(f"{r:>9.3g}" for r in ratios)
             + "".join(f"{d:>16}" for d in dbs)

@@ -291,6 +291,8 @@ def format_selectivity(rows: list[dict]) -> str:
     controls = [k[4:] for k in rows[0] if k.startswith("spc_") and not k.endswith(("_lo", "_hi"))]
     head = f"{'pattern':<10}{'test set':<16}{'SPC':>7}" + "".join(f"{c:>9}" for c in controls)
     lines = [head + f"{'selectivity [95% interval]':>30}{'content share':>28}  (◌ flat map, ⚠ unfinished)"]
+    if any(r["training"] == "rolled" for r in rows):
+        lines.insert(0, "rt: the readouts trained on rolled images")
     for r in rows:
         sel = str(Interval(r["selectivity"], r["selectivity_lo"], r["selectivity_hi"])) if "selectivity" in r else ""
         share = (
@@ -360,12 +362,18 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
             tmp / "readouts.pt",
             {"config": cfg.to_dict(), "in_channels": run.backbone.channels, "readouts": readouts, **extra},
         )
-        panel = f"{run.backbone.name}, k={cfg.kernel_size} depth={cfg.depth}"
+        panels, flags = {}, {}
+        for arm in run.arms():  # the network's readouts, then every control's
+            who = run.backbone.name if arm.encoder == "network" else f"{arm.encoder} control"
+            panel = who + (", trained on rolled images" if arm.training == "rolled" else "")
+            panel += f", k={cfg.kernel_size} depth={cfg.depth}"
+            panels[panel] = {k: [loss_curve(v)] for k, v in arm.probe.losses_.items()}
+            flags |= {(panel, k): c.status for k, c in arm.probe.convergence_.items() if c.status != "converged"}
         loss_curves_plot(
             tmp / "loss_curves.png",
-            {panel: {k: [c] for k, c in curves.items()}},
+            panels,
             {k: constant_map_loss(t) for k, t in probe.targets.items()},
-            {(panel, k): c.status for k, c in probe.convergence_.items() if c.status != "converged"},
+            flags,
             [m for m in probe.schedule_.milestones if m < probe.schedule_.updates],
         )
         _prediction_figures(run, tmp / "predictions")
