@@ -318,19 +318,28 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
 
 
 def format_curve_table(rows: list[dict]) -> str:
-    """One line per (curve, level): stride, size and each pattern's mean SPC."""
+    """One line per (curve, level): stride, size, each pattern's mean SPC (◌ a flat map, ⚠ not finished) and
+    selectivity over the pixel control, and the level's readout-free PVF."""
     patterns = list(dict.fromkeys(r["pattern"] for r in rows))
-    lines = [f"{'curve':<44}{'level':<22}{'stride':>7}{'size':>9}" + "".join(f"{'SPC ' + p:>10}" for p in patterns)]
-    seen: dict[tuple[str, str], dict[str, float]] = {}
-    meta: dict[tuple[str, str], dict] = {}
+    has_sel, has_pvf = "selectivity" in rows[0], "pvf" in rows[0]
+    head = f"{'curve':<40}{'level':<16}{'stride':>7}{'size':>9}" + "".join(f"{'SPC ' + p:>11}" for p in patterns)
+    head += "".join(f"{'sel ' + p:>9}" for p in patterns) if has_sel else ""
+    lines = [head + (f"{'PVF':>9}" if has_pvf else "")]
+    by_level: dict[tuple[str, str], dict[str, dict]] = {}
     for r in rows:
-        seen.setdefault((r["curve"], r["level"]), {})[r["pattern"]] = r["spc_mean"]
-        meta[(r["curve"], r["level"])] = r
-    for key, spc in seen.items():
-        r = meta[key]
+        by_level.setdefault((r["curve"], r["level"]), {})[r["pattern"]] = r
+    mark = {"converged": "  ", "flat map": " ◌"}
+    for (curve, level), cells in by_level.items():
+        r = next(iter(cells.values()))
+        spc = "".join(
+            f"{cells[p]['spc_mean']:>9.3f}{mark.get(cells[p]['convergence'], ' ⚠')}" if p in cells else f"{'':>11}"
+            for p in patterns
+        )
+        sel = "".join(f"{cells[p]['selectivity']:>9.3f}" if p in cells else f"{'':>9}" for p in patterns)
         lines.append(
-            f"{key[0][:43]:<44}{key[1][:21]:<22}{r['stride']!s:>7}{r['size']:>9}"
-            + "".join(f"{spc.get(p, float('nan')):>10.3f}" for p in patterns)
+            f"{curve[:39]:<40}{level[:15]:<16}{r['stride']!s:>7}{r['size']:>9}{spc}"
+            + (sel if has_sel else "")
+            + (f"{r['pvf']:>9.3f}" if has_pvf else "")
         )
     return "\n".join(lines)
 
