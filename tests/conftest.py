@@ -76,6 +76,17 @@ def image_folder(tmp_path: Path, rng: np.random.Generator) -> Path:
     return root
 
 
+@pytest.fixture
+def small_sets(tmp_path: Path) -> tuple[Path, Path]:
+    """Folders of 6 training PNGs (40x40) and 3 test JPEGs (50x30) of seeded noise: a command's smallest real run."""
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        save_image(tmp_path / "train" / f"t{i}.png", rng.integers(0, 256, (40, 40, 3)))
+    for i in range(3):
+        save_image(tmp_path / "test" / f"s{i}.jpg", rng.integers(0, 256, (50, 30, 3)))
+    return tmp_path / "train", tmp_path / "test"
+
+
 def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
     """Run `posprobe ARGS` in this process through the console entry point; returns (code, stdout, stderr)."""
     import warnings

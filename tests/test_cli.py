@@ -6,24 +6,11 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, run_cli, save_image
+from conftest import assert_one_line_error, run_cli
 from posprobe import cli
-
-
-@pytest.fixture
-def small_sets(tmp_path: Path) -> tuple[Path, Path]:
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        save_image(tmp_path / "train" / f"t{i}.png", rng.integers(0, 256, (40, 40, 3)))
-    for i in range(3):
-        save_image(tmp_path / "test" / f"s{i}.jpg", rng.integers(0, 256, (50, 30, 3)))
-    return tmp_path / "train", tmp_path / "test"
-
 
 FAST = [
     "--backbone",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import assert_one_line_error, run_cli, save_image
+from conftest import assert_one_line_error, run_cli
 from posprobe.backbones import Backbone, BackboneSpec, Level
 from posprobe.data import RolledImages, TensorImages, image_group
 from posprobe.errors import PosprobeError
@@ -393,16 +392,6 @@ def test_blank_maps_show_zero_padding_at_the_border_and_nothing_for_circular_pad
 
 
 # -- the command ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def small_sets(tmp_path: Path) -> tuple[Path, Path]:
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        save_image(tmp_path / "train" / f"t{i}.png", rng.integers(0, 256, (40, 40, 3)))
-    for i in range(3):
-        save_image(tmp_path / "test" / f"s{i}.jpg", rng.integers(0, 256, (50, 30, 3)))
-    return tmp_path / "train", tmp_path / "test"
 
 
 FAST = ["--backbone", "tv:resnet18", "--layers", "relu,layer1", "--weights", "random", "--image-size", "32"]
