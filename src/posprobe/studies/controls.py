@@ -147,8 +147,8 @@ def _interval(name: str, iv: Interval) -> dict:
 
 
 def control_columns(scores: Scores, pixels: Scores | None, rolled: Scores | None) -> dict:
-    """One readout's pixel control and rolled score as columns: spc_pixels, selectivity (SPC − the pixel
-    control's), spc_rolled and content_share, each with its paired interval over the images both scored."""
+    """One readout's pixel control and rolled score as columns: spc_pixels, selectivity (SPC − max(0, the pixel
+    control's)), spc_rolled and content_share, each with its paired interval over the images both scored."""
     row = {}
     if pixels is not None:
         net, pix = paired_spc([scores, pixels])
