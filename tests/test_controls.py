@@ -164,7 +164,7 @@ def stack_runs():
 
 def _rolled_rows(run, training: str) -> dict[str, dict]:
     """Selectivity rows on the rolled test images of the readouts trained on ``training`` images, by pattern."""
-    rows = run.controls.selectivity_rows()
+    rows = run.controls.selectivity
     return {r["pattern"]: r for r in rows if (r["training"], r["test_set"]) == (training, "photos-rolled")}
 
 
@@ -187,7 +187,7 @@ def test_the_same_stack_with_zero_padding_reads_out_position_on_rolled_images(st
 def test_content_cues_give_a_position_free_stack_a_score_on_photos_that_rolling_takes_away(stack_runs):
     """Why the rolled control exists: the circular stack's G readout scores on the upright photos (their
     subjects sit in the centre) but not on the same photos rolled."""
-    rows = {r["pattern"]: r for r in stack_runs["circular"].controls.selectivity_rows() if r["test_set"] == "photos"}
+    rows = {r["pattern"]: r for r in stack_runs["circular"].controls.selectivity if r["test_set"] == "photos"}
     assert rows["G"]["content_share_lo"] > 0  # measured .16 [.01, .29]
 
 

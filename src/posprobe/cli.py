@@ -219,7 +219,7 @@ def probe_cmd(
     print(format_table(run.metric_rows()))
     if run.controls is not None:
         print("selectivity = SPC - max(0, the best control's SPC); content share = SPC on the photos - on them rolled")
-        print(format_selectivity(run.controls.selectivity_rows()))
+        print(format_selectivity(run.controls.selectivity))
         for note in run.controls.notes:
             print(f"control {note}")
     _warn_unconverged(

@@ -188,7 +188,7 @@ def loss_curves_plot(
 def controls_plot(path: Path, rows: Sequence[Mapping], title: str = "") -> Figure:
     """SPC of the network's readout beside each control's, per pattern, with 95% intervals: a row of panels per
     training condition, a panel per test set of several images (a single synthetic image has no interval and is
-    left to the tables), on one SPC scale (rows as ``studies.controls.ControlRun.selectivity_rows`` gives them)."""
+    left to the tables), on one SPC scale (rows as ``studies.controls.ControlRun.selectivity`` gives them)."""
     rows = [r for r in rows if r.get("n", 2) > 1] or list(rows)
     trainings = list(dict.fromkeys(r["training"] for r in rows))
     test_sets = list(dict.fromkeys(r["test_set"] for r in rows))

@@ -24,6 +24,7 @@ the paired two-way bootstrap interval over the same test images (``intervals.pai
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -93,9 +94,11 @@ class ControlRun:
     def arm(self, encoder: str, training: str) -> Arm | None:
         return next((a for a in self.arms if a.encoder == encoder and a.training == training), None)
 
-    def selectivity_rows(self) -> list[dict]:
+    @functools.cached_property
+    def selectivity(self) -> list[dict]:
         """Per training, pattern and test set: the network's SPC, each encoder control's, the selectivity and
-        each difference with paired intervals; and per readout the content share on the natural test set."""
+        each difference with paired intervals; and per readout the content share on the natural test set
+        (bootstrapped once: the CSV, metrics.json, the figure and stdout all read these rows)."""
         rows = []
         for training in ("natural", "rolled"):
             net = self.arm("network", training)
@@ -151,14 +154,24 @@ def control_columns(scores: Scores, pixels: Scores | None, rolled: Scores | None
     control's)), spc_rolled and content_share, each with its paired interval over the images both scored."""
     row = {}
     if pixels is not None:
-        net, pix = paired_spc([scores, pixels])
-        row.update(_interval("spc_pixels", paired_statistic([pix], lambda m: m[:, 0])))
-        row.update(_interval("selectivity", paired_statistic([net, pix], selectivity)))
+        row |= _pixel_columns(*paired_spc([scores, pixels]))
     if rolled is not None:
-        net, rol = paired_spc([scores, rolled])
-        row.update(_interval("spc_rolled", paired_statistic([rol], lambda m: m[:, 0])))
-        row.update(_interval("content_share", paired_statistic([net, rol], _difference(1))))
+        row |= _rolled_columns(*paired_spc([scores, rolled]))
     return row
+
+
+def _pixel_columns(spc: torch.Tensor, pixels: torch.Tensor) -> dict:
+    """spc_pixels and selectivity from paired (S, N) or (N,) SPC grids of a readout and its pixel control."""
+    return _interval("spc_pixels", paired_statistic([pixels], lambda m: m[:, 0])) | _interval(
+        "selectivity", paired_statistic([spc, pixels], selectivity)
+    )
+
+
+def _rolled_columns(spc: torch.Tensor, rolled: torch.Tensor) -> dict:
+    """spc_rolled and content_share from paired SPC grids of a readout on the photos and on them rolled."""
+    return _interval("spc_rolled", paired_statistic([rolled], lambda m: m[:, 0])) | _interval(
+        "content_share", paired_statistic([spc, rolled], _difference(1))
+    )
 
 
 def paired_spc(scores: list[Scores]) -> list[torch.Tensor]:
@@ -166,6 +179,13 @@ def paired_spc(scores: list[Scores]) -> list[torch.Tensor]:
     encoder could not read is dropped from all, so the comparison stays paired)."""
     common = [i for i in scores[0].ids if all(i in s.ids for s in scores[1:])]
     return [s.spc[[s.ids.index(i) for i in common]] for s in scores]
+
+
+def flag_marks(training_flags: str) -> dict[str, str]:
+    """A row's ``training_flags`` ('pixels: flat map; random: still falling') -> {'pixels': '◌', 'random': '⚠'}:
+    ◌ a flat map, ⚠ a readout that did not finish training."""
+    pairs = (f.partition(": ") for f in training_flags.split("; ") if f)
+    return {who: "◌" if status == "flat map" else "⚠" for who, _, status in pairs}
 
 
 def check_rolls(rolls: int) -> None:
@@ -328,12 +348,10 @@ def _study_row(result: StudyResult, study: str, v: Variant, pattern: str, spc: t
     row.update(_interval("spc", paired_statistic([spc], lambda m: m[:, 0])))
     pixels = result.per_image.get((study, f"{v.key}/pixels", pattern, "natural"))
     if pixels is not None:
-        row.update(_interval("spc_pixels", paired_statistic([pixels["spc"]], lambda m: m[:, 0])))
-        row.update(_interval("selectivity", paired_statistic([spc, pixels["spc"]], selectivity)))
+        row |= _pixel_columns(spc, pixels["spc"])
     rolled = result.per_image.get((study, v.key, pattern, ROLLED_TEST_SET))
     if rolled is not None:
-        row.update(_interval("spc_rolled", paired_statistic([rolled["spc"]], lambda m: m[:, 0])))
-        row.update(_interval("content_share", paired_statistic([spc, rolled["spc"]], _difference(1))))
+        row |= _rolled_columns(spc, rolled["spc"])
     flags = []
     for who, key in (("network", v.key), ("pixels", f"{v.key}/pixels")):
         verdicts = result.convergence.get((study, key, pattern), [])

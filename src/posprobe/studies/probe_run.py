@@ -26,7 +26,7 @@ from ..readouts.pem import check_readout_config
 from ..readouts.probe import PositionProbe
 from ..readouts.train import PROFILES, TrainConfig
 from ..targets import PATTERNS, load_target_image
-from .controls import COSTS, DEFAULT_CONTROLS, Arm, ControlRun, check_rolls, run_controls, unavailable
+from .controls import COSTS, DEFAULT_CONTROLS, Arm, ControlRun, check_rolls, flag_marks, run_controls, unavailable
 from .controls import DOC as CONTROL_DOC
 
 METRIC_FIELDS = (
@@ -284,6 +284,12 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _flag_text(training_flags: str) -> str:
+    """'pixels: flat map; random: still falling' -> '  ◌pixels ⚠random'."""
+    marks = [mark + who for who, mark in flag_marks(training_flags).items()]
+    return "  " + " ".join(marks) if marks else ""
+
+
 def format_selectivity(rows: list[dict]) -> str:
     """Selectivity table: the network's SPC, each control's, the selectivity and the content share."""
     if not rows:
@@ -305,18 +311,9 @@ def format_selectivity(rows: list[dict]) -> str:
             f"{label:<10}{r['test_set'][:15]:<16}{r['spc']:>7.3f}"
             + "".join(f"{r[f'spc_{c}']:>9.3f}" for c in controls)
             + f"{sel:>30}{share:>28}"
-            + _flags(r.get("training_flags", ""))
+            + _flag_text(r.get("training_flags", ""))
         )
     return "\n".join(lines)
-
-
-def _flags(text: str) -> str:
-    """'pixels: flat map; random: still falling' -> '  ◌pixels ⚠random' (◌ flat map, ⚠ not finished)."""
-    marks = [
-        ("◌" if status == "flat map" else "⚠") + who
-        for who, _, status in (f.partition(": ") for f in text.split("; ") if f)
-    ]
-    return "  " + " ".join(marks) if marks else ""
 
 
 def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
@@ -343,7 +340,7 @@ def write(run: ProbeRun, out: Path, overwrite: bool = False) -> Path:
             },
         )
         if run.controls is not None:
-            selectivity = run.controls.selectivity_rows()
+            selectivity = run.controls.selectivity
             write_csv(tmp / "selectivity.csv", selectivity)
             controls_plot(tmp / "controls.png", selectivity, f"{run.backbone.name} ({run.backbone.weights_label})")
         write_json(tmp / "environment.json", environment(cfg.device))
@@ -388,7 +385,7 @@ def _controls_record(controls: ControlRun) -> dict:
         "definitions": CONTROL_DOC,
         "not_run": controls.notes,
         "rolled_test_set": controls.rolled,
-        "selectivity": controls.selectivity_rows(),
+        "selectivity": controls.selectivity,
         "arms": {
             f"{a.encoder}/{a.training}": {
                 "backbone": a.probe.backbone.name,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from ..intervals import SEED_SPREAD_LIMIT, TEST, Interval, step_direction, verdict
 from ..readouts.convergence import RULE
 from .controls import GUIDE as CONTROL_GUIDE
+from .controls import flag_marks
 from .paper import paper_cell
 from .study import Direction, StudyPreset, StudyResult, aggregate, distinct_trainings
 
@@ -265,8 +266,7 @@ def controls_section(rows: list[dict]) -> list[str]:
     cell = lambda r, k: str(Interval(r[k], r[f"{k}_lo"], r[f"{k}_hi"])) if k in r else "—"  # noqa: E731
     stand_in = lambda r: f" → `{r['ran_as']}` (stand-in)" if r["substituted"] else ""  # noqa: E731
     for r in rows:
-        flags = dict(f.split(": ", 1) for f in r["training_flags"].split("; ") if f)
-        mark = {who: (" ◌" if status == "flat map" else " ⚠") for who, status in flags.items()}
+        mark = {who: f" {m}" for who, m in flag_marks(r["training_flags"]).items()}
         lines.append(
             f"| {r['study']} | {r['pattern']} | {r['label']}{stand_in(r)} | {cell(r, 'spc')}{mark.get('network', '')} "
             f"| {cell(r, 'spc_pixels')}{mark.get('pixels', '')} | {cell(r, 'selectivity')} | "
