@@ -792,6 +792,74 @@ def cache_clear_cmd(
         )
 
 
+@app.command("sweep")
+def sweep_cmd(
+    spec: Path = typer.Argument(..., help="The grid: a TOML file (see the README's 'Sweeps')."),
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Sweep folder: a new one, or an earlier run's to resume it (finished cells are kept)."
+        ),
+    ] = ...,
+    dry_run: bool = typer.Option(
+        False, help="List the groups, their cells, estimated cost and cache size; run nothing."
+    ),
+    executor: str = typer.Option("local", help="local (this process) or ray (one task per group on a Ray cluster)."),
+    ray_address: str = typer.Option(
+        "auto",
+        help="With --executor ray: auto (the cluster this machine joined), HOST:PORT, or local (start one here).",
+    ),
+    fail_fast: bool = typer.Option(False, help="Stop at the first failed cell (default: record it and go on)."),
+    quiet: Quiet = False,
+) -> None:
+    """Run a grid of backbones x readouts/measures x layers x patterns x seeds from one spec; resumable; writes
+    results.csv/.parquet, summary.csv and a self-contained report.html. Exit code 1 when any cell failed."""
+    from .studies.sweep import EXECUTORS, run_sweep
+    from .studies.sweep_spec import load_spec, plan
+
+    if executor not in EXECUTORS:
+        from .errors import unknown_choice
+
+        raise unknown_choice("--executor", executor, EXECUTORS)
+    config = load_spec(spec)
+    if dry_run:
+        from .studies.sweep_cost import describe_costs
+        from .studies.sweep_store import CellStore
+
+        print(describe_costs(config, plan(config), CellStore(out, create=False) if out.is_dir() else None))
+        return
+    outcome = run_sweep(config, out, executor, ray_address, fail_fast, progress=not quiet)
+    for note in outcome["notes"]:
+        print(f"posprobe: note: {note}", file=sys.stderr)
+    ran = outcome["cells"] - outcome["done_before"]
+    print(
+        f"{ran} cells run in {outcome['seconds']:.0f} s, {outcome['done_before']} were done before; "
+        f"{outcome['failed']} failed. Wrote {out / 'report.html'}, results.csv, summary.csv"
+    )
+    if outcome["failed"]:
+        print(
+            f"posprobe: {outcome['failed']} cells failed (errors in results.csv and report.html); "
+            "run the same command again to retry them",
+            file=sys.stderr,
+        )
+        raise typer.Exit(1)
+
+
+@app.command("sweep-report")
+def sweep_report_cmd(
+    folder: Path = typer.Argument(..., help="A sweep folder (posprobe sweep --out)."),
+) -> None:
+    """Write a sweep folder's tables and report.html again from its finished cells (e.g. while it still runs)."""
+    from .studies.sweep import write_report
+
+    if not folder.is_dir():
+        raise PosprobeError(f"sweep folder not found: {folder}")
+    summary = write_report(folder)
+    for note in summary["notes"]:
+        print(f"posprobe: note: {note}", file=sys.stderr)
+    print(f"wrote {folder / 'report.html'}, results.csv, summary.csv ({len(summary['results'])} cells)")
+
+
 @app.command("bench")
 def bench_cmd(
     backbone: list[str] = typer.Option(["vgg16"], "--backbone", help="Backbone to time (repeatable)."),
@@ -847,11 +915,16 @@ def _interrupted_line() -> str:
     if active is not None:
         out, written = active
         line += f": {out} was written whole" if written else f": nothing written to {out}"
+    sweep = sys.modules.get("posprobe.studies.sweep")
+    sweeping = getattr(sweep, "active_sweep", lambda: None)()
+    if sweeping is not None:
+        line += f": {sweeping} keeps every finished cell; the same command resumes"
     cache = sys.modules.get("posprobe.features.cache")  # never imported for a command that had no features to cache
     progress = getattr(cache, "extraction_in_progress", lambda: None)()
     if progress is not None:
         done, total, _ = progress
-        line += f"{'; t' if active is not None else ': t'}he feature cache keeps {done} of {total} images and resumes"
+        joint = "; t" if active is not None or sweeping is not None else ": t"
+        line += f"{joint}he feature cache keeps {done} of {total} images and resumes"
     return line
 
 

@@ -16,6 +16,7 @@ import torch
 from ..backbones import Level
 from ..errors import PosprobeError
 from .encode import EncodedSet
+from .parts import Part
 
 
 @dataclass(frozen=True)
@@ -60,3 +61,17 @@ def level_views(encoded: EncodedSet, levels: Sequence[Level]) -> list[LevelView]
         views.append(LevelView(lv, data, float(part.scale), bool(part.native)))
         lo = hi
     return views
+
+
+def select_levels(encoded: EncodedSet, levels: Sequence[Level], names: Sequence[str]) -> EncodedSet:
+    """The features of ``names`` only (in network order), as an EncodedSet of views: what a readout of those
+    levels alone reads, for estimators that take a whole set (the exact linear probe)."""
+    chosen = [v for v in level_views(encoded, levels) if v.level.name in names]
+    missing = sorted(set(names) - {v.level.name for v in chosen})
+    if missing:
+        raise PosprobeError(f"no level '{missing[0]}' among {[lv.name for lv in levels]}")
+    parts, lo = [], 0
+    for v in chosen:
+        parts.append(Part(lo, lo + v.level.channels, v.data, v.native, v.scale))
+        lo += v.level.channels
+    return EncodedSet(encoded.name, parts, encoded.feat_size, encoded.ids, encoded.skipped, encoded.description)

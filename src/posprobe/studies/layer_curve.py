@@ -204,7 +204,7 @@ def _rolled_scores(trained, backbone: Backbone, rolled_set, targets, config: Lay
     return {c: pooled(s, rolled_set.source_of) for c, s in score_cells(trained, rolled, targets, config.device).items()}
 
 
-def _position_variance(backbone: Backbone, train, shapes: list, device: str) -> dict[str, dict]:
+def position_variance_by_level(backbone: Backbone, train, shapes: list, device: str) -> dict[str, dict]:
     """level -> the readout-free position-variance fraction of its training features (measures/; one more pass
     over them) and where it was measured; ALL: the levels pooled (their position variances over their total
     variances, no interval). Nothing for a streamed set (no stored features to read)."""
@@ -291,7 +291,7 @@ def run_layer_curve(config: LayerCurveConfig, progress: bool = True) -> LayerCur
         scores = score_cells(trained, test, targets, config.device)
         rolled = _rolled_scores(trained, backbone, rolled_set, targets, config, cache, progress)
         shapes = backbone.level_shapes(config.image_size)
-        pvf = _position_variance(backbone, train, shapes, config.device) if config.position_variance else {}
+        pvf = position_variance_by_level(backbone, train, shapes, config.device) if config.position_variance else {}
         for cell, level in cells.items():
             p, done = cell.target, trained[cell]
             rows.append(

@@ -1,0 +1,121 @@
+"""The Ray executor: one task per group, scheduled on any node of a Ray cluster with the resources the spec asks
+for (``[resources]``), the feature cache on that node's disk.
+
+Finished cells reach the driver's folder at once through one ``CellStore`` actor pinned to the driver's node: the
+only writer, so each cell is written once. A task whose worker dies is retried by Ray (``max_retries``); the
+retry asks the store which cells are done and runs only the others, so no finished cell is lost or run twice.
+A group whose retries are spent has its unfinished cells recorded as failed, and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+
+from ..errors import PosprobeError
+from .sweep import cell_result, group_line, run_group
+from .sweep_spec import Group, SweepSpec, cell_id
+from .sweep_store import CellStore
+
+LOCAL = "local"  # --ray-address local: start a one-node Ray in this process
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise PosprobeError("--executor ray needs Ray, which is not installed: pip install 'posprobe[ray]'") from None
+    return ray
+
+
+def _connect(ray, address: str | None) -> bool:
+    """Join the cluster at ``address`` ('auto': the one this machine runs; 'local' or None: a new one-node Ray in
+    this process); whether this call started Ray (and so must stop it)."""
+    if ray.is_initialized():
+        return False
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        if address in (None, LOCAL):
+            ray.init(include_dashboard=False, **quiet)
+        else:
+            ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PosprobeError(
+            f"cannot reach a Ray cluster at '{address}': {first}; start one with 'ray start --head' "
+            "or pass --ray-address local to run one in this process"
+        ) from None
+    return True
+
+
+def _group_task(spec: SweepSpec, group: Group, store, progress: bool, fail_fast: bool) -> list[dict]:
+    """One group on a worker: the cells the store does not hold yet (a retried task skips what it finished)."""
+    import ray
+
+    ids = {c: cell_id(spec, c) for c in group.cells}
+    done = ray.get(store.finished.remote(list(ids.values())))
+    left = Group(group.setting, group.train, tuple(c for c in group.cells if ids[c] not in done))
+    ray.get(store.event.remote("group started", group=group.label, pid=os.getpid(), cells=len(left.cells)))
+    return run_group(spec, left, lambda r: ray.get(store.put.remote(r)), progress, fail_fast)
+
+
+def run_ray(
+    spec: SweepSpec,
+    groups: Sequence[Group],
+    store: CellStore,
+    address: str | None = None,
+    fail_fast: bool = False,
+    progress: bool = False,
+    echo: Callable[[str], None] = print,
+) -> None:
+    """Run every group as a Ray task on the cluster at ``address``; results are written as they arrive."""
+    ray = _ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    started_ray = _connect(ray, address)
+    try:
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        sink = ray.remote(CellStore).options(num_cpus=0, scheduling_strategy=here).remote(str(store.out))
+        res = spec.resources
+        task = ray.remote(_group_task).options(
+            num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries, retry_exceptions=False
+        )
+        started = {}
+        refs = {}
+        for g in groups:
+            refs[task.remote(spec, g, sink, progress, fail_fast)] = g
+            started[g] = time.perf_counter()
+        pending = list(refs)
+        for i in range(1, len(groups) + 1):
+            [ref], pending = ray.wait(pending, num_returns=1)
+            group = refs[ref]
+            try:
+                results = ray.get(ref)
+            except ray.exceptions.RayTaskError as err:  # the task raised: only --fail-fast makes it
+                for other in pending:
+                    ray.cancel(other, force=True)
+                raise err.cause if isinstance(err.cause, PosprobeError) else PosprobeError(str(err)) from None
+            except ray.exceptions.RayError as err:  # its worker died on every try
+                results = _lost(spec, group, sink, ray, err)
+                if fail_fast:
+                    for other in pending:
+                        ray.cancel(other, force=True)
+                    raise PosprobeError(f"{group.label}: {results[0]['error']} (--fail-fast)") from None
+            echo(group_line(i, len(groups), group, results, time.perf_counter() - started[group]))
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _lost(spec: SweepSpec, group: Group, sink, ray, err: Exception) -> list[dict]:
+    """Record the cells a dead group left unfinished as failed, with why."""
+    ids = {c: cell_id(spec, c) for c in group.cells}
+    done = ray.get(sink.finished.remote(list(ids.values())))
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    message = f"the Ray worker running this group died after {spec.resources.max_retries} retries: {reason}"
+    results = [cell_result(spec, group, c, "failed", message) for c in group.cells if ids[c] not in done]
+    for result in results:
+        ray.get(sink.put.remote(result))
+    return results

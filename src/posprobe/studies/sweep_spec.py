@@ -1,0 +1,480 @@
+"""A sweep's spec: a TOML file naming a grid (backbones x readouts and measures x layers x patterns x seeds, on one
+or more training sets and the test sets), checked whole and expanded into cells before any work.
+
+A *cell* is one number's worth of work: one readout trained with one seed on one backbone setting and training
+set (scored on every test set), or one readout-free measure of one level. Its id is a hash of everything that
+determines its numbers, so a re-run recognises finished cells, and a spec that only adds cells resumes. Cells are
+grouped by (backbone setting, training set): a *group* encodes each image set once and trains all its cells.
+
+Every mistake in a spec (an unknown key, backbone, layer, pattern or test set, an impossible readout) is one line
+naming the place in the spec, before any encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..backbones import INPUT_NORMS, get_backbone_spec
+from ..backbones.padding import check_padding_mode
+from ..backbones.pos_embed import check_pos_embed_mode
+from ..backbones.registry import parse_layers, select_layers
+from ..data import SYNTHETIC
+from ..errors import PosprobeError, unknown_choice
+from ..readouts.pem import check_readout_config
+from ..readouts.train import TrainConfig, get_profile
+from ..targets import resolve_patterns
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+BUNDLED = "bundled"
+NATURAL, ROLLED = "natural", "rolled"
+TEST_SETS = (NATURAL, *SYNTHETIC, ROLLED)
+READOUT_KINDS = ("pem", "linear")
+MEASURE_KINDS = ("pvf",)  # the readout-free position-variance fraction of every level (measures/)
+ALL, EACH = "all", "each"  # layers: every tap together (the paper's readout) / each tap alone (a layer curve)
+
+_TOP_KEYS = ("name", "patterns", "seeds", "data", "training", "backbones", "readouts", "measures", "resources", "cache")
+_DATA_KEYS = ("train", "natural", "test", "image_size", "feat_size", "crops_per_photo", "rolls", "input_norm")
+_TRAINING_KEYS = ("profile", "steps", "epochs", "lr", "batch_size", "readout_width", "device")
+_BACKBONE_KEYS = ("name", "weights", "weights_seed", "padding", "pos_embed", "taps", "layers")
+_READOUT_KEYS = ("kind", "kernel_size", "depth", "padding")
+_RESOURCE_KEYS = ("num_cpus", "num_gpus", "max_retries")
+_CACHE_KEYS = ("enabled", "dir", "max_gb")
+
+
+@dataclass(frozen=True)
+class BackboneSetting:
+    """One encoder: a backbone with its weights, padding surgery, position embedding and taps."""
+
+    name: str
+    weights: str | None = None  # None: the backbone's default
+    weights_seed: int = 0  # the draw of random weights (and of a shuffled position embedding)
+    padding: str | None = None  # None: as the model was built
+    pos_embed: str = "keep"
+    taps: tuple[str, ...] | None = None  # None: the backbone's own taps
+
+    @property
+    def label(self) -> str:
+        """'tv:resnet18 · random · padding zeros': the defaults left out."""
+        parts = [self.name]
+        if self.weights is not None:
+            parts.append(self.weights + (f" (seed {self.weights_seed})" if self.weights_seed else ""))
+        if self.padding is not None:
+            parts.append(f"padding {self.padding}")
+        if self.pos_embed != "keep":
+            parts.append(f"pos-embed {self.pos_embed}")
+        if self.taps is not None:
+            parts.append("taps " + ",".join(self.taps))
+        return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class ReadoutChoice:
+    """A readout: the paper's PEM (trained) or the exact linear probe (closed form), with its kernel."""
+
+    kind: str = "pem"
+    kernel_size: int = 3
+    depth: int = 1
+    padding: int = 0
+
+    @property
+    def label(self) -> str:
+        """'pem k3', 'pem k3 d2 p1', 'linear k1'."""
+        extra = (f" d{self.depth}" if self.depth != 1 else "") + (f" p{self.padding}" if self.padding else "")
+        return f"{self.kind} k{self.kernel_size}{extra}"
+
+
+@dataclass(frozen=True)
+class SweepCell:
+    """One unit of work: a readout trained on ``levels`` with one seed (``pattern``), or a measure of one level."""
+
+    setting: BackboneSetting
+    train: str  # a training set entry: 'bundled' or a folder
+    levels: str  # 'all', a tap name, or tap names joined by '+' (read together)
+    readout: ReadoutChoice | None = None
+    pattern: str = ""
+    seed: int = 0
+    measure: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "measure" if self.measure else self.readout.kind
+
+    @property
+    def method(self) -> str:
+        """The readout's or the measure's label."""
+        return self.measure or self.readout.label
+
+    def describe(self) -> str:
+        if self.measure:
+            return f"{self.measure} of {self.levels}"
+        return f"{self.readout.label} {self.pattern} on {self.levels}, seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    train: tuple[str, ...] = (BUNDLED,)
+    natural: str = BUNDLED  # the natural test images: the bundled photos or a folder (PASCAL-S)
+    test: tuple[str, ...] = (NATURAL,)
+    image_size: int = 224
+    feat_size: int = 28
+    crops_per_photo: int = 8
+    rolls: int = 4
+    input_norm: str = "paper"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one Ray task (one group) asks of a node; the local executor ignores them."""
+
+    num_cpus: float = 1
+    num_gpus: float = 0
+    max_retries: int = 3  # a task whose worker dies is run again this many times
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    enabled: bool = True
+    dir: str | None = None  # None: each node's $POSPROBE_CACHE or ~/.cache/posprobe
+    max_gb: float = 32.0
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    patterns: tuple[str, ...]
+    seeds: tuple[int, ...]
+    data: DataSettings
+    profile: str
+    train: TrainConfig
+    device: str
+    backbones: tuple[tuple[BackboneSetting, tuple[str, ...]], ...]  # each setting with its layer choices
+    readouts: tuple[ReadoutChoice, ...]
+    measures: tuple[str, ...]
+    resources: Resources = field(default_factory=Resources)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    text: str = ""  # the spec file as written
+
+
+@dataclass(frozen=True)
+class Group:
+    """The cells of one backbone setting and training set: one encoder pass per image set, one task."""
+
+    setting: BackboneSetting
+    train: str
+    cells: tuple[SweepCell, ...]
+
+    @property
+    def label(self) -> str:
+        return self.setting.label + ("" if self.train == BUNDLED else f" · train {self.train}")
+
+
+def cell_id(spec: SweepSpec, cell: SweepCell) -> str:
+    """16 hex digits hashing everything that determines the cell's numbers (a readout's do not depend on the
+    seeds or cells beside it: see readouts/engine), so an edited spec reuses exactly the cells it still names."""
+    identity: dict[str, Any] = {
+        "cell": asdict(cell),
+        "data": asdict(spec.data) | {"train": cell.train, "test": sorted(spec.data.test)},
+    }
+    if not cell.measure:
+        identity["train"] = asdict(spec.train) | {"seed": cell.seed}
+        identity["device"] = spec.device  # CPU and GPU kernels round differently
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _table(raw: Any, where: str) -> dict:
+    if not isinstance(raw, dict):
+        raise PosprobeError(f"{where} must be a table; given {type(raw).__name__} {raw!r}")
+    return raw
+
+
+def _check_keys(raw: Mapping, valid: Sequence[str], where: str) -> None:
+    for key in raw:
+        if key not in valid:
+            raise unknown_choice(f"key in {where}", key, valid)
+
+
+def _as_list(value: Any, where: str, kind: type | tuple[type, ...]) -> list:
+    """A scalar or a list of them -> a non-empty list, each of type ``kind``."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise PosprobeError(f"{where} is an empty list; give at least one value")
+    for item in items:
+        if isinstance(item, bool) and kind is not bool or not isinstance(item, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise PosprobeError(f"{where} expects {names} values; given {item!r}")
+    return items
+
+
+def _scalar(raw: Mapping, key: str, default: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    """One value of type ``kind`` (or None when absent and the default is None)."""
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, list):
+        raise PosprobeError(f"{where}.{key} takes one value, not a list; given {value!r}")
+    return _as_list(value, f"{where}.{key}", kind)[0]
+
+
+def _positive(value: int, where: str, least: int = 1) -> int:
+    if value < least:
+        raise PosprobeError(f"{where} must be at least {least}; given {value}")
+    return value
+
+
+def _seeds(raw: Any) -> tuple[int, ...]:
+    """seeds = 3 (0, 1, 2) or seeds = [0, 5]."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return tuple(range(_positive(raw, "seeds")))
+    seeds = _as_list(raw, "seeds", int)
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise PosprobeError(f"seeds must be distinct non-negative integers; given {seeds}")
+    return tuple(seeds)
+
+
+def _data(raw: Mapping, base: Path) -> DataSettings:
+    where = "[data]"
+    _check_keys(raw, _DATA_KEYS, where)
+    folder = lambda s: s if s == BUNDLED else str((base / Path(s).expanduser()).resolve())  # noqa: E731
+    train = tuple(folder(s) for s in _as_list(raw.get("train", BUNDLED), f"{where}.train", str))
+    natural = folder(_scalar(raw, "natural", BUNDLED, str, where))
+    for path in [*train, natural]:
+        if path != BUNDLED and not Path(path).is_dir():
+            raise PosprobeError(f"{where}: image folder not found: {path} (a folder, or 'bundled')")
+    test = tuple(dict.fromkeys(_as_list(raw.get("test", [NATURAL]), f"{where}.test", str)))
+    for t in test:
+        if t not in TEST_SETS:
+            raise unknown_choice(f"test set in {where}.test", t, TEST_SETS)
+    image_size = _positive(_scalar(raw, "image_size", 224, int, where), f"{where}.image_size", 8)
+    feat_size = _positive(_scalar(raw, "feat_size", 28, int, where), f"{where}.feat_size")
+    input_norm = _scalar(raw, "input_norm", "paper", str, where)
+    if input_norm not in INPUT_NORMS:
+        raise unknown_choice(f"{where}.input_norm", input_norm, INPUT_NORMS)
+    return DataSettings(
+        train,
+        natural,
+        test,
+        image_size,
+        feat_size,
+        _positive(_scalar(raw, "crops_per_photo", 8, int, where), f"{where}.crops_per_photo"),
+        _positive(_scalar(raw, "rolls", 4, int, where), f"{where}.rolls"),
+        input_norm,
+    )
+
+
+def _training(raw: Mapping) -> tuple[str, TrainConfig, str]:
+    where = "[training]"
+    _check_keys(raw, _TRAINING_KEYS, where)
+    profile = _scalar(raw, "profile", "quick", str, where)
+    config = get_profile(
+        profile,
+        _scalar(raw, "readout_width", None, int, where),
+        steps=_scalar(raw, "steps", None, int, where),
+        epochs=_scalar(raw, "epochs", None, int, where),
+        lr=_scalar(raw, "lr", None, (int, float), where),
+        batch_size=_scalar(raw, "batch_size", None, int, where),
+    )
+    for key in ("steps", "epochs", "batch_size"):
+        if raw.get(key) is not None:
+            _positive(raw[key], f"{where}.{key}")
+    device = _scalar(raw, "device", "cpu", str, where)
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        raise PosprobeError(f"{where}.device expects cpu, cuda, cuda:N or auto; given '{device}'")
+    return profile, config, device
+
+
+def _levels_of(setting: BackboneSetting, image_size: int) -> list[str]:
+    """The tap names a setting yields (unknown backbones and layers fail here, with the list)."""
+    spec = get_backbone_spec(setting.name, image_size)
+    if setting.taps is not None:
+        spec = select_layers(spec, setting.taps)
+    return [lv.name for lv in spec.levels]
+
+
+def _layer_choices(values: list[str], levels: list[str], where: str) -> list[str]:
+    """'all' / 'each' / 'layer1,layer3' (read together) -> level keys: 'all', 'layer2', 'layer1+layer3'."""
+    out: list[str] = []
+    for value in values:
+        if value == ALL:
+            out.append(ALL)
+        elif value == EACH:
+            out += levels
+        else:
+            names = parse_layers(value)
+            for n in names:
+                if n not in levels:
+                    raise unknown_choice(f"layer in {where}.layers (a tap of this setting)", n, [*levels, ALL, EACH])
+            out.append("+".join(n for n in levels if n in names))  # network order
+    return list(dict.fromkeys(out))
+
+
+def _backbones(raw: Any, image_size: int) -> tuple[tuple[BackboneSetting, tuple[str, ...]], ...]:
+    entries = raw if isinstance(raw, list) else [raw]
+    if raw is None or not entries:
+        raise PosprobeError("the spec names no backbone; add a [[backbones]] table with name = ...")
+    out = []
+    for i, entry in enumerate(entries, 1):
+        where = f"[[backbones]] {i}"
+        entry = _table(entry, where)
+        _check_keys(entry, _BACKBONE_KEYS, where)
+        if "name" not in entry:
+            raise PosprobeError(f'{where} has no name; e.g. name = "tv:resnet18" or a list of names')
+        names = _as_list(entry["name"], f"{where}.name", str)
+        weights = _as_list(entry.get("weights", "default"), f"{where}.weights", str)
+        wseeds = _as_list(entry.get("weights_seed", 0), f"{where}.weights_seed", int)
+        paddings = _as_list(entry.get("padding", "model"), f"{where}.padding", str)
+        pos = _as_list(entry.get("pos_embed", "keep"), f"{where}.pos_embed", str)
+        taps = entry.get("taps")
+        taps = None if taps is None or taps == ALL else parse_layers(_as_list(taps, f"{where}.taps", str))
+        layers = _as_list(entry.get("layers", ALL), f"{where}.layers", str)
+        for p in paddings:
+            if p != "model":
+                check_padding_mode(p)
+        for m in pos:
+            check_pos_embed_mode(m)
+        for name in names:
+            for w in weights:
+                for s in wseeds:
+                    for p in paddings:
+                        for m in pos:
+                            setting = BackboneSetting(
+                                name, None if w == "default" else w, s, None if p == "model" else p, m, taps
+                            )
+                            levels = _levels_of(setting, image_size)
+                            out.append((setting, tuple(_layer_choices(layers, levels, where))))
+    settings = [s for s, _ in out]
+    repeated = [s.label for s in settings if settings.count(s) > 1]
+    if repeated:
+        raise PosprobeError(f"the spec names the backbone setting '{repeated[0]}' twice; give each once")
+    return tuple(out)
+
+
+def _readouts(raw: Any, feat_size: int) -> tuple[ReadoutChoice, ...]:
+    entries = [] if raw is None else raw if isinstance(raw, list) else [raw]
+    out = []
+    for i, entry in enumerate(entries, 1):
+        where = f"[[readouts]] {i}"
+        entry = _table(entry, where)
+        _check_keys(entry, _READOUT_KEYS, where)
+        kind = _scalar(entry, "kind", "pem", str, where)
+        if kind not in READOUT_KINDS:
+            raise unknown_choice(f"readout kind in {where}", kind, READOUT_KINDS)
+        kernels = _as_list(entry.get("kernel_size", 3), f"{where}.kernel_size", int)
+        depths = _as_list(entry.get("depth", 1), f"{where}.depth", int)
+        paddings = _as_list(entry.get("padding", 0), f"{where}.padding", int)
+        if kind == "linear" and depths != [1]:
+            raise PosprobeError(f"{where}: the linear probe is one convolution; depth must be 1, given {depths}")
+        for k in kernels:
+            for d in depths:
+                for p in paddings:
+                    try:
+                        check_readout_config(feat_size, k, d, p)
+                    except PosprobeError as err:
+                        raise PosprobeError(f"{where}: {err}") from None
+                    out.append(ReadoutChoice(kind, k, d, p))
+    return tuple(dict.fromkeys(out))
+
+
+def _measures(raw: Any) -> tuple[str, ...]:
+    entries = [] if raw is None else raw if isinstance(raw, list) else [raw]
+    out = []
+    for i, entry in enumerate(entries, 1):
+        where = f"[[measures]] {i}"
+        entry = _table(entry, where)
+        _check_keys(entry, ("kind",), where)
+        kind = _scalar(entry, "kind", None, str, where)
+        if kind not in MEASURE_KINDS:
+            raise unknown_choice(f"measure kind in {where}", str(kind), MEASURE_KINDS)
+        out.append(kind)
+    return tuple(dict.fromkeys(out))
+
+
+def _resources(raw: Mapping) -> Resources:
+    where = "[resources]"
+    _check_keys(raw, _RESOURCE_KEYS, where)
+    cpus = _scalar(raw, "num_cpus", 1, (int, float), where)
+    gpus = _scalar(raw, "num_gpus", 0, (int, float), where)
+    retries = _scalar(raw, "max_retries", 3, int, where)
+    if cpus < 0 or gpus < 0 or retries < 0:
+        raise PosprobeError(f"{where} values must be non-negative; given num_cpus={cpus}, num_gpus={gpus}")
+    return Resources(cpus, gpus, retries)
+
+
+def _cache(raw: Mapping) -> CacheSettings:
+    where = "[cache]"
+    _check_keys(raw, _CACHE_KEYS, where)
+    max_gb = _scalar(raw, "max_gb", 32.0, (int, float), where)
+    if max_gb <= 0:
+        raise PosprobeError(f"{where}.max_gb must be positive; given {max_gb}")
+    return CacheSettings(_scalar(raw, "enabled", True, bool, where), _scalar(raw, "dir", None, str, where), max_gb)
+
+
+def parse_spec(text: str, base: Path = Path("."), source: str = "the spec") -> SweepSpec:
+    """A spec's TOML text -> a checked SweepSpec; folders are relative to ``base`` (the spec's folder)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise PosprobeError(f"{source} is not valid TOML: {err}") from None
+    _check_keys(raw, _TOP_KEYS, source)
+    data = _data(_table(raw.get("data", {}), "[data]"), base)
+    profile, config, device = _training(_table(raw.get("training", {}), "[training]"))
+    readouts = _readouts(raw.get("readouts"), data.feat_size)
+    measures = _measures(raw.get("measures"))
+    if not readouts and not measures:
+        raise PosprobeError('the spec names no readout or measure; add [[readouts]] kind = "pem" (or a [[measures]])')
+    patterns = tuple(resolve_patterns(_as_list(raw.get("patterns", ["H", "V", "G"]), "patterns", str)))
+    return SweepSpec(
+        name=str(raw.get("name", "sweep")),
+        patterns=patterns,
+        seeds=_seeds(raw.get("seeds", 1)),
+        data=data,
+        profile=profile,
+        train=config,
+        device=device,
+        backbones=_backbones(raw.get("backbones"), data.image_size),
+        readouts=readouts,
+        measures=measures,
+        resources=_resources(_table(raw.get("resources", {}), "[resources]")),
+        cache=_cache(_table(raw.get("cache", {}), "[cache]")),
+        text=text,
+    )
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and check a spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PosprobeError(f"sweep spec not found: {path} (a TOML file; see the README's 'Sweeps')")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PosprobeError(f"{path} is not UTF-8 text: {err}") from None
+    return parse_spec(text, path.resolve().parent, str(path))
+
+
+def plan(spec: SweepSpec) -> list[Group]:
+    """Every cell of the grid, grouped by (backbone setting, training set), in the spec's order."""
+    groups = []
+    for setting, layer_choices in spec.backbones:
+        for train in spec.data.train:
+            cells = [
+                SweepCell(setting, train, levels, readout, pattern, seed)
+                for readout in spec.readouts
+                for levels in layer_choices
+                for pattern in spec.patterns
+                for seed in spec.seeds
+            ]
+            levels = _levels_of(setting, spec.data.image_size) if spec.measures else []
+            cells += [SweepCell(setting, train, lv, measure=m) for m in spec.measures for lv in [*levels, ALL]]
+            groups.append(Group(setting, train, tuple(cells)))
+    return groups

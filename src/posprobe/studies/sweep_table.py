@@ -1,0 +1,237 @@
+"""A sweep's results as tables: one tidy row per (cell, test set) with its interval over images
+(``results.csv`` / ``results.parquet``), and one row per cell over its seeds with the two-way interval over
+images and seeds, seed spread, training flags and selectivity (``summary.csv``, the HTML report's table).
+
+Only the cells of the current spec are read: a folder that an earlier spec also filled keeps those files, and
+they stay out of the tables.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ..intervals import SEED_SPREAD_LIMIT, bootstrap
+from ..output.rundir import write_csv
+from .sweep import CellStore
+from .sweep_spec import ALL, Group, SweepSpec, cell_id
+
+FINISHED = ("converged", "flat map", "exact")  # a linear probe is solved, not trained
+nan = math.nan
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` then rename over ``path``: a reader never sees a half-written table."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cell_columns(result: dict) -> dict:
+    """The columns that say which cell a row belongs to."""
+    i, b = result["identity"], result.get("backbone", {})
+    return {
+        "cell_id": result["id"],
+        "group": result["group"],
+        "backbone": i["name"],
+        "weights": b.get("weights", i["weights"] or "default"),
+        "weights_seed": i["weights_seed"],
+        "stand_in": bool(b.get("stand_in", False)),
+        "padding": i["padding"] or "model",
+        "pos_embed": i["pos_embed"],
+        "train_set": i["train"],
+        "layers": i["levels"],
+        "level_index": result.get("level_index"),
+        "depth": result.get("depth"),
+        "kind": i["kind"],
+        "readout": i["method"],
+        "pattern": i["pattern"],
+        "seed": i["seed"] if i["kind"] != "measure" else None,
+    }
+
+
+def results_rows(results: Sequence[dict], test_sets: Sequence[str]) -> list[dict]:
+    """results.csv: one row per (cell, test set); a failed cell has a row per test set with its error."""
+    rows = []
+    for r in results:
+        training = r.get("training", {})
+        common = {
+            "status": r["status"],
+            "convergence": training.get("convergence", ""),
+            "updates": training.get("updates"),
+            "seconds_encode": r["seconds"].get("encode"),
+            "seconds_cell": r["seconds"].get("train"),
+            "host": r["worker"]["host"],
+            "error": r["error"],
+        }
+        if r["status"] != "ok":
+            sets = ["train"] if r["identity"]["kind"] == "measure" else test_sets
+            for t in sets:
+                rows.append(
+                    {
+                        **_cell_columns(r),
+                        "test_set": t,
+                        "metric": "",
+                        "value": nan,
+                        "lo": nan,
+                        "hi": nan,
+                        "mae": nan,
+                        "mae_lo": nan,
+                        "mae_hi": nan,
+                        "n": None,
+                        **common,
+                    }
+                )
+            continue
+        for row in r["rows"]:
+            rows.append(
+                {
+                    **_cell_columns(r),
+                    "test_set": row["test_set"],
+                    "metric": row["metric"],
+                    "value": row["value"],
+                    "lo": row["lo"],
+                    "hi": row["hi"],
+                    "mae": row.get("mae", nan),
+                    "mae_lo": row.get("mae_lo", nan),
+                    "mae_hi": row.get("mae_hi", nan),
+                    "n": row["n"],
+                    **common,
+                }
+            )
+    return rows
+
+
+def _flags(statuses: Sequence[str], seed_sd: float | None) -> str:
+    """◌ a seed drew a flat map, ⚠ a seed did not finish training, ± finished seeds disagree (as the reports)."""
+    flags = ("◌" if "flat map" in statuses else "") + ("⚠" if any(s not in FINISHED for s in statuses) else "")
+    if not flags and seed_sd is not None and seed_sd > SEED_SPREAD_LIMIT:
+        flags = "±"
+    return flags
+
+
+def summary_rows(results: Sequence[dict], test_sets: Sequence[str]) -> list[dict]:
+    """summary.csv: one row per (cell over its seeds, test set): the mean and its 95% two-way bootstrap interval
+    over images and seeds (intervals.bootstrap), the seeds' spread, flags, and the selectivity against PosENet
+    with the same readout where the sweep has it."""
+    by_cell: dict[tuple, list[dict]] = {}
+    for r in results:
+        key = tuple(v for k, v in _cell_columns(r).items() if k not in ("cell_id", "seed"))
+        by_cell.setdefault(key, []).append(r)
+    out = []
+    for rs in by_cell.values():
+        first = {k: v for k, v in _cell_columns(rs[0]).items() if k not in ("cell_id", "seed")}
+        ok = [r for r in rs if r["status"] == "ok"]
+        errors = list(dict.fromkeys(r["error"] for r in rs if r["status"] != "ok"))
+        sets = (
+            [row["test_set"] for row in ok[0]["rows"]]
+            if ok
+            else (["train"] if first["kind"] == "measure" else list(test_sets))
+        )
+        for t in sets:
+            out.append(
+                {
+                    **first,
+                    **_over_seeds(ok, t),
+                    "seeds": len(ok),
+                    "failed_seeds": len(rs) - len(ok),
+                    "status": "ok" if ok else "failed",
+                    "error": "; ".join(errors),
+                }
+            )
+    _add_selectivity(out)
+    return out
+
+
+def _over_seeds(ok: Sequence[dict], test_set: str) -> dict:
+    """Mean, interval and spread of one test set's scores over the cell's successful seeds."""
+    empty = {
+        "test_set": test_set,
+        "metric": "",
+        "value": nan,
+        "lo": nan,
+        "hi": nan,
+        "seed_sd": None,
+        "mae": nan,
+        "mae_lo": nan,
+        "mae_hi": nan,
+        "flags": "",
+        "convergence": "",
+    }
+    if not ok:
+        return empty
+    rows = [next(row for row in r["rows"] if row["test_set"] == test_set) for r in ok]
+    statuses = [r.get("training", {}).get("convergence", "") for r in ok]
+    if rows[0]["metric"] != "spc":  # a measure: one value, its own interval
+        return {
+            **empty,
+            "metric": rows[0]["metric"],
+            "value": rows[0]["value"],
+            "lo": rows[0]["lo"],
+            "hi": rows[0]["hi"],
+        }
+    spc = torch.tensor([r["per_image"][test_set]["spc"] for r in ok], dtype=torch.float64)  # (S, N)
+    err = torch.tensor([r["per_image"][test_set]["mae"] for r in ok], dtype=torch.float64)
+    sd = float(spc.mean(dim=1).std(correction=0)) if len(ok) > 1 else None
+    s, m = bootstrap(spc), bootstrap(err)
+    return {
+        "test_set": test_set,
+        "metric": "spc",
+        "value": s.mean,
+        "lo": s.lo,
+        "hi": s.hi,
+        "seed_sd": sd,
+        "mae": m.mean,
+        "mae_lo": m.lo,
+        "mae_hi": m.hi,
+        "flags": _flags(statuses, sd),
+        "convergence": "; ".join(sorted(set(statuses))),
+    }
+
+
+def _add_selectivity(rows: list[dict]) -> None:
+    """selectivity = SPC - max(0, PosENet's SPC with the same readout, pattern, training and test set): what the
+    features add over the raw pixels' own position cues (studies/controls.py), None without a PosENet group."""
+    pixels = {
+        (r["train_set"], r["readout"], r["pattern"], r["test_set"]): r["value"]
+        for r in rows
+        if r["backbone"] == "posenet" and r["layers"] == ALL and r["metric"] == "spc"
+    }
+    for r in rows:
+        base = pixels.get((r["train_set"], r["readout"], r["pattern"], r["test_set"]))
+        ok = r["metric"] == "spc" and r["backbone"] != "posenet" and base is not None and not math.isnan(base)
+        r["selectivity"] = r["value"] - max(0.0, base) if ok else None
+
+
+def read_results(spec: SweepSpec, groups: Sequence[Group], store: CellStore) -> tuple[list[dict], list[str]]:
+    """The current spec's cell results in spec order, and the ids of its cells not yet written."""
+    results, missing = [], []
+    for g in groups:
+        for c in g.cells:
+            cid = cell_id(spec, c)
+            r = store.read(cid)
+            if r is None:
+                missing.append(cid)
+            else:
+                results.append(r)
+    return results, missing
+
+
+def write_tables(out: Path, rows: list[dict], summary: list[dict]) -> list[str]:
+    """results.csv (+ results.parquet where pyarrow is installed) and summary.csv; notes on what was not written."""
+    replace_atomically(out / "results.csv", lambda p: write_csv(p, rows))
+    replace_atomically(out / "summary.csv", lambda p: write_csv(p, summary))
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return ["results.parquet not written: pyarrow is not installed (pip install 'posprobe[sweep]')"]
+    replace_atomically(out / "results.parquet", lambda p: pq.write_table(pa.Table.from_pylist(rows), p))
+    return []
