@@ -828,7 +828,13 @@ def sweep_cmd(
 
         print(describe_costs(config, plan(config), CellStore(out, create=False) if out.is_dir() else None))
         return
-    outcome = run_sweep(config, out, executor, ray_address, fail_fast, progress=not quiet)
+    session = contextlib.nullcontext()
+    if executor == "ray":  # joined before anything is written: an unreachable cluster leaves no folder
+        from .studies.sweep_ray import ray_session
+
+        session = ray_session(ray_address)
+    with session:
+        outcome = run_sweep(config, out, executor, ray_address, fail_fast, progress=not quiet)
     for note in outcome["notes"]:
         print(f"posprobe: note: {note}", file=sys.stderr)
     ran = outcome["cells"] - outcome["done_before"]

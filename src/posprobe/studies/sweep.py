@@ -40,7 +40,7 @@ from ..readouts.linear import LinearProbe
 from ..targets import make_target
 from .layer_curve import position_variance_by_level
 from .sweep_spec import ALL, BUNDLED, NATURAL, ROLLED, Group, SweepCell, SweepSpec, cell_id, plan
-from .sweep_store import CellStore, SweepLock, now
+from .sweep_store import CELLS, EVENTS, CellStore, SweepLock, now
 from .sweep_table import replace_atomically, results_rows, summary_rows, write_tables
 
 EXECUTORS = ("local", "ray")
@@ -110,6 +110,19 @@ def cell_result(spec: SweepSpec, group: Group, cell: SweepCell, status: str, err
     }
 
 
+def error_line(err: BaseException) -> str:
+    """An error in one line for a cell's file and the console: a user's error as it reads, an OS error with its
+    path, anything else with its type and the line of code that raised it."""
+    if isinstance(err, PosprobeError):
+        message = str(err)
+    elif isinstance(err, OSError):
+        message = describe_os_error(err)
+    else:
+        tb = traceback.extract_tb(err.__traceback__)
+        message = f"{type(err).__name__}: {err}" + (f" (at {tb[-1].line})" if tb else "")
+    return " ".join(message.split()) or type(err).__name__  # torch's messages span lines
+
+
 class GroupRun:
     """One group's work in one process: its backbone, encoded sets, and the results it hands to ``put``."""
 
@@ -121,20 +134,26 @@ class GroupRun:
 
     def fail(self, cells: Sequence[SweepCell], err: BaseException) -> None:
         """Record ``cells`` as failed with ``err`` in one line; re-raise under --fail-fast."""
-        if isinstance(err, PosprobeError):
-            message = str(err)
-        elif isinstance(err, OSError):
-            message = describe_os_error(err)
-        else:
-            message = f"{type(err).__name__}: {err} (at {traceback.extract_tb(err.__traceback__)[-1].line})"
+        message = error_line(err)
         for cell in cells:
             self.put(self._result(cell, "failed", error=message))
         if self.fail_fast:
             raise PosprobeError(f"{self.group.label}: {cells[0].describe()} failed: {message} (--fail-fast)")
 
     def _result(self, cell: SweepCell, status: str, error: str = "", **fields) -> dict:
+        """A cell's result; where the backbone was built, with its level's place (a failed seed's too, so that the
+        summary sees the same cell in every seed)."""
+        where = self._level_facts(cell.levels) if self.facts else {}
         return cell_result(
-            self.spec, self.group, cell, status, error, backbone=self.facts, seconds=dict(self.seconds), **fields
+            self.spec,
+            self.group,
+            cell,
+            status,
+            error,
+            backbone=self.facts,
+            seconds=dict(self.seconds),
+            **where,
+            **fields,
         )
 
     def run(self, cells: Sequence[SweepCell]) -> None:
@@ -229,10 +248,8 @@ class GroupRun:
                     "n_constant": s["n_constant"],
                 }
             )
-            per_image[name] = {"spc": sc.spc.tolist(), "mae": sc.mae.tolist()}
-        return self._result(
-            cell, "ok", rows=rows, per_image=per_image, data=self.data, **self._level_facts(cell.levels), **fields
-        )
+            per_image[name] = {"ids": list(sc.ids), "spc": sc.spc.tolist(), "mae": sc.mae.tolist()}
+        return self._result(cell, "ok", rows=rows, per_image=per_image, data=self.data, **fields)
 
     def _train_pem(self, cells: list[SweepCell]) -> None:
         """One seed's PEM readouts, trained together in the same passes, scored on every test set."""
@@ -318,7 +335,7 @@ class GroupRun:
                 "groups": groups,
                 "measured_at": p["pvf_measured_at"],
             }
-            self.put(self._result(c, "ok", rows=[row], data=self.data, **self._level_facts(c.levels)))
+            self.put(self._result(c, "ok", rows=[row], data=self.data))
 
 
 def todo(spec: SweepSpec, groups: Sequence[Group], store: CellStore) -> list[Group]:
@@ -339,8 +356,8 @@ def run_group(
     results: list[dict] = []
 
     def keep(result: dict) -> None:
-        put(result)
-        results.append(result)
+        if put(result) is not False:  # False: the store already holds the cell as finished
+            results.append(result)
 
     GroupRun(spec, group, keep, progress, fail_fast).run(group.cells)
     return results
@@ -381,7 +398,8 @@ def open_sweep_dir(out: Path) -> None:
     if out.exists():
         if not out.is_dir():
             raise PosprobeError(f"--out {out} is a file; expected a new folder or an earlier sweep's folder")
-        if not (out / SWEEP_FILE).is_file() and any(out.iterdir()):
+        own = {".lock", CELLS, EVENTS}  # what a sweep writes before sweep.json: a run stopped at its start
+        if not (out / SWEEP_FILE).is_file() and any(p.name not in own for p in out.iterdir()):
             raise PosprobeError(
                 f"--out {out} exists and holds no sweep ({SWEEP_FILE}); choose a new folder, or an earlier "
                 "sweep's folder to resume it"
@@ -391,11 +409,17 @@ def open_sweep_dir(out: Path) -> None:
 
 @contextlib.contextmanager
 def _active(out: Path):
-    _ACTIVE.append(out)
+    """``out`` is the sweep being written while the block runs, and stays so after an interrupt: the CLI's line,
+    printed once the interrupt has left every block, names the folder that keeps the finished cells."""
+    _ACTIVE[:] = [out]
     try:
         yield
-    finally:
-        _ACTIVE.pop()
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        _ACTIVE.clear()
+        raise
+    _ACTIVE.clear()
 
 
 def _record(out: Path) -> dict:
@@ -446,7 +470,7 @@ def run_sweep(
         replace_atomically(out / "spec.toml", lambda p: p.write_text(spec.text, encoding="utf-8"))
         _write_record(out, record)
         echo(f"{spec.name}: {total} cells in {len(groups)} groups; {total - to_run} done before, {to_run} to run")
-        started = time.perf_counter()
+        started, stopped = time.perf_counter(), None
         try:
             if executor == "ray":
                 from .sweep_ray import run_ray
@@ -454,12 +478,16 @@ def run_sweep(
                 run_ray(spec, left, store, ray_address, fail_fast, progress, echo)
             else:
                 run_local(spec, left, store, fail_fast, progress, echo)
-        finally:
+        except PosprobeError as err:  # --fail-fast: the tables still show what finished and what failed
+            stopped = err
+        finally:  # an interrupt keeps the cells written so far; the tables wait for the next run
             run.update(finished=now(), seconds=time.perf_counter() - started)
             _write_record(out, record)
         summary = write_report(out)
         run["failed"] = sum(r["status"] == "failed" for r in summary["results"])
         _write_record(out, record)
+        if stopped is not None:
+            raise stopped
         return {**run, "notes": summary["notes"], "missing": summary["missing"]}
 
 

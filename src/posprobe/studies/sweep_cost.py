@@ -118,22 +118,24 @@ def describe_costs(spec: SweepSpec, groups: list[Group], store: CellStore | None
     ``store``: an earlier run's folder, whose finished cells are not counted."""
     done = store.finished(cell_id(spec, c) for g in groups for c in g.cells) if store is not None else set()
     speed, per_update = flops_per_second(), seconds_per_update(spec)
+    width = max([len("group"), *(len(g.label) for g in groups)]) + 2  # whole labels: a checkpoint path ends in its name
     lines = [
-        f"{'group':<48}{'cells':>6}{'to run':>7}{'images':>8}{'GFLOP/img':>10}{'readout TFLOP':>14}{'cache MB':>9}"
+        f"{'group':<{width}}{'cells':>6}{'to run':>7}{'images':>8}{'GFLOP/img':>10}{'readout TFLOP':>14}{'cache MB':>9}"
     ]
     flops, seconds, cache, cells, left_total = 0.0, 0.0, 0, 0, 0
     for g in groups:
-        cost = group_cost(spec, g)
-        left = sum(cell_id(spec, c) not in done for c in g.cells)
+        todo = tuple(c for c in g.cells if cell_id(spec, c) not in done)
+        cost = group_cost(spec, Group(g.setting, g.train, todo or g.cells))  # the readouts still to train
+        left = len(todo)
         cells, left_total = cells + len(g.cells), left_total + left
         if cost.error:
-            lines.append(f"{g.label[:47]:<48}{len(g.cells):>6}{left:>7}{cost.images:>8}  cannot build: {cost.error}")
+            lines.append(f"{g.label:<{width}}{len(g.cells):>6}{left:>7}{cost.images:>8}  cannot build: {cost.error}")
             continue
         if left:
             flops, cache = flops + cost.flops, cache + cost.cache_bytes
             seconds += cost.flops / speed + per_update * cost.updates
         lines.append(
-            f"{g.label[:47]:<48}{len(g.cells):>6}{left:>7}{cost.images:>8}{cost.encoder_flops / 1e9:>10.2f}"
+            f"{g.label:<{width}}{len(g.cells):>6}{left:>7}{cost.images:>8}{cost.encoder_flops / 1e9:>10.2f}"
             f"{cost.readout_flops / 1e12:>14.3f}{cost.cache_bytes / 1e6:>9.1f}"
         )
     lines.append(

@@ -9,10 +9,12 @@ A group whose retries are spent has its unfinished cells recorded as failed, and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ..errors import PosprobeError
 from .sweep import cell_result, group_line, run_group
@@ -30,11 +32,31 @@ def _ray():
     return ray
 
 
-def _connect(ray, address: str | None) -> bool:
-    """Join the cluster at ``address`` ('auto': the one this machine runs; 'local' or None: a new one-node Ray in
-    this process); whether this call started Ray (and so must stop it)."""
+def _reachable(address: str) -> None:
+    """Refuse a HOST:PORT where nothing listens at once (Ray itself waits minutes before it gives up)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise PosprobeError(f"--ray-address expects auto, local or HOST:PORT; given '{address}'")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise PosprobeError(
+            f"no Ray cluster answers at {address} ({err.strerror or err}); start one there with "
+            "'ray start --head --port PORT', or pass --ray-address local to run one in this process"
+        ) from None
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = "auto") -> Iterator:
+    """Ray joined to the cluster at ``address`` ('auto': the one this machine runs; 'local' or None: a new
+    one-node Ray in this process) for the block; a session this call started is shut down after it. Entered
+    before anything is written, so an unreachable cluster leaves no folder behind."""
+    ray = _ray()
     if ray.is_initialized():
-        return False
+        yield ray
+        return
+    if address not in (None, LOCAL, "auto"):
+        _reachable(address)
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     try:
         if address in (None, LOCAL):
@@ -44,10 +66,13 @@ def _connect(ray, address: str | None) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PosprobeError(
-            f"cannot reach a Ray cluster at '{address}': {first}; start one with 'ray start --head' "
+            f"cannot join a Ray cluster at '{address}': {first}; start one with 'ray start --head' "
             "or pass --ray-address local to run one in this process"
         ) from None
-    return True
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 def _group_task(spec: SweepSpec, group: Group, store, progress: bool, fail_fast: bool) -> list[dict]:
@@ -71,11 +96,9 @@ def run_ray(
     echo: Callable[[str], None] = print,
 ) -> None:
     """Run every group as a Ray task on the cluster at ``address``; results are written as they arrive."""
-    ray = _ray()
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    with ray_session(address) as ray:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    started_ray = _connect(ray, address)
-    try:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         sink = ray.remote(CellStore).options(num_cpus=0, scheduling_strategy=here).remote(str(store.out))
         res = spec.resources
@@ -104,9 +127,6 @@ def run_ray(
                         ray.cancel(other, force=True)
                     raise PosprobeError(f"{group.label}: {results[0]['error']} (--fail-fast)") from None
             echo(group_line(i, len(groups), group, results, time.perf_counter() - started[group]))
-    finally:
-        if started_ray:
-            ray.shutdown()
 
 
 def _lost(spec: SweepSpec, group: Group, sink, ray, err: Exception) -> list[dict]:

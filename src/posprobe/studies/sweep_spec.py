@@ -12,8 +12,10 @@ naming the place in the spec, before any encoding.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,7 +26,7 @@ from ..backbones import INPUT_NORMS, get_backbone_spec
 from ..backbones.padding import check_padding_mode
 from ..backbones.pos_embed import check_pos_embed_mode
 from ..backbones.registry import parse_layers, select_layers
-from ..data import SYNTHETIC
+from ..data import SYNTHETIC, FolderImages
 from ..errors import PosprobeError, unknown_choice
 from ..readouts.pem import check_readout_config
 from ..readouts.train import TrainConfig, get_profile
@@ -49,6 +51,7 @@ _BACKBONE_KEYS = ("name", "weights", "weights_seed", "padding", "pos_embed", "ta
 _READOUT_KEYS = ("kind", "kernel_size", "depth", "padding")
 _RESOURCE_KEYS = ("num_cpus", "num_gpus", "max_retries")
 _CACHE_KEYS = ("enabled", "dir", "max_gb")
+_COUNTS = ("steps", "epochs", "batch_size", "readout_width")  # [training]'s integers
 
 
 @dataclass(frozen=True)
@@ -179,17 +182,43 @@ class Group:
 
 
 def cell_id(spec: SweepSpec, cell: SweepCell) -> str:
-    """16 hex digits hashing everything that determines the cell's numbers (a readout's do not depend on the
-    seeds or cells beside it: see readouts/engine), so an edited spec reuses exactly the cells it still names."""
+    """16 hex digits hashing everything that determines the cell's numbers and nothing else (a readout's do not
+    depend on the seeds or cells beside it: see readouts/engine), so an edited spec reuses exactly the cells it
+    still names: a measure reads the training features only (no test set, seed or schedule), the linear probe is
+    solved (no schedule), and the natural photos and rolls count only where a test set uses them."""
+    d = spec.data
+    data: dict[str, Any] = {
+        "train": cell.train,
+        "image_size": d.image_size,
+        "feat_size": d.feat_size,
+        "crops_per_photo": d.crops_per_photo,
+        "input_norm": d.input_norm,
+    }
     identity: dict[str, Any] = {
         "cell": asdict(cell),
-        "data": asdict(spec.data) | {"train": cell.train, "test": sorted(spec.data.test)},
+        "data": data,
+        "device": spec.device,  # CPU and GPU kernels round apart
+        "cached": spec.cache.enabled,  # the feature cache keeps float16, an in-memory encoding float32
     }
-    if not cell.measure:
+    if not cell.measure:  # scored on every test set: the file holds a row per set
+        data["test"] = sorted(d.test)
+        if NATURAL in d.test or ROLLED in d.test:
+            data["natural"] = d.natural
+        if ROLLED in d.test:
+            data["rolls"] = d.rolls
+    if cell.kind == "pem":
         identity["train"] = asdict(spec.train) | {"seed": cell.seed}
-        identity["device"] = spec.device  # CPU and GPU kernels round differently
     text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _at(where: str):
+    """A PosprobeError raised inside (by a check shared with the CLI) names the place in the spec it concerns."""
+    try:
+        yield
+    except PosprobeError as err:
+        raise PosprobeError(f"{where}: {err}") from None
 
 
 def _table(raw: Any, where: str) -> dict:
@@ -248,9 +277,13 @@ def _data(raw: Mapping, base: Path) -> DataSettings:
     folder = lambda s: s if s == BUNDLED else str((base / Path(s).expanduser()).resolve())  # noqa: E731
     train = tuple(folder(s) for s in _as_list(raw.get("train", BUNDLED), f"{where}.train", str))
     natural = folder(_scalar(raw, "natural", BUNDLED, str, where))
-    for path in [*train, natural]:
-        if path != BUNDLED and not Path(path).is_dir():
-            raise PosprobeError(f"{where}: image folder not found: {path} (a folder, or 'bundled')")
+    for key, paths in (("train", train), ("natural", [natural])):
+        for path in paths:
+            if path != BUNDLED and not Path(path).is_dir():
+                raise PosprobeError(f"{where}.{key}: image folder not found: {path} (a folder, or 'bundled')")
+            if path != BUNDLED:
+                with _at(f"{where}.{key}"):
+                    FolderImages(path)  # one without images is refused now, not by every group
     test = tuple(dict.fromkeys(_as_list(raw.get("test", [NATURAL]), f"{where}.test", str)))
     for t in test:
         if t not in TEST_SETS:
@@ -276,41 +309,54 @@ def _training(raw: Mapping) -> tuple[str, TrainConfig, str]:
     where = "[training]"
     _check_keys(raw, _TRAINING_KEYS, where)
     profile = _scalar(raw, "profile", "quick", str, where)
-    config = get_profile(
-        profile,
-        _scalar(raw, "readout_width", None, int, where),
-        steps=_scalar(raw, "steps", None, int, where),
-        epochs=_scalar(raw, "epochs", None, int, where),
-        lr=_scalar(raw, "lr", None, (int, float), where),
-        batch_size=_scalar(raw, "batch_size", None, int, where),
-    )
-    for key in ("steps", "epochs", "batch_size"):
-        if raw.get(key) is not None:
-            _positive(raw[key], f"{where}.{key}")
+    steps, epochs, batch_size, width = (_scalar(raw, k, None, int, where) for k in _COUNTS)
+    for key, value in zip(_COUNTS, (steps, epochs, batch_size, width)):
+        if value is not None:
+            _positive(value, f"{where}.{key}", 0 if key == "readout_width" else 1)
+    lr = _scalar(raw, "lr", None, (int, float), where)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise PosprobeError(f"{where}.lr must be a finite number > 0; given {lr}")
+    if steps is not None and epochs is not None:
+        raise PosprobeError(f"{where} gives steps (SGD updates) and epochs (passes); give one of them")
+    with _at(where):
+        config = get_profile(profile, width, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size)
     device = _scalar(raw, "device", "cpu", str, where)
     if device != "auto" and device != "cpu" and not device.startswith("cuda"):
         raise PosprobeError(f"{where}.device expects cpu, cuda, cuda:N or auto; given '{device}'")
     return profile, config, device
 
 
-def _levels_of(setting: BackboneSetting, image_size: int) -> list[str]:
-    """The tap names a setting yields (unknown backbones and layers fail here, with the list)."""
-    spec = get_backbone_spec(setting.name, image_size)
+def _levels_of(setting: BackboneSetting, image_size: int, where: str = "[[backbones]]") -> list[str]:
+    """The tap names a setting yields (unknown backbones and taps fail here, with the list)."""
+    with _at(f"{where}.name"):
+        spec = get_backbone_spec(setting.name, image_size)
     if setting.taps is not None:
-        spec = select_layers(spec, setting.taps)
+        with _at(f"{where}.taps"):
+            spec = select_layers(spec, setting.taps)
     return [lv.name for lv in spec.levels]
+
+
+def _layer_names(value: str, where: str) -> tuple[str, ...]:
+    """'layer1, layer3' -> ('layer1', 'layer3'): names read together, each once."""
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if not names:
+        raise PosprobeError(f'{where} holds an empty layer list {value!r}; e.g. "layer2,layer4", all or each')
+    repeated = [n for n in names if names.count(n) > 1]
+    if repeated:
+        raise PosprobeError(f"{where} names '{repeated[0]}' twice in {value!r}; name each layer once")
+    return names
 
 
 def _layer_choices(values: list[str], levels: list[str], where: str) -> list[str]:
     """'all' / 'each' / 'layer1,layer3' (read together) -> level keys: 'all', 'layer2', 'layer1+layer3'."""
     out: list[str] = []
     for value in values:
-        if value == ALL:
+        if value.strip() == ALL:
             out.append(ALL)
-        elif value == EACH:
+        elif value.strip() == EACH:
             out += levels
         else:
-            names = parse_layers(value)
+            names = _layer_names(value, f"{where}.layers")
             for n in names:
                 if n not in levels:
                     raise unknown_choice(f"layer in {where}.layers (a tap of this setting)", n, [*levels, ALL, EACH])
@@ -318,11 +364,25 @@ def _layer_choices(values: list[str], levels: list[str], where: str) -> list[str
     return list(dict.fromkeys(out))
 
 
-def _backbones(raw: Any, image_size: int) -> tuple[tuple[BackboneSetting, tuple[str, ...]], ...]:
+def _weights(name: str, weights: str, image_size: int, base: Path, where: str) -> str | None:
+    """'default' -> None; 'random' or a name the backbone knows, as given; anything else is a checkpoint path,
+    resolved against the spec's folder as image folders are, so that a cell's id names one file wherever the
+    sweep is started from (whether it exists is the run's to find: a Ray node may hold it where this one does
+    not)."""
+    if weights == "default":
+        return None
+    with _at(f"{where}.name"):
+        known = get_backbone_spec(name, image_size).weight_names
+    if weights == "random" or weights in known:
+        return weights
+    return str((base / Path(weights).expanduser()).resolve())
+
+
+def _backbones(raw: Any, image_size: int, base: Path) -> tuple[tuple[BackboneSetting, tuple[str, ...]], ...]:
     entries = raw if isinstance(raw, list) else [raw]
     if raw is None or not entries:
         raise PosprobeError("the spec names no backbone; add a [[backbones]] table with name = ...")
-    out = []
+    out, places = [], {}  # each setting and the table that named it first
     for i, entry in enumerate(entries, 1):
         where = f"[[backbones]] {i}"
         entry = _table(entry, where)
@@ -334,28 +394,37 @@ def _backbones(raw: Any, image_size: int) -> tuple[tuple[BackboneSetting, tuple[
         wseeds = _as_list(entry.get("weights_seed", 0), f"{where}.weights_seed", int)
         paddings = _as_list(entry.get("padding", "model"), f"{where}.padding", str)
         pos = _as_list(entry.get("pos_embed", "keep"), f"{where}.pos_embed", str)
-        taps = entry.get("taps")
-        taps = None if taps is None or taps == ALL else parse_layers(_as_list(taps, f"{where}.taps", str))
+        taps = entry.get("taps", ALL)
+        if taps == ALL:
+            taps = None  # the backbone's own taps
+        else:
+            with _at(f"{where}.taps"):
+                taps = parse_layers(_as_list(taps, f"{where}.taps", str))
         layers = _as_list(entry.get("layers", ALL), f"{where}.layers", str)
+        for ws in wseeds:
+            _positive(ws, f"{where}.weights_seed", 0)
         for p in paddings:
             if p != "model":
-                check_padding_mode(p)
+                with _at(f"{where}.padding"):
+                    check_padding_mode(p)
         for m in pos:
-            check_pos_embed_mode(m)
+            with _at(f"{where}.pos_embed"):
+                check_pos_embed_mode(m)
         for name in names:
             for w in weights:
+                key = _weights(name, w, image_size, base, where)
                 for s in wseeds:
                     for p in paddings:
                         for m in pos:
-                            setting = BackboneSetting(
-                                name, None if w == "default" else w, s, None if p == "model" else p, m, taps
-                            )
-                            levels = _levels_of(setting, image_size)
+                            setting = BackboneSetting(name, key, s, None if p == "model" else p, m, taps)
+                            if setting in places:
+                                raise PosprobeError(
+                                    f"{where} names the backbone setting '{setting.label}' again (first in "
+                                    f"{places[setting]}); give each setting once"
+                                )
+                            places[setting] = where
+                            levels = _levels_of(setting, image_size, where)
                             out.append((setting, tuple(_layer_choices(layers, levels, where))))
-    settings = [s for s, _ in out]
-    repeated = [s.label for s in settings if settings.count(s) > 1]
-    if repeated:
-        raise PosprobeError(f"the spec names the backbone setting '{repeated[0]}' twice; give each once")
     return tuple(out)
 
 
@@ -406,17 +475,22 @@ def _resources(raw: Mapping) -> Resources:
     gpus = _scalar(raw, "num_gpus", 0, (int, float), where)
     retries = _scalar(raw, "max_retries", 3, int, where)
     if cpus < 0 or gpus < 0 or retries < 0:
-        raise PosprobeError(f"{where} values must be non-negative; given num_cpus={cpus}, num_gpus={gpus}")
+        raise PosprobeError(
+            f"{where} values must be non-negative; given num_cpus={cpus}, num_gpus={gpus}, max_retries={retries}"
+        )
     return Resources(cpus, gpus, retries)
 
 
-def _cache(raw: Mapping) -> CacheSettings:
+def _cache(raw: Mapping, base: Path) -> CacheSettings:
+    """The feature cache's settings; a relative dir is the spec folder's, as image folders are."""
     where = "[cache]"
     _check_keys(raw, _CACHE_KEYS, where)
     max_gb = _scalar(raw, "max_gb", 32.0, (int, float), where)
     if max_gb <= 0:
         raise PosprobeError(f"{where}.max_gb must be positive; given {max_gb}")
-    return CacheSettings(_scalar(raw, "enabled", True, bool, where), _scalar(raw, "dir", None, str, where), max_gb)
+    folder = _scalar(raw, "dir", None, str, where)
+    folder = None if folder is None else str((base / Path(folder).expanduser()).resolve())
+    return CacheSettings(_scalar(raw, "enabled", True, bool, where), folder, max_gb)
 
 
 def parse_spec(text: str, base: Path = Path("."), source: str = "the spec") -> SweepSpec:
@@ -432,20 +506,25 @@ def parse_spec(text: str, base: Path = Path("."), source: str = "the spec") -> S
     measures = _measures(raw.get("measures"))
     if not readouts and not measures:
         raise PosprobeError('the spec names no readout or measure; add [[readouts]] kind = "pem" (or a [[measures]])')
-    patterns = tuple(resolve_patterns(_as_list(raw.get("patterns", ["H", "V", "G"]), "patterns", str)))
+    names = _as_list(raw.get("patterns", ["H", "V", "G"]), "patterns", str)
+    with _at("patterns"):
+        patterns = tuple(resolve_patterns(names))
+    name = raw.get("name", "sweep")
+    if not isinstance(name, str) or not name.strip():
+        raise PosprobeError(f"name must be a non-empty string; given {name!r}")
     return SweepSpec(
-        name=str(raw.get("name", "sweep")),
+        name=name,
         patterns=patterns,
         seeds=_seeds(raw.get("seeds", 1)),
         data=data,
         profile=profile,
         train=config,
         device=device,
-        backbones=_backbones(raw.get("backbones"), data.image_size),
+        backbones=_backbones(raw.get("backbones"), data.image_size, base),
         readouts=readouts,
         measures=measures,
         resources=_resources(_table(raw.get("resources", {}), "[resources]")),
-        cache=_cache(_table(raw.get("cache", {}), "[cache]")),
+        cache=_cache(_table(raw.get("cache", {}), "[cache]"), base),
         text=text,
     )
 

@@ -51,8 +51,11 @@ class CellStore:
             self.event("duplicate", cell=cid)
             return False
         tmp = self.path(cid).with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result, allow_nan=True))
-        os.replace(tmp, self.path(cid))
+        try:
+            tmp.write_text(json.dumps(result, allow_nan=True))
+            os.replace(tmp, self.path(cid))
+        finally:  # a full disk leaves no half-written file behind
+            tmp.unlink(missing_ok=True)
         self.event("cell " + result["status"], cell=cid, group=result["group"])
         return True
 

@@ -8,6 +8,7 @@ they stay out of the tables.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -17,8 +18,7 @@ import torch
 
 from ..intervals import SEED_SPREAD_LIMIT, bootstrap
 from ..output.rundir import write_csv
-from .sweep import CellStore
-from .sweep_spec import ALL, Group, SweepSpec, cell_id
+from .sweep_spec import ALL
 
 FINISHED = ("converged", "flat map", "exact")  # a linear probe is solved, not trained
 nan = math.nan
@@ -117,18 +117,23 @@ def _flags(statuses: Sequence[str], seed_sd: float | None) -> str:
     return flags
 
 
+def _cell_key(result: dict) -> str:
+    """What makes a result one of a cell's seeds: its identity without the seed (the display columns are not a
+    key: a seed that failed before its backbone was built has no weights label or level place)."""
+    return json.dumps({k: v for k, v in result["identity"].items() if k != "seed"}, sort_keys=True, default=str)
+
+
 def summary_rows(results: Sequence[dict], test_sets: Sequence[str]) -> list[dict]:
     """summary.csv: one row per (cell over its seeds, test set): the mean and its 95% two-way bootstrap interval
     over images and seeds (intervals.bootstrap), the seeds' spread, flags, and the selectivity against PosENet
     with the same readout where the sweep has it."""
-    by_cell: dict[tuple, list[dict]] = {}
+    by_cell: dict[str, list[dict]] = {}
     for r in results:
-        key = tuple(v for k, v in _cell_columns(r).items() if k not in ("cell_id", "seed"))
-        by_cell.setdefault(key, []).append(r)
+        by_cell.setdefault(_cell_key(r), []).append(r)
     out = []
     for rs in by_cell.values():
-        first = {k: v for k, v in _cell_columns(rs[0]).items() if k not in ("cell_id", "seed")}
         ok = [r for r in rs if r["status"] == "ok"]
+        first = {k: v for k, v in _cell_columns((ok or rs)[0]).items() if k not in ("cell_id", "seed")}
         errors = list(dict.fromkeys(r["error"] for r in rs if r["status"] != "ok"))
         sets = (
             [row["test_set"] for row in ok[0]["rows"]]
@@ -150,6 +155,18 @@ def summary_rows(results: Sequence[dict], test_sets: Sequence[str]) -> list[dict
     return out
 
 
+def _grid(ok: Sequence[dict], test_set: str, metric: str) -> torch.Tensor:
+    """(S, N) per-image values of the seeds in ``ok`` on the images every seed scored (the same images, unless
+    the folder changed between runs or an image could not be read on one node), in the first seed's order."""
+    scored = [r["per_image"][test_set] for r in ok]
+    if all("ids" in s for s in scored):
+        shared = set.intersection(*(set(s["ids"]) for s in scored))
+        ids = [i for i in scored[0]["ids"] if i in shared]
+        values = [dict(zip(s["ids"], s[metric])) for s in scored]
+        return torch.tensor([[v[i] for i in ids] for v in values], dtype=torch.float64).reshape(len(ok), len(ids))
+    return torch.tensor([s[metric] for s in scored], dtype=torch.float64)
+
+
 def _over_seeds(ok: Sequence[dict], test_set: str) -> dict:
     """Mean, interval and spread of one test set's scores over the cell's successful seeds."""
     empty = {
@@ -162,6 +179,7 @@ def _over_seeds(ok: Sequence[dict], test_set: str) -> dict:
         "mae": nan,
         "mae_lo": nan,
         "mae_hi": nan,
+        "n": None,
         "flags": "",
         "convergence": "",
     }
@@ -176,9 +194,9 @@ def _over_seeds(ok: Sequence[dict], test_set: str) -> dict:
             "value": rows[0]["value"],
             "lo": rows[0]["lo"],
             "hi": rows[0]["hi"],
+            "n": rows[0]["n"],
         }
-    spc = torch.tensor([r["per_image"][test_set]["spc"] for r in ok], dtype=torch.float64)  # (S, N)
-    err = torch.tensor([r["per_image"][test_set]["mae"] for r in ok], dtype=torch.float64)
+    spc, err = _grid(ok, test_set, "spc"), _grid(ok, test_set, "mae")  # (S, N)
     sd = float(spc.mean(dim=1).std(correction=0)) if len(ok) > 1 else None
     s, m = bootstrap(spc), bootstrap(err)
     return {
@@ -191,6 +209,7 @@ def _over_seeds(ok: Sequence[dict], test_set: str) -> dict:
         "mae": m.mean,
         "mae_lo": m.lo,
         "mae_hi": m.hi,
+        "n": spc.shape[1],
         "flags": _flags(statuses, sd),
         "convergence": "; ".join(sorted(set(statuses))),
     }
@@ -208,20 +227,6 @@ def _add_selectivity(rows: list[dict]) -> None:
         base = pixels.get((r["train_set"], r["readout"], r["pattern"], r["test_set"]))
         ok = r["metric"] == "spc" and r["backbone"] != "posenet" and base is not None and not math.isnan(base)
         r["selectivity"] = r["value"] - max(0.0, base) if ok else None
-
-
-def read_results(spec: SweepSpec, groups: Sequence[Group], store: CellStore) -> tuple[list[dict], list[str]]:
-    """The current spec's cell results in spec order, and the ids of its cells not yet written."""
-    results, missing = [], []
-    for g in groups:
-        for c in g.cells:
-            cid = cell_id(spec, c)
-            r = store.read(cid)
-            if r is None:
-                missing.append(cid)
-            else:
-                results.append(r)
-    return results, missing
 
 
 def write_tables(out: Path, rows: list[dict], summary: list[dict]) -> list[str]:
