@@ -32,7 +32,7 @@ from posprobe.intervals import bootstrap
 from posprobe.readouts.linear import LinearProbe
 from posprobe.readouts.probe import PositionProbe
 from posprobe.readouts.train import get_profile
-from posprobe.studies import sweep, sweep_table
+from posprobe.studies import sweep_group, sweep_table
 from posprobe.studies.sweep_spec import cell_id, parse_spec, plan
 from posprobe.studies.sweep_store import CellStore, SweepLock
 
@@ -641,14 +641,14 @@ def test_a_cell_that_fails_once_is_run_again_and_the_summary_keeps_one_row_per_c
     run retries the failed seed alone."""
     out = tmp_path / "out"
     spec = write_spec(tmp_path, FAST.replace('"H", "G"', '"H"').replace('"posenet"', '"posenet"\nlayers = "image"'))
-    train_pem = sweep.GroupRun._train_pem
+    train_pem = sweep_group.GroupRun._train_pem
 
     def fail_seed_1(self, group):
         if group[0].seed == 1:
             raise RuntimeError("out of memory\non two lines")
         return train_pem(self, group)
 
-    monkeypatch.setattr(sweep.GroupRun, "_train_pem", fail_seed_1)
+    monkeypatch.setattr(sweep_group.GroupRun, "_train_pem", fail_seed_1)
     code, _, err = posprobe("sweep", spec, "--out", out, "--quiet")
     assert code == 1, err
     failed = [r for r in cells(out).values() if r["status"] == "failed"]
@@ -659,7 +659,7 @@ def test_a_cell_that_fails_once_is_run_again_and_the_summary_keeps_one_row_per_c
     assert {(r["status"], r["seeds"], r["failed_seeds"], r["layers"]) for r in summary} == {("ok", "1", "1", "image")}
     assert {r["level_index"] for r in summary} == {"0"}
     assert all(r["error"].startswith("RuntimeError: out of memory") for r in summary)
-    monkeypatch.setattr(sweep.GroupRun, "_train_pem", train_pem)
+    monkeypatch.setattr(sweep_group.GroupRun, "_train_pem", train_pem)
     code, stdout, err = posprobe("sweep", spec, "--out", out, "--quiet")
     assert code == 0 and "1 done before, 1 to run" in stdout, err
     assert {(r["status"], r["seeds"], r["failed_seeds"]) for r in read_csv(out / "summary.csv")} == {("ok", "2", "0")}

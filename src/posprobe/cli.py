@@ -828,13 +828,7 @@ def sweep_cmd(
 
         print(describe_costs(config, plan(config), CellStore(out, create=False) if out.is_dir() else None))
         return
-    session = contextlib.nullcontext()
-    if executor == "ray":  # joined before anything is written: an unreachable cluster leaves no folder
-        from .studies.sweep_ray import ray_session
-
-        session = ray_session(ray_address)
-    with session:
-        outcome = run_sweep(config, out, executor, ray_address, fail_fast, progress=not quiet)
+    outcome = run_sweep(config, out, executor, ray_address, fail_fast, progress=not quiet)
     for note in outcome["notes"]:
         print(f"posprobe: note: {note}", file=sys.stderr)
     ran = outcome["cells"] - outcome["done_before"]
@@ -952,6 +946,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
     if "posprobe.output.rundir" in sys.modules:  # called again in one process (tests): no previous command's --out
         sys.modules["posprobe.output.rundir"]._ACTIVE.clear()
+    if "posprobe.studies.sweep" in sys.modules:  # nor a previous command's interrupted sweep
+        sys.modules["posprobe.studies.sweep"]._ACTIVE.clear()
     received: list[int] = []
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):

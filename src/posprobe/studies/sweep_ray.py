@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from ..errors import PosprobeError
-from .sweep import cell_result, group_line, run_group
+from .sweep_group import cell_result, group_line, run_group
 from .sweep_spec import Group, SweepSpec, cell_id
 from .sweep_store import CellStore
 
