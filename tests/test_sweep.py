@@ -208,6 +208,8 @@ BAD_SPECS = {
         BASE + '[[backbones]]\nname = "tv:resnet18"\nweights = "random"\n',
         ["[[backbones]] 2", "tv:resnet18 · random", "first in [[backbones]] 1"],
     ),
+    "a pattern matching no model": (edit('"tv:resnet18"', '"timm:no_such_*"'), ["1.name", "matches no timm model"]),
+    "a pattern without a family": (edit('"tv:resnet18"', '"resnet*"'), ["1.name", "tv: or timm: family"]),
     "no readout and no measure": (BASE.split("[[readouts]]")[0], ["no readout or measure"]),
     "no backbone": (BASE.replace('[[backbones]]\nname = "tv:resnet18"\nweights = "random"\n', ""), ["no backbone"]),
     "unknown measure": (BASE + '[[measures]]\nkind = "pfv"\n', ["[[measures]] 1", "Did you mean 'pvf'"]),
@@ -226,6 +228,15 @@ def test_every_bad_spec_is_one_line_naming_its_place(text, fragments, tmp_path):
     assert "\n" not in message
     for f in fragments:
         assert f in message, (f, message)
+
+
+def test_a_name_pattern_expands_to_every_matching_model_of_its_family(tmp_path):
+    """A zoo in one line: 'timm:convnext_at*' is timm's ConvNeXt-Atto variants, each its own backbone setting."""
+    import timm
+
+    spec = parse_spec(edit('"tv:resnet18"', '["timm:convnext_at*", "tv:resnet18"]'), tmp_path)
+    expected = [f"timm:{m}" for m in sorted(timm.list_models("convnext_at*"))] + ["tv:resnet18"]
+    assert len(expected) > 2 and [s.name for s, _ in spec.backbones] == expected
 
 
 def test_an_empty_image_folder_is_refused_at_parse(tmp_path):

@@ -13,6 +13,7 @@ naming the place in the spec, before any encoding.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import math
@@ -378,6 +379,30 @@ def _weights(name: str, weights: str, image_size: int, base: Path, where: str) -
     return str((base / Path(weights).expanduser()).resolve())
 
 
+def _matching(name: str, where: str) -> list[str]:
+    """A name, or every model of its family that a shell-style pattern matches: 'timm:convnext_*' (timm's names),
+    'tv:resnet*' (torchvision's classification models), in sorted order."""
+    if not any(ch in name for ch in "*?["):
+        return [name]
+    family, _, pattern = name.partition(":")
+    if family == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise PosprobeError(f"{where} '{name}' needs the timm package: pip install 'posprobe[timm]'") from None
+        models = timm.list_models()
+    elif family == "tv":
+        from ..backbones.tv_models import tv_architectures
+
+        models = tv_architectures()
+    else:
+        raise PosprobeError(f"{where} '{name}': a pattern needs the tv: or timm: family, e.g. 'timm:convnext_*'")
+    found = sorted(fnmatch.filter(models, pattern))
+    if not found:
+        raise PosprobeError(f"{where} '{name}' matches no {family} model; {family} has {len(models)}")
+    return [f"{family}:{m}" for m in found]
+
+
 def _backbones(raw: Any, image_size: int, base: Path) -> tuple[tuple[BackboneSetting, tuple[str, ...]], ...]:
     entries = raw if isinstance(raw, list) else [raw]
     if raw is None or not entries:
@@ -389,7 +414,7 @@ def _backbones(raw: Any, image_size: int, base: Path) -> tuple[tuple[BackboneSet
         _check_keys(entry, _BACKBONE_KEYS, where)
         if "name" not in entry:
             raise PosprobeError(f'{where} has no name; e.g. name = "tv:resnet18" or a list of names')
-        names = _as_list(entry["name"], f"{where}.name", str)
+        names = [m for n in _as_list(entry["name"], f"{where}.name", str) for m in _matching(n, f"{where}.name")]
         weights = _as_list(entry.get("weights", "default"), f"{where}.weights", str)
         wseeds = _as_list(entry.get("weights_seed", 0), f"{where}.weights_seed", int)
         paddings = _as_list(entry.get("padding", "model"), f"{where}.padding", str)
