@@ -89,13 +89,21 @@ HEADER = {
     "notes": ["a note with <angle> brackets"],
 }
 FAILURES = [{"group": EVIL, "cell": "pem k3 · G · layer4 · black", "error": ERROR}]
+# two groups' training: a finished readout, a flat map and one still falling
+LOSS_CURVES = {
+    EVIL: [("pem k3 H on all, seed 0", "converged", [(5, 0.08), (50, 0.01), (100, 0.004)])],
+    "tv:resnet18 · random": [
+        ("pem k3 G on layer1, seed 0", "flat map", [(5, 0.06), (50, 0.05), (100, 0.05)]),
+        ("pem k3 G on layer2, seed 0", "still falling", [(5, 0.06), (50, 0.03), (100, 0.01)]),
+    ],
+}
 
 
 @pytest.fixture(scope="module")
 def report(summary, tmp_path_factory) -> Path:
     """The page, rendered once for the module (its figures take a second)."""
     out = tmp_path_factory.mktemp("report") / "sweep.html"
-    return write_sweep_html(out, summary, HEADER, spec_text="[sweep]\nname = '<zoo>'", failures=FAILURES)
+    return write_sweep_html(out, summary, HEADER, "[sweep]\nname = '<zoo>'", FAILURES, LOSS_CURVES)
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +120,17 @@ def test_nothing_is_fetched(page_html):
 
 def test_figures_are_inline_pngs(page_html):
     sources = re.findall(r'<img [^>]*src="([^"]*)"', page_html)
-    assert len(sources) == len(GROUPS)  # one layer curve per group
+    assert len(sources) == len(GROUPS) + len(LOSS_CURVES)  # a layer curve per group, a loss figure per trained one
     for src in sources:
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix)
         assert base64.b64decode(src[len(prefix) :])[:8] == PNG_MAGIC
+
+
+def test_training_shows_each_group_s_loss_curves(page_html):
+    assert '<a href="#training">' in page_html and '<section id="training">' in page_html
+    assert page_html.count('alt="loss curves: ') == len(LOSS_CURVES)
+    assert 'alt="loss curves: tv:resnet18 · random"' in page_html
 
 
 def test_user_text_is_escaped(page_html):
@@ -227,7 +241,7 @@ def test_in_a_browser(browser_page, report, summary, tmp_path):
     page.goto(report.as_uri(), wait_until="load")
 
     widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
-    assert len(widths) == len(GROUPS) and all(w > 0 for w in widths)
+    assert len(widths) == len(GROUPS) + len(LOSS_CURVES) and all(w > 0 for w in widths)
 
     value = page.locator('#results th[data-col="value"]')
     value.click()

@@ -97,6 +97,7 @@ td.failed { background: repeating-linear-gradient(45deg, #eee, #eee 4px, #f8f8f8
   margin-left: 4px; }
 figure { margin: 14px 0 24px; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }
+.grid { display: flex; flex-wrap: wrap; gap: 0 14px; }
 table.failures td { white-space: normal; vertical-align: top; }
 table.failures td.error { font-family: ui-monospace, monospace; font-size: 12px; color: #b42318; }
 pre { background: var(--bg-soft); border: 1px solid var(--line); border-radius: 6px; padding: 12px; overflow-x: auto; }
@@ -199,7 +200,7 @@ def _group_label(group: str, stand_in: bool) -> str:
     return _e(group) + (tag if stand_in else "")
 
 
-def _header(header: Mapping, failed: bool) -> str:
+def _header(header: Mapping, failed: bool, trained: bool = False) -> str:
     """Title, the facts of what ran, the counts, the notes, and how to read the numbers."""
     facts = []
 
@@ -228,6 +229,7 @@ def _header(header: Mapping, failed: bool) -> str:
     notes = header.get("notes") or ()
     flags = " · ".join(f"<b>{_e(mark)}</b> {_e(meaning)}" for mark, meaning in FLAGS.items())
     sections = [("heatmap", "heat map"), ("table", "all results"), ("curves", "layer curves")]
+    sections += [("training", "training")] if trained else []
     sections += [("failures", "failures")] if failed else []
     return (
         f"<header><h1>{_e(header.get('title') or 'posprobe sweep')}</h1>"
@@ -428,6 +430,47 @@ def _layer_curves(summary: Sequence[Mapping]) -> str:
     )
 
 
+STATUS_COLOURS = {"converged": "#8c8c8c", "flat map": "#e08a00", "exact": "#8c8c8c"}  # anything else: unfinished
+
+
+def _loss_png(group: str, curves: Sequence[tuple[str, str, Sequence[Sequence[float]]]]) -> bytes:
+    """One group's training: every trained readout's loss against updates (log scale), coloured by its verdict."""
+    fig = Figure(figsize=(4.6, 3.0))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for _, status, curve in curves:
+        if curve:
+            x, y = zip(*curve)
+            ax.plot(x, y, color=STATUS_COLOURS.get(status, "#c0392b"), linewidth=0.8, alpha=0.7)
+    ax.set_yscale("log")
+    ax.set_xlabel("update", fontsize=8)
+    ax.set_ylabel("training loss", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.25)
+    counts = {s: sum(st == s for _, st, _ in curves) for s in _unique(st for _, st, _ in curves)}
+    ax.set_title(_plain(f"{group}\n" + ", ".join(f"{n} {s}" for s, n in counts.items())), fontsize=8)
+    fig.tight_layout()
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    return buffer.getvalue()
+
+
+def _training(loss_curves: Mapping[str, Sequence[tuple[str, str, Sequence[Sequence[float]]]]]) -> str:
+    """A small loss-curve figure per group, so an unfinished or flat readout is seen, not only flagged."""
+    figures = []
+    for group, curves in loss_curves.items():
+        if curves:
+            png = base64.b64encode(_loss_png(str(group), curves)).decode("ascii")
+            figures.append(f'<figure><img alt="loss curves: {_e(group)}" src="data:image/png;base64,{png}"></figure>')
+    if not figures:
+        return ""
+    return (
+        '<section id="training"><h2>Training</h2><p class="legend">Each trained readout\'s loss (means over windows '
+        "of updates), every seed: grey finished, orange a flat map (no better than the best constant map), red not "
+        f'finished.</p><div class="grid">{"".join(figures)}</div></section>'
+    )
+
+
 def _failures(summary: Sequence[Mapping], failures: Sequence[Mapping]) -> str:
     """The failed cells: those passed in ``failures``, and failed summary rows not among them."""
     listed = [(f.get("group"), f.get("cell"), f.get("error")) for f in failures]
@@ -447,20 +490,26 @@ def _failures(summary: Sequence[Mapping], failures: Sequence[Mapping]) -> str:
 
 
 def render_sweep_html(
-    summary: Sequence[Mapping], header: Mapping, spec_text: str = "", failures: Sequence[Mapping] = ()
+    summary: Sequence[Mapping],
+    header: Mapping,
+    spec_text: str = "",
+    failures: Sequence[Mapping] = (),
+    loss_curves: Mapping[str, Sequence[tuple[str, str, Sequence[Sequence[float]]]]] | None = None,
 ) -> str:
-    """The whole page as a string (see the module docstring); missing header keys are left out."""
-    failures_html = _failures(summary, failures)
+    """The whole page as a string (see the module docstring); missing header keys are left out. ``loss_curves``:
+    group -> (readout, convergence status, [(update, loss), ...]) of each trained readout."""
+    failures_html, training_html = _failures(summary, failures), _training(loss_curves or {})
     spec = f"<h2>Spec</h2><details><summary>the spec this sweep ran</summary><pre>{_e(spec_text)}</pre></details>"
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f'<link rel="icon" href="data:,"><title>{_e(header.get("title") or "posprobe sweep")}</title>'
         f"<style>{CSS}</style></head><body>"
-        + _header(header, bool(failures_html))
+        + _header(header, bool(failures_html), bool(training_html))
         + f'<section id="heatmap"><h2>Model × measure (all levels together)</h2>{_heat_maps(summary)}</section>'
         + f'<section id="table"><h2>All results</h2>{_results_table(summary)}</section>'
         + f'<section id="curves"><h2>Layer curves</h2>{_layer_curves(summary)}</section>'
+        + training_html
         + failures_html
         + (spec if spec_text else "")
         + f"<script>{JS}</script></body></html>\n"
@@ -468,11 +517,16 @@ def render_sweep_html(
 
 
 def write_sweep_html(
-    path: Path, summary: Sequence[Mapping], header: Mapping, spec_text: str = "", failures: Sequence[Mapping] = ()
+    path: Path,
+    summary: Sequence[Mapping],
+    header: Mapping,
+    spec_text: str = "",
+    failures: Sequence[Mapping] = (),
+    loss_curves: Mapping[str, Sequence[tuple[str, str, Sequence[Sequence[float]]]]] | None = None,
 ) -> Path:
     """Write the page to ``path`` atomically (a temporary file beside it, then renamed); returns ``path``."""
     path = Path(path)
-    page = render_sweep_html(summary, header, spec_text, failures)
+    page = render_sweep_html(summary, header, spec_text, failures, loss_curves)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")  # same folder: same file system
     try:
         with open(tmp, "x", encoding="utf-8") as f:  # created with the umask's permissions, as the page will be

@@ -211,5 +211,10 @@ def write_report(out: Path) -> dict:
     }
     failures = [{"group": r["group"], "cell": r["cell"], "error": r["error"]} for r in results if r["status"] != "ok"]
     spec_text = (out / "spec.toml").read_text(encoding="utf-8") if (out / "spec.toml").is_file() else ""
-    write_sweep_html(out / "report.html", summary, header, spec_text, failures)
+    curves: dict[str, list] = {}
+    for r in ok:
+        if r.get("training", {}).get("loss_curve"):
+            t = r["training"]
+            curves.setdefault(r["group"], []).append((r["cell"], t["convergence"], t["loss_curve"]))
+    write_sweep_html(out / "report.html", summary, header, spec_text, failures, curves)
     return {"results": results, "summary": summary, "notes": notes, "missing": missing}
