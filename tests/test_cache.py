@@ -204,13 +204,29 @@ def test_values_beyond_float16_are_stored_scaled_by_a_power_of_two_not_as_inf(tm
 
 
 @pytest.mark.parametrize(
-    "peak,scale", [(0.0, 1.0), (4094.0, 1.0), (4094.5, 2.0), (8188.0, 2.0), (8189.0, 4.0), (2e8, 2.0**16)]
+    "peak,scale",
+    [(0.0, 1.0), (1.0, 1.0), (4094.0, 1.0), (4094.5, 2.0), (8188.0, 2.0), (8189.0, 4.0), (2e8, 2.0**16)]
+    + [(0.75, 0.5), (1e-8, 2.0**-27)],
 )
-def test_part_scale_keeps_sixteen_times_headroom(peak, scale):
+def test_part_scale_keeps_sixteen_times_headroom_and_lifts_tiny_parts(peak, scale):
     from posprobe.features.cache import FP16_MAX, part_scale
 
     assert part_scale(peak) == scale
-    assert peak / scale * 16 <= FP16_MAX
+    assert peak / scale * 16 <= FP16_MAX and (peak == 0 or peak / scale >= 1)
+
+
+def test_features_far_below_float16s_range_are_cached_not_flushed_to_zero(tmp_path):
+    """A random MobileNet's last stage is ~1e-8, under float16's smallest subnormal (6e-8): stored as they came,
+    every value would be 0 and every readout on them a flat map."""
+    tiny = TensorImages(torch.linspace(0, 1, 2 * 3 * SIZE * SIZE).view(2, 3, SIZE, SIZE) * 1e-8, ["a", "b"], "tiny")
+    cache, _ = quiet_cache(tmp_path)
+    backbone = create_backbone("posenet")
+    got = cache.encode(backbone, tiny, FEAT, progress=False)
+    ref = encode(backbone, tiny, FEAT, progress=False).features
+    assert got.parts[0].data.dtype == torch.float16 and got.parts[0].scale <= 2.0**-26
+    big = ref.abs() > 6.2e-5 * got.parts[0].scale  # above float16's subnormals after scaling: 11 significant bits
+    assert big.float().mean() > 0.99
+    torch.testing.assert_close(got.features[big], ref[big], rtol=2.0**-11, atol=0)
 
 
 def test_features_that_are_not_finite_are_never_cached(tmp_path):

@@ -26,7 +26,9 @@ relu5_3 at 14x14) and 19 GB for ResNet-152 (3840 channels, layer3 at 14x14 and l
 throughout they would be 24 and 64 GB. Values beyond float16's range (65504; a randomly initialised
 ResNet-152 reaches 2e8) are never rounded to inf: a part whose first batch comes within 16 times of the
 limit is stored divided by a power of two (``part_scale``; the manifest records it); a later batch beyond
-that makes the entry float32. Features that are not finite never reach the cache (encode.encode_batches
+that makes the entry float32. Values too small for it are never flushed to zero: a part whose first batch peaks
+below 1 is stored multiplied by the power of two that lifts its peak to [1, 2). Features that are not finite
+never reach the cache (encode.encode_batches
 stops the run). Above ``max_gb``, or when the disk would fill, posprobe streams instead: the encoder re-runs
 every epoch (``sources.StreamedSet``) and nothing is written. An entry's file is allocated whole before the
 first image (``posix_fallocate``), so a full disk is known at once; a disk that fills anyway (another process
@@ -60,7 +62,7 @@ from .encode import EncodedSet, encode, encode_batches, unreadable_list
 from .parts import Part, PartPlan, plan_parts
 from .sources import MemorySource, StreamedSet
 
-CACHE_FORMAT = 3  # 2: channel parts, upsampled levels native, float16 scales; 3: checksums
+CACHE_FORMAT = 4  # 2: channel parts, upsampled levels native, float16 scales; 3: checksums; 4: tiny parts scaled up
 DEFAULT_MAX_GB = 32.0
 DISK_RESERVE_GB = 2.0  # never leave less than this free
 FP16_MAX = 65504.0
@@ -840,10 +842,14 @@ def _stage_rows(
 
 
 def part_scale(peak: float) -> float:
-    """The power of two a part is divided by before float16 storage: 1 while its first batch stays HEADROOM
-    times inside float16's range, else the smallest power of two that brings it there. A power of two changes
-    only the exponent: values keep float16's 11 significant bits wherever |value| > 6.1e-5 * scale (below
-    that, float16's subnormals: absolute error at most 3e-8 * scale)."""
+    """The power of two a part is divided by before float16 storage: 1 while its first batch's peak is between 1
+    and HEADROOM times inside float16's range; above, the smallest power of two that brings it there; below 1,
+    the power of two that lifts the peak into [1, 2), so that tiny features (a random MobileNet's last stage is
+    about 1e-8, under float16's smallest subnormal 6e-8) are not stored as zeros. A power of two changes only the
+    exponent: values keep float16's 11 significant bits wherever |value| > 6.1e-5 * scale (below that, float16's
+    subnormals: absolute error at most 3e-8 * scale)."""
+    if 0 < peak < 1:
+        return 2.0 ** math.floor(math.log2(peak))
     if peak * HEADROOM <= FP16_MAX:
         return 1.0
     return 2.0 ** math.ceil(math.log2(peak * HEADROOM / FP16_MAX))
