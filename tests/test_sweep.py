@@ -505,7 +505,7 @@ def test_a_second_run_skips_every_cell_and_writes_the_same_tables(grid, tmp_path
     code, stdout, err = posprobe("sweep", spec, "--out", out, "--quiet")
     assert code == 0, err
     n = grid_cells()
-    assert f"{n} done before, 0 to run" in stdout and re.search(rf"0 cells run in \d+ s, {n} were done before", stdout)
+    assert f"{n} done before, 0 to run" in stdout and re.search(rf"0 cells run in \d+ s, {n} done before", stdout)
     assert snapshot(out / "cells") == before
     assert len(events(out, "cell ok")) == n and len(events(out, "group started")) == 2  # only the first run's
     for name in ("results.csv", "summary.csv"):
@@ -591,7 +591,8 @@ def test_a_killed_run_keeps_its_finished_cells_and_the_next_runs_only_the_others
     assert code == 130, err
     assert (
         err.strip().splitlines()[-1]
-        == f"posprobe: interrupted: {out} keeps every finished cell; the same command resumes"
+        == f"posprobe: interrupted: {out} keeps the 3 cells written so far; the same command resumes "
+        "(sweep-report: tables)"
     )
     assert sorted(cells(out)) == sorted(written) and not (out / "results.csv").exists()
     monkeypatch.setattr(CellStore, "put", put)
@@ -791,7 +792,7 @@ def test_the_dry_run_lists_every_group_and_writes_nothing(tmp_path):
     assert lines[0].split() == ["group", "cells", "to", "run", "images", "GFLOP/img", "readout", "TFLOP", "cache", "MB"]
     assert re.match(r"posenet\s+4\s+4\s+52\s+\d", lines[1]), lines[1]  # 39 crops + 12 photos + 1 black image
     assert re.match(r"tv:resnet18 · \S*missing\.pth\s+4\s+4\s+52\s+\d", lines[2]), lines[2]
-    assert re.match(r"total: 8 cells, 8 to run; .* estimated [\d.]+ min", lines[-1]), lines[-1]
+    assert re.match(r"total: 8 cells, 8 to run; .* estimated [\d.]+ (s|min|h) ", lines[-1]), lines[-1]
 
 
 def test_an_unknown_executor_and_a_missing_spec_are_one_line_and_exit_2(tmp_path):

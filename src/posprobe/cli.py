@@ -815,6 +815,7 @@ def sweep_cmd(
     """Run a grid of backbones x readouts/measures x layers x patterns x seeds from one spec; resumable; writes
     results.csv/.parquet, summary.csv and a self-contained report.html. Exit code 1 when any cell failed."""
     from .studies.sweep import EXECUTORS, run_sweep
+    from .studies.sweep_group import plural
     from .studies.sweep_spec import load_spec, plan
 
     if executor not in EXECUTORS:
@@ -831,14 +832,14 @@ def sweep_cmd(
     outcome = run_sweep(config, out, executor, ray_address, fail_fast, progress=not quiet)
     for note in outcome["notes"]:
         print(f"posprobe: note: {note}", file=sys.stderr)
-    ran = outcome["cells"] - outcome["done_before"]
+    ran, failed = outcome["cells"] - outcome["done_before"], outcome["failed"]
     print(
-        f"{ran} cells run in {outcome['seconds']:.0f} s, {outcome['done_before']} were done before; "
-        f"{outcome['failed']} failed. Wrote {out / 'report.html'}, results.csv, summary.csv"
+        f"{plural(ran, 'cell')} run in {outcome['seconds']:.0f} s, {outcome['done_before']} done before; "
+        f"{failed} failed. Wrote {out / 'report.html'}, results.csv, summary.csv"
     )
-    if outcome["failed"]:
+    if failed:
         print(
-            f"posprobe: {outcome['failed']} cells failed (errors in results.csv and report.html); "
+            f"posprobe: {plural(failed, 'cell')} failed (errors in results.csv and report.html); "
             "run the same command again to retry them",
             file=sys.stderr,
         )
@@ -918,7 +919,8 @@ def _interrupted_line() -> str:
     sweep = sys.modules.get("posprobe.studies.sweep")
     sweeping = getattr(sweep, "active_sweep", lambda: None)()
     if sweeping is not None:
-        line += f": {sweeping} keeps every finished cell; the same command resumes"
+        kept = len(list((sweeping / "cells").glob("*.json")))
+        line += f": {sweeping} keeps the {kept} cells written so far; the same command resumes (sweep-report: tables)"
     cache = sys.modules.get("posprobe.features.cache")  # never imported for a command that had no features to cache
     progress = getattr(cache, "extraction_in_progress", lambda: None)()
     if progress is not None:
@@ -963,6 +965,8 @@ def main() -> None:
     try:
         try:
             app()  # Typer turns KeyboardInterrupt into exit 130 without a word: `received` says which signal came
+            if received:  # a signal whose KeyboardInterrupt a library swallowed: still an interruption
+                interrupted()
         except PosprobeError as err:
             if received:
                 interrupted()

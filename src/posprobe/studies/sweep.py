@@ -137,7 +137,7 @@ def _run(
         run = {
             "started": now(),
             "executor": executor,
-            "address": ray_address,
+            "address": ray_address if executor == "ray" else None,
             "cells": total,
             "done_before": total - to_run,
         }
@@ -164,6 +164,13 @@ def _run(
         if stopped is not None:
             raise stopped
         return {**run, "notes": summary["notes"], "missing": summary["missing"]}
+
+
+def _described(data: dict) -> str:
+    """An image set in words: its description, the images read where it does not say, and any skipped."""
+    n, text = data["n"], data["description"]
+    text += "" if f"{n} image" in text else f"; {n} image{'s' if n != 1 else ''} read"
+    return text + (f"; {data['skipped']} unreadable, skipped" if data.get("skipped") else "")
 
 
 def write_report(out: Path) -> dict:
@@ -195,10 +202,13 @@ def write_report(out: Path) -> dict:
         "started": run.get("started", ""),
         "finished": run.get("finished", ""),
         "seconds": run.get("seconds", math.nan),
+        "first_started": record["runs"][0].get("started", "") if record["runs"] else "",
+        "runs": len(record["runs"]),
+        "compute_seconds": sum(r.get("seconds", 0.0) for r in record["runs"]),
         "executor": run.get("executor", "") + (f" at {run['address']}" if run.get("address") else ""),
         "versions": {k: str(v) for k, v in env.items() if k not in ("platform", "device", "cpu_threads")},
         "machine": f"{env['platform']}, {os.cpu_count()} CPUs",
-        "data": {name: f"{d['description']} ({d['n']} images)" for name, d in data.items()},
+        "data": {name: _described(d) for name, d in data.items()},
         "training": training,
         "stand_ins": sorted({r["group"] for r in ok if r.get("backbone", {}).get("stand_in")}),
         "counts": {

@@ -6,8 +6,10 @@ solve the linear probes, measure the levels, and hand every cell's result to ``p
 from __future__ import annotations
 
 import functools
+import math
 import os
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -109,7 +111,14 @@ def error_line(err: BaseException) -> str:
     else:
         tb = traceback.extract_tb(err.__traceback__)
         message = f"{type(err).__name__}: {err}" + (f" (at {tb[-1].line})" if tb else "")
+    message = message.replace("pass --weights random", 'use weights = "random"')  # the spec's words, not probe's
     return " ".join(message.split()) or type(err).__name__  # torch's messages span lines
+
+
+def _unless_routine(message: str) -> None:
+    """The feature cache's messages but its routine notes (an entry's size, a hit): warnings still reach stderr."""
+    if not message.startswith(("feature cache: ", "feature cache hit: ")):
+        print(f"posprobe: {message}", file=sys.stderr)
 
 
 class GroupRun:
@@ -192,7 +201,10 @@ class GroupRun:
     def _encode(self) -> tuple[dict[str, EncodedSet], object]:
         """Test sets first (small: an unreadable one fails before the training set's long pass), then training."""
         spec = self.spec
-        cache = FeatureCache(spec.cache.dir, spec.cache.max_gb) if spec.cache.enabled else None
+        cache = None
+        if spec.cache.enabled:  # --quiet keeps the cache's warnings, not its notes
+            quiet = {} if self.progress else {"log": _unless_routine}
+            cache = FeatureCache(spec.cache.dir, spec.cache.max_gb, **quiet)
         common = dict(device=self.device, progress=self.progress, cache=cache)
         tests = {
             name: encode_images(self.backbone, images, spec.data.feat_size, allow_stream=False, **common)
@@ -352,8 +364,14 @@ def run_group(
     return results
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 cell', '3 cells'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def group_line(i: int, n: int, group: Group, results: Sequence[dict], seconds: float) -> str:
     """'[2/5] tv:resnet18 · random: 24 cells done (31 s)', or how many failed and the first error."""
     failed = [r for r in results if r["status"] != "ok"]
     outcome = f"{len(failed)} failed: {failed[0]['error']}" if failed else "done"
-    return f"[{i}/{n}] {group.label}: {len(group.cells)} cells {outcome} ({seconds:.0f} s)"
+    took = f" ({seconds:.0f} s)" if math.isfinite(seconds) else ""
+    return f"[{i}/{n}] {group.label}: {plural(len(group.cells), 'cell')} {outcome}{took}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -75,15 +76,18 @@ def ray_session(address: str | None = "auto") -> Iterator:
         ray.shutdown()
 
 
-def _group_task(spec: SweepSpec, group: Group, store, progress: bool, fail_fast: bool) -> list[dict]:
-    """One group on a worker: the cells the store does not hold yet (a retried task skips what it finished)."""
+def _group_task(spec: SweepSpec, group: Group, store, progress: bool, fail_fast: bool) -> tuple[list[dict], float]:
+    """One group on a worker: the cells the store does not hold yet (a retried task skips what it finished); its
+    results and how long it ran there."""
     import ray
 
+    started = time.perf_counter()
     ids = {c: cell_id(spec, c) for c in group.cells}
     done = ray.get(store.finished.remote(list(ids.values())))
     left = Group(group.setting, group.train, tuple(c for c in group.cells if ids[c] not in done))
     ray.get(store.event.remote("group started", group=group.label, pid=os.getpid(), cells=len(left.cells)))
-    return run_group(spec, left, lambda r: ray.get(store.put.remote(r)), progress, fail_fast)
+    results = run_group(spec, left, lambda r: ray.get(store.put.remote(r)), progress, fail_fast)
+    return results, time.perf_counter() - started
 
 
 def run_ray(
@@ -105,28 +109,24 @@ def run_ray(
         task = ray.remote(_group_task).options(
             num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries, retry_exceptions=False
         )
-        started = {}
-        refs = {}
-        for g in groups:
-            refs[task.remote(spec, g, sink, progress, fail_fast)] = g
-            started[g] = time.perf_counter()
+        refs = {task.remote(spec, g, sink, progress, fail_fast): g for g in groups}
         pending = list(refs)
         for i in range(1, len(groups) + 1):
             [ref], pending = ray.wait(pending, num_returns=1)
             group = refs[ref]
             try:
-                results = ray.get(ref)
+                results, seconds = ray.get(ref)
             except ray.exceptions.RayTaskError as err:  # the task raised: only --fail-fast makes it
                 for other in pending:
                     ray.cancel(other, force=True)
                 raise err.cause if isinstance(err.cause, PosprobeError) else PosprobeError(str(err)) from None
             except ray.exceptions.RayError as err:  # its worker died on every try
-                results = _lost(spec, group, sink, ray, err)
+                results, seconds = _lost(spec, group, sink, ray, err), math.nan
                 if fail_fast:
                     for other in pending:
                         ray.cancel(other, force=True)
                     raise PosprobeError(f"{group.label}: {results[0]['error']} (--fail-fast)") from None
-            echo(group_line(i, len(groups), group, results, time.perf_counter() - started[group]))
+            echo(group_line(i, len(groups), group, results, seconds))
 
 
 def _lost(spec: SweepSpec, group: Group, sink, ray, err: Exception) -> list[dict]:

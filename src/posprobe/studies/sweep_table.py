@@ -109,9 +109,11 @@ def results_rows(results: Sequence[dict], test_sets: Sequence[str]) -> list[dict
     return rows
 
 
-def _flags(statuses: Sequence[str], seed_sd: float | None) -> str:
-    """◌ a seed drew a flat map, ⚠ a seed did not finish training, ± finished seeds disagree (as the reports)."""
-    flags = ("◌" if "flat map" in statuses else "") + ("⚠" if any(s not in FINISHED for s in statuses) else "")
+def _flags(statuses: Sequence[str], seed_sd: float | None, all_constant: bool = False) -> str:
+    """◌ a seed drew a flat map (or, for any readout, a constant map on every image: SPC 0 by definition),
+    ⚠ a seed did not finish training, ± finished seeds disagree (as the reports)."""
+    flat = "flat map" in statuses or all_constant
+    flags = ("◌" if flat else "") + ("⚠" if any(s not in FINISHED for s in statuses) else "")
     if not flags and seed_sd is not None and seed_sd > SEED_SPREAD_LIMIT:
         flags = "±"
     return flags
@@ -180,6 +182,7 @@ def _over_seeds(ok: Sequence[dict], test_set: str) -> dict:
         "mae_lo": nan,
         "mae_hi": nan,
         "n": None,
+        "n_constant": None,
         "flags": "",
         "convergence": "",
     }
@@ -210,7 +213,8 @@ def _over_seeds(ok: Sequence[dict], test_set: str) -> dict:
         "mae_lo": m.lo,
         "mae_hi": m.hi,
         "n": spc.shape[1],
-        "flags": _flags(statuses, sd),
+        "n_constant": max(row.get("n_constant", 0) for row in rows),  # images drawn as a constant map (SPC 0)
+        "flags": _flags(statuses, sd, any(row.get("n_constant", 0) == row.get("n", 0) > 0 for row in rows)),
         "convergence": "; ".join(sorted(set(statuses))),
     }
 
