@@ -142,12 +142,96 @@ def test_user_text_is_escaped(page_html):
 
 def test_heat_map_has_a_row_per_group_and_a_table_per_test_set(page_html):
     tables = re.findall(r'<table class="heat">(.*?)</table>', page_html, re.S)
-    assert len(tables) == len(TEST_SETS)
-    for table in tables:
+    assert len(tables) == len(TEST_SETS) + 1  # and one of the readout-free measures
+    for table in tables[:-1]:
         body = table.split("<tbody>")[1]
         assert body.count("<tr>") == len(GROUPS)
-        assert ">PVF</th>" in table and ">H</th>" in table and ">G</th>" in table
+        assert ">H</th>" in table and ">G</th>" in table and "PVF" not in table
     assert 'style="background: rgb(' in tables[0]  # cells coloured by value
+
+
+def test_readout_free_measures_are_shown_once_on_their_own_scale(page_html, summary):
+    """PVF is measured on the training images: one table of its own, not a column under every test set."""
+    section = page_html.split('<section id="heatmap">')[1].split("</section>")[0]
+    assert section.count(">PVF</th>") == 1
+    measures = section.split("<h3>readout-free (training images)</h3>")[1]
+    assert sweep_html.PVF_MEANING.replace("'", "&#x27;") in measures
+    table = re.findall(r'<table class="heat">(.*?)</table>', measures, re.S)[0]
+    assert table.split("<tbody>")[1].count("<tr>") == len(GROUPS)
+    assert "measured once on the training images" in table and "seed(s)" not in table
+    for r, g, b in map(lambda m: map(int, m), re.findall(r"background: rgb\((\d+), (\d+), (\d+)\)", table)):
+        assert b >= g and r >= g  # the sequential purple scale, never the diverging one's red or blue
+    assert sweep_html._colour(0.64, measure=True) != sweep_html._colour(0.64)
+
+
+def test_a_missing_interval_reads_as_a_dash():
+    assert sweep_html._with_interval(0.327, math.nan, math.nan) == "0.327 [—]"
+    assert sweep_html._with_interval(0.327, 0.3, 0.35) == "0.327 [0.300, 0.350]"
+    assert sweep_html._with_interval(math.nan, 0.3, 0.35) == ""
+
+
+def test_a_sweep_of_single_levels_shows_each_model_s_best_level(summary):
+    """layers = ["each"]: no all-levels readout, so each cell is the best level, named, instead of a blank map."""
+    each = [r for r in summary if r["layers"] != "all"]
+    page = sweep_html._heat_maps(each)
+    tables = re.findall(r'<table class="heat">(.*?)</table>', page, re.S)
+    assert len(tables) == len(TEST_SETS) + 1
+    assert page.count("No readout over all levels together on this test set") == len(TEST_SETS)
+    assert "<small>best level</small>" in tables[0] and "layer4</small>" in tables[0]
+    resnet = next(row for row in tables[0].split("<tr>") if row.startswith("<th>tv:resnet18"))
+    best = max(
+        r["value"]
+        for r in each
+        if r["group"].startswith("tv:resnet18") and r["pattern"] == "H" and r["test_set"] == "photos"
+    )
+    assert f"{best:.2f} <small>layer4</small>" in resnet
+    assert "the best level" in resnet
+    mixed = sweep_html._heat_maps([r for r in summary if not (r["layers"] == "all" and r["group"] == EVIL)])
+    assert "all levels or best" in mixed and "No readout over all levels together on this test set" not in mixed
+
+
+def test_constant_predictions_are_flagged_even_without_a_training_verdict(summary):
+    """A linear readout whose every map was constant has no ◌ from training, yet its SPC is 0 by definition."""
+    row = dict(summary[0], readout="linear k1", kind="linear", value=0.0, lo=0.0, hi=0.0, flags="", n=5, n_constant=5)
+    partly = dict(row, n_constant=2, value=0.4)
+    page = render_sweep_html([row, partly], HEADER)
+    body = page.split('<table id="results">')[1]
+    assert '>const.<span class="arrow">' in body and 'title="images whose predicted map was constant' in body
+    constant, other = body.split("<tbody>")[1].split("</tbody>")[0].split("</tr>")[:2]
+    assert f'<td title="{sweep_html.CONSTANT}">◌</td>' in constant
+    assert "◌" not in other and sweep_html.CONSTANT not in other
+    heat = page.split('<table class="heat">')[1].split("</table>")[0]
+    assert "0.00 ◌" in heat and "constant predictions: SPC 0 by definition" in heat
+    assert sweep_html._flags(dict(row, flags="◌")) == "◌"  # not twice
+    assert sweep_html._flags(dict(row, n=0, n_constant=0)) == ""  # no image scored: nothing to say
+    assert "const.</" not in render_sweep_html([summary[0]], HEADER)  # a summary without the counts
+
+
+def test_header_shows_this_run_and_all_runs():
+    counts = {"cells": 4, "done": 4, "runs": 3, "compute_seconds": 4000.0, "first_started": "2025-01-01T09:00:00"}
+    page = render_sweep_html([], {**HEADER, "counts": counts})
+    facts = page.split('<dl class="facts">')[1].split("</dl>")[0]
+    assert "<dt>wall time, this run</dt><dd>12 min 05 s</dd>" in facts
+    assert "<dt>compute, all runs</dt><dd>1 h 06 min over 3 runs</dd>" in facts
+    assert "2025-01-01T09:00:00" in facts and "this run: 2025-01-01T10:00:00" in facts
+    boxes = page.split('<div class="counts">')[1].split("</div></div>")[0]
+    assert "runs" not in boxes and "compute" not in boxes and "first_started" not in boxes
+    assert "<dt>wall time</dt>" in render_sweep_html([], HEADER)  # a single run's header: as before
+
+
+def test_layer_curves_leave_out_one_level_groups_and_draw_posenet(summary):
+    """PosENet has one level (the image): not a figure of its own, but its SPC is drawn on the others' panels."""
+    resnet = [r for r in summary if r["group"] == GROUPS[0] and r["test_set"] != "black"]
+    posenet = [
+        dict(r, group="posenet", backbone="posenet", stand_in=False)
+        for r in summary
+        if r["group"] == GROUPS[1] and (r["layers"] == "all" or r["metric"] == "pvf" and r["layers"] == "layer1")
+    ]
+    page = sweep_html._layer_curves(resnet + posenet)
+    assert page.count("<img") == 1 and 'alt="layer curve: posenet"' not in page
+    assert "one level only (see the table): posenet" in page and "PosENet (pixels)" in page
+    assert "Open markers: flat map or unfinished readout" in page
+    assert "PosENet" not in sweep_html._layer_curves(resnet)
 
 
 def test_failures_are_listed(page_html, summary):
@@ -265,6 +349,12 @@ def test_in_a_browser(browser_page, report, summary, tmp_path):
     assert shown and all("vgg16" in g for g in shown)
     assert len(shown) == sum("vgg16" in r["group"] for r in summary)
     assert f"{len(shown)} of {len(summary)} rows" in page.inner_text("#shown")
+    page.fill("#filter", "  RESNET18   layer3 ")  # every word, in any case, in any cell
+    hidden = page.eval_on_selector_all("#results tbody tr", "rows => rows.map(r => r.hidden)")
+    expected = [r["group"] for r in summary if "resnet18" in r["group"] and r["layers"] == "layer3"]
+    assert [g for g, h in zip(_column(page, "group"), hidden) if not h] == expected and expected
+    page.fill("#filter", "resnet18 layer3 vgg16")
+    assert f"0 of {len(summary)} rows" in page.inner_text("#shown")
     page.fill("#filter", "")
     assert not any(page.eval_on_selector_all("#results tbody tr", "rows => rows.map(r => r.hidden)"))
 
