@@ -87,24 +87,33 @@ def small_sets(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "train", tmp_path / "test"
 
 
-def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """Run `posprobe ARGS` in this process through the console entry point; returns (code, stdout, stderr)."""
+def invoke(*args: str | Path) -> tuple[int, str, str]:
+    """Run `posprobe ARGS` in this process through the console entry point; returns (code, stdout, stderr).
+    Needs no fixture, so module-scoped fixtures can run commands too."""
+    import contextlib
+    import io
     import warnings
 
     from posprobe import cli
 
-    monkeypatch.setattr(sys, "argv", ["posprobe", *args])
-    with warnings.catch_warnings():
-        showwarning = warnings.showwarning
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        finally:
-            warnings.showwarning = showwarning
-    out, err = capsys.readouterr()
-    return code, out, err
+    out, err = io.StringIO(), io.StringIO()
+    showwarning = warnings.showwarning
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        mp.setattr(sys, "argv", ["posprobe", *map(str, args)])
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            finally:
+                warnings.showwarning = showwarning
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_cli(args: list[str], capsys=None, monkeypatch=None) -> tuple[int, str, str]:
+    """``invoke(*args)``, in the calling convention older tests use."""
+    return invoke(*args)
 
 
 def one_line_error(code: int, err: str) -> str:

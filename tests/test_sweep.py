@@ -8,23 +8,19 @@ tests use PosENet alone, which encodes instantly.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import math
 import re
 import shutil
 import signal
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import assert_one_line_error, save_image
-from posprobe import cli
+from conftest import invoke as posprobe
 from posprobe.backbones import create_backbone
 from posprobe.data import RolledImages, bundled_test_set, bundled_train_set
 from posprobe.errors import PosprobeError
@@ -91,23 +87,6 @@ name = "posenet"
 kind = "pem"
 kernel_size = 1
 """
-
-
-def posprobe(*args: str | Path) -> tuple[int, str, str]:
-    """Run `posprobe ARGS` through the console entry point in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    showwarning = warnings.showwarning
-    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
-        mp.setattr(sys, "argv", ["posprobe", *map(str, args)])
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                cli.main()
-                code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-            finally:
-                warnings.showwarning = showwarning
-    return code, out.getvalue(), err.getvalue()
 
 
 def write_spec(folder: Path, text: str, name: str = "spec.toml") -> Path:

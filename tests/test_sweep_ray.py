@@ -72,7 +72,15 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "POSPROBE_OFFLINE": "1", "POSPROBE_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0"}
+    # Token authentication off for this loopback-only cluster: Ray turns it on by itself once any earlier local
+    # ray.init() on this machine left a token in ~/.ray, and a driver started without it is then refused.
+    return {
+        **os.environ,
+        "POSPROBE_OFFLINE": "1",
+        "POSPROBE_CACHE": str(cache),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
 
 
 @pytest.fixture(scope="module")

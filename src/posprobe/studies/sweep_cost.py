@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..backbones import create_backbone
 from ..data import FolderImages, bundled_test_photos, bundled_train_photos
 from ..features.parts import plan_parts
 from ..readouts.pem import Readout, readout_map_size
+from .sweep_group import build_backbone
 from .sweep_spec import ALL, BUNDLED, NATURAL, ROLLED, Group, SweepSpec, cell_id
 from .sweep_store import CellStore
 
@@ -62,18 +62,8 @@ def flops_per_second(seconds: float = 0.3) -> float:
 def group_cost(spec: SweepSpec, group: Group) -> GroupCost:
     """A group's images, operations and cache size, from its architecture with random weights and one image."""
     n_train, n_test = image_counts(spec, group.train)
-    s = group.setting
     try:
-        backbone = create_backbone(
-            s.name,
-            "random",
-            s.weights_seed,
-            spec.data.input_norm,
-            layers=s.taps,
-            padding=s.padding,
-            pos_embed=s.pos_embed,
-            image_size=spec.data.image_size,
-        )
+        backbone = build_backbone(spec, group, "random")  # the architecture is what costs
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             backbone(torch.zeros(1, 3, spec.data.image_size, spec.data.image_size))
         shapes = backbone.level_shapes(spec.data.image_size)

@@ -61,11 +61,12 @@ def _train_set(spec: SweepSpec, train: str):
     return _image_set("train", train, d.image_size, d.crops_per_photo, d.rolls)
 
 
-def build_backbone(spec: SweepSpec, group: Group) -> Backbone:
+def build_backbone(spec: SweepSpec, group: Group, weights: str | None = None) -> Backbone:
+    """The group's backbone as the spec sets it up (``weights`` instead of its own: the dry run's random ones)."""
     s = group.setting
     backbone = create_backbone(
         s.name,
-        s.weights,
+        weights or s.weights,
         s.weights_seed,
         spec.data.input_norm,
         layers=s.taps,
