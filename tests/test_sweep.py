@@ -16,6 +16,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,6 +165,10 @@ BAD_SPECS = {
     ),
     "unknown tap": (edit('weights = "random"', 'weights = "random"\ntaps = "layer9"'), ["[[backbones]] 1.taps"]),
     "unknown padding": (edit('weights = "random"', 'padding = "refelct"'), ["[[backbones]] 1.padding", "'reflect'"]),
+    "misspelt weights": (
+        edit('weights = "random"', 'weights = "IMAGENET1K_V2"'),
+        ["weights of tv:resnet18 in [[backbones]] 1.weights", "'IMAGENET1K_V1'"],
+    ),
     "negative weights seed": (edit('weights = "random"', "weights_seed = -1"), ["[[backbones]] 1.weights_seed", "-1"]),
     "unknown pattern": (edit('["H"]', '["H", "Q"]'), ["patterns", "unknown pattern 'Q'"]),
     "unknown test set": (edit("[data]", '[data]\ntest = ["natral"]'), ["[data].test", "'natral'", "'natural'"]),
@@ -276,6 +281,31 @@ def _ids(text: str, base: Path) -> dict:
     """cell (described with its group) -> id."""
     spec = parse_spec(text, base)
     return {(g.label, c.describe()): cell_id(spec, c) for g in plan(spec) for c in g.cells}
+
+
+def test_a_cell_id_changes_when_its_images_or_checkpoint_change_on_disk(small_sets, tmp_path):
+    """A retrained checkpoint at the same path, or an image added to the training folder, is not the sweep that
+    finished: its cells run again."""
+    train, test = small_sets
+    checkpoint = tmp_path / "net.pt"
+    checkpoint.write_bytes(b"weights v1")
+    text = edit("[data]", f'[data]\ntrain = "{train}"\nnatural = "{test}"')
+    text = edit('weights = "random"', f'weights = "{checkpoint}"', text)
+    before = _ids(text, tmp_path)
+    assert _ids(text, tmp_path) == before
+    save_image(train / "new.png", np.zeros((40, 40, 3), np.uint8))
+    after_images = _ids(text, tmp_path)
+    assert set(after_images.values()).isdisjoint(before.values())
+    checkpoint.write_bytes(b"weights v2, retrained")
+    assert set(_ids(text, tmp_path).values()).isdisjoint(after_images.values())
+
+
+def test_ray_client_addresses_are_refused_in_one_line():
+    pytest.importorskip("ray")
+    from posprobe.studies.sweep_ray import ray_session
+
+    with pytest.raises(PosprobeError, match="Ray Client addresses are not supported"), ray_session("ray://head:10001"):
+        pass
 
 
 def test_a_cell_id_changes_with_what_determines_its_numbers_and_only_that(tmp_path):

@@ -965,8 +965,6 @@ def main() -> None:
     try:
         try:
             app()  # Typer turns KeyboardInterrupt into exit 130 without a word: `received` says which signal came
-            if received:  # a signal whose KeyboardInterrupt a library swallowed: still an interruption
-                interrupted()
         except PosprobeError as err:
             if received:
                 interrupted()

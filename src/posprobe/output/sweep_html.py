@@ -599,6 +599,8 @@ def _layer_curve_png(
                 for r in line
                 if r.get("layers") == "all"
             ]
+            if not pts:  # only combined levels (l1+l2) or failed rows: nothing to place on the depth axis
+                continue
             x, y, lo, hi, hollow = (np.array(v, dtype=float) for v in zip(*pts))
             per_level = x <= 1.0
             ax.plot(x[per_level], y[per_level], color=colour, linestyle=style, linewidth=1.4)

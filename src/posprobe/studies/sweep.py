@@ -104,6 +104,7 @@ def run_sweep(
         from ..errors import unknown_choice
 
         raise unknown_choice("executor", executor, EXECUTORS)
+    out = Path(out).resolve()  # Ray's store actor runs in another working directory
     session = contextlib.nullcontext()
     if executor == "ray":  # joined before anything is written: an unreachable cluster leaves no folder
         from .sweep_ray import ray_session

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from ..errors import PosprobeError
-from .sweep_group import cell_result, group_line, run_group
+from .sweep_group import cell_result, error_line, group_line, run_group
 from .sweep_spec import Group, SweepSpec, cell_id
 from .sweep_store import CellStore
 
@@ -56,6 +56,11 @@ def ray_session(address: str | None = "auto") -> Iterator:
     if ray.is_initialized():
         yield ray
         return
+    if address is not None and address.startswith("ray://"):
+        raise PosprobeError(
+            f"--ray-address {address}: Ray Client addresses are not supported (the sweep folder is written by an "
+            "actor on the driver's node); run the sweep on a cluster node with --ray-address auto or HOST:PORT"
+        )
     if address not in (None, LOCAL, "auto"):
         _reachable(address)
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
@@ -116,25 +121,27 @@ def run_ray(
             group = refs[ref]
             try:
                 results, seconds = ray.get(ref)
-            except ray.exceptions.RayTaskError as err:  # the task raised: only --fail-fast makes it
-                for other in pending:
-                    ray.cancel(other, force=True)
-                raise err.cause if isinstance(err.cause, PosprobeError) else PosprobeError(str(err)) from None
-            except ray.exceptions.RayError as err:  # its worker died on every try
-                results, seconds = _lost(spec, group, sink, ray, err), math.nan
+            except ray.exceptions.RayTaskError as err:  # the task raised: --fail-fast, or outside the cells' guards
                 if fail_fast:
                     for other in pending:
                         ray.cancel(other, force=True)
-                    raise PosprobeError(f"{group.label}: {results[0]['error']} (--fail-fast)") from None
+                    cause = err.cause
+                    raise cause if isinstance(cause, PosprobeError) else PosprobeError(error_line(cause)) from None
+                results, seconds = _lost(spec, group, sink, ray, error_line(err.cause)), math.nan
+            except ray.exceptions.RayError as err:  # its worker died on every try
+                why = f"the Ray worker running this group died after {spec.resources.max_retries} retries: "
+                results, seconds = _lost(spec, group, sink, ray, why + error_line(err)), math.nan
+                if fail_fast:
+                    for other in pending:
+                        ray.cancel(other, force=True)
+                    raise PosprobeError(f"{group.label}: {why + error_line(err)} (--fail-fast)") from None
             echo(group_line(i, len(groups), group, results, seconds))
 
 
-def _lost(spec: SweepSpec, group: Group, sink, ray, err: Exception) -> list[dict]:
-    """Record the cells a dead group left unfinished as failed, with why."""
+def _lost(spec: SweepSpec, group: Group, sink, ray, message: str) -> list[dict]:
+    """Record the cells a lost group left unfinished as failed, with why."""
     ids = {c: cell_id(spec, c) for c in group.cells}
     done = ray.get(sink.finished.remote(list(ids.values())))
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    message = f"the Ray worker running this group died after {spec.resources.max_retries} retries: {reason}"
     results = [cell_result(spec, group, c, "failed", message) for c in group.cells if ids[c] not in done]
     for result in results:
         ray.get(sink.put.remote(result))

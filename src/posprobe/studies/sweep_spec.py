@@ -27,7 +27,7 @@ from ..backbones import INPUT_NORMS, get_backbone_spec
 from ..backbones.padding import check_padding_mode
 from ..backbones.pos_embed import check_pos_embed_mode
 from ..backbones.registry import parse_layers, select_layers
-from ..data import SYNTHETIC, FolderImages
+from ..data import IMAGE_EXTENSIONS, SYNTHETIC, FolderImages
 from ..errors import PosprobeError, unknown_choice
 from ..readouts.pem import check_readout_config
 from ..readouts.train import TrainConfig, get_profile
@@ -38,6 +38,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+RESULTS_FORMAT = 1  # raise when a change to posprobe alters the numbers a finished cell holds: no cell is reused
 BUNDLED = "bundled"
 NATURAL, ROLLED = "natural", "rolled"
 TEST_SETS = (NATURAL, *SYNTHETIC, ROLLED)
@@ -167,6 +168,7 @@ class SweepSpec:
     resources: Resources = field(default_factory=Resources)
     cache: CacheSettings = field(default_factory=CacheSettings)
     text: str = ""  # the spec file as written
+    stamps: dict[str, tuple | None] = field(default_factory=dict)  # folder or checkpoint -> content_stamp, at parse
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,20 @@ class Group:
     @property
     def label(self) -> str:
         return self.setting.label + ("" if self.train == BUNDLED else f" · train {self.train}")
+
+
+def content_stamp(path: str) -> tuple | None:
+    """What a file or an image folder holds, cheaply: (size, mtime) of a file, (images, bytes, newest mtime) of a
+    folder; None for a name ('bundled', 'random') or a path this machine does not see (a Ray node may). A
+    retrained checkpoint or an image added to a folder then changes the cells that read it."""
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return (st.st_size, st.st_mtime_ns)
+    if not p.is_dir():
+        return None
+    stats = [f.stat() for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+    return (len(stats), sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0))
 
 
 def cell_id(spec: SweepSpec, cell: SweepCell) -> str:
@@ -196,7 +212,9 @@ def cell_id(spec: SweepSpec, cell: SweepCell) -> str:
         "input_norm": d.input_norm,
     }
     identity: dict[str, Any] = {
+        "results_format": RESULTS_FORMAT,
         "cell": asdict(cell),
+        "content": [spec.stamps.get(p) for p in (cell.train, cell.setting.weights, d.natural) if p],
         "data": data,
         "device": spec.device,  # CPU and GPU kernels round apart
         "cached": spec.cache.enabled,  # the feature cache keeps float16, an in-memory encoding float32
@@ -322,8 +340,8 @@ def _training(raw: Mapping) -> tuple[str, TrainConfig, str]:
     with _at(where):
         config = get_profile(profile, width, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size)
     device = _scalar(raw, "device", "cpu", str, where)
-    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
-        raise PosprobeError(f"{where}.device expects cpu, cuda, cuda:N or auto; given '{device}'")
+    if device not in ("auto", "cpu", "mps") and not device.startswith("cuda"):
+        raise PosprobeError(f"{where}.device expects cpu, cuda, cuda:N, mps or auto; given '{device}'")
     return profile, config, device
 
 
@@ -376,6 +394,8 @@ def _weights(name: str, weights: str, image_size: int, base: Path, where: str) -
         known = get_backbone_spec(name, image_size).weight_names
     if weights == "random" or weights in known:
         return weights
+    if "/" not in weights and not Path(weights).suffix:  # a name, not a file: a typo of a known one
+        raise unknown_choice(f"weights of {name} in {where}.weights", weights, [*known, "random", "default"])
     return str((base / Path(weights).expanduser()).resolve())
 
 
@@ -537,6 +557,8 @@ def parse_spec(text: str, base: Path = Path("."), source: str = "the spec") -> S
     name = raw.get("name", "sweep")
     if not isinstance(name, str) or not name.strip():
         raise PosprobeError(f"name must be a non-empty string; given {name!r}")
+    backbones = _backbones(raw.get("backbones"), data.image_size, base)
+    read = {*data.train, data.natural, *(s.weights for s, _ in backbones if s.weights)}
     return SweepSpec(
         name=name,
         patterns=patterns,
@@ -545,12 +567,13 @@ def parse_spec(text: str, base: Path = Path("."), source: str = "the spec") -> S
         profile=profile,
         train=config,
         device=device,
-        backbones=_backbones(raw.get("backbones"), data.image_size, base),
+        backbones=backbones,
         readouts=readouts,
         measures=measures,
         resources=_resources(_table(raw.get("resources", {}), "[resources]")),
         cache=_cache(_table(raw.get("cache", {}), "[cache]"), base),
         text=text,
+        stamps={p: content_stamp(p) for p in read},
     )
 
 
