@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from posprobe.output import sweep_html
+from posprobe.output import rundir, sweep_html
 from posprobe.output.sweep_html import render_sweep_html, write_sweep_html
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -266,7 +266,7 @@ def test_write_is_atomic(tmp_path, summary, monkeypatch):
     def fail(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr(sweep_html.os, "replace", fail)
+    monkeypatch.setattr(rundir.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         write_sweep_html(out, together, HEADER)
     assert os.listdir(tmp_path) == ["sweep.html"] and out.read_text(encoding="utf-8") == before

@@ -13,8 +13,6 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
-import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from io import BytesIO
 from pathlib import Path
@@ -26,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..intervals import SEED_SPREAD_LIMIT
+from .rundir import replace_atomically
 
 INTERVALS = "95% bootstrap interval over test images and seeds"
 FLAGS = {
@@ -304,10 +303,10 @@ def _header(header: Mapping, failed: bool, trained: bool = False) -> str:
     fact("finished", _e(header.get("finished")))
     compute = runs["compute_seconds"]
     if _finite(header.get("seconds")):
-        fact("wall time, this run" if _finite(compute) else "wall time", _e(_duration(header["seconds"])))
+        fact("wall time, this run" if _finite(compute) else "wall time", _e(duration(header["seconds"])))
     if _finite(compute):
         over = f" over {runs['runs']} run{'s' if runs['runs'] != 1 else ''}" if _finite(runs["runs"]) else ""
-        fact("compute, all runs", _e(_duration(compute) + over))
+        fact("compute, all runs", _e(duration(compute) + over))
     fact("executor", _e(header.get("executor")))
     fact("machine", _e(header.get("machine")))
     fact("training", _e(header.get("training")))
@@ -339,7 +338,7 @@ def _header(header: Mapping, failed: bool, trained: bool = False) -> str:
     )
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """'42.0 s', '12 min 05 s', '3 h 02 min'."""
     if seconds < 60:
         return f"{seconds:.1f} s"
@@ -778,12 +777,5 @@ def write_sweep_html(
     """Write the page to ``path`` atomically (a temporary file beside it, then renamed); returns ``path``."""
     path = Path(path)
     page = render_sweep_html(summary, header, spec_text, failures, loss_curves)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")  # same folder: same file system
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:  # created with the umask's permissions, as the page will be
-            f.write(page)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_atomically(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return path

@@ -17,10 +17,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import PosprobeError
+from ..output.rundir import replace_atomically
 from .sweep_group import group_line, run_group, todo
 from .sweep_spec import Group, SweepSpec, cell_id, plan
 from .sweep_store import CELLS, EVENTS, CellStore, SweepLock, now
-from .sweep_table import replace_atomically, results_rows, summary_rows, write_tables
+from .sweep_table import results_rows, summary_rows, write_tables
 
 EXECUTORS = ("local", "ray")
 SWEEP_FILE = "sweep.json"  # the plan's cell ids in order, and a record of every run into the folder

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..data import FolderImages, bundled_test_photos, bundled_train_photos
 from ..features.parts import plan_parts
+from ..output.sweep_html import duration
 from ..readouts.pem import Readout, readout_map_size
 from .sweep_group import build_backbone
 from .sweep_spec import ALL, BUNDLED, NATURAL, ROLLED, Group, SweepSpec, cell_id
@@ -130,14 +131,7 @@ def describe_costs(spec: SweepSpec, groups: list[Group], store: CellStore | None
         )
     lines.append(
         f"total: {cells} cells, {left_total} to run; for the groups to run {flops / 1e12:.2f} TFLOP and "
-        f"{cache / 1e9:.2f} GB of feature cache; estimated {_duration(seconds)} in one process here "
+        f"{cache / 1e9:.2f} GB of feature cache; estimated {duration(seconds)} in one process here "
         f"(measured now: {speed / 1e9:.0f} GFLOP/s of convolution, {per_update * 1e3:.0f} ms per readout update)"
     )
     return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    """'40 s', '2.7 min', '3.1 h'."""
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import PosprobeError
+from ..output.rundir import replace_atomically
 
 CELLS = "cells"
 EVENTS = "events.jsonl"
@@ -50,12 +51,7 @@ class CellStore:
         if cid in self.finished([cid]):
             self.event("duplicate", cell=cid)
             return False
-        tmp = self.path(cid).with_suffix(f".tmp{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(result, allow_nan=True))
-            os.replace(tmp, self.path(cid))
-        finally:  # a full disk leaves no half-written file behind
-            tmp.unlink(missing_ok=True)
+        replace_atomically(self.path(cid), lambda p: p.write_text(json.dumps(result)))
         self.event("cell " + result["status"], cell=cid, group=result["group"])
         return True
 

@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..intervals import SEED_SPREAD_LIMIT, bootstrap
-from ..output.rundir import write_csv
+from ..output.rundir import replace_atomically, write_csv
 from .sweep_spec import ALL
 
 FINISHED = ("converged", "flat map", "exact")  # a linear probe is solved, not trained
 nan = math.nan
-
-
-def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` then rename over ``path``: a reader never sees a half-written table."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _cell_columns(result: dict) -> dict:
