@@ -152,7 +152,7 @@ def _run(
             if executor == "ray":
                 from .sweep_ray import run_ray
 
-                run_ray(spec, left, store, ray_address, fail_fast, progress, echo)
+                run_ray(spec, left, store, ray_address, fail_fast, echo)
             else:
                 run_local(spec, left, store, fail_fast, progress, echo)
         except PosprobeError as err:  # --fail-fast: the tables still show what finished and what failed

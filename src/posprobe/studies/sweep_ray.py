@@ -81,9 +81,9 @@ def ray_session(address: str | None = "auto") -> Iterator:
         ray.shutdown()
 
 
-def _group_task(spec: SweepSpec, group: Group, store, progress: bool, fail_fast: bool) -> tuple[list[dict], float]:
-    """One group on a worker: the cells the store does not hold yet (a retried task skips what it finished); its
-    results and how long it ran there."""
+def _group_task(spec: SweepSpec, group: Group, store, fail_fast: bool) -> tuple[list[dict], float]:
+    """One group on a worker: the cells the store does not hold yet (a retried task skips what it finished); how
+    each went and how long it ran there."""
     import ray
 
     started = time.perf_counter()
@@ -91,8 +91,10 @@ def _group_task(spec: SweepSpec, group: Group, store, progress: bool, fail_fast:
     done = ray.get(store.finished.remote(list(ids.values())))
     left = Group(group.setting, group.train, tuple(c for c in group.cells if ids[c] not in done))
     ray.get(store.event.remote("group started", group=group.label, pid=os.getpid(), cells=len(left.cells)))
-    results = run_group(spec, left, lambda r: ray.get(store.put.remote(r)), progress, fail_fast)
-    return results, time.perf_counter() - started
+    # no progress bars: several workers' at once interleave on the driver's terminal
+    results = run_group(spec, left, lambda r: ray.get(store.put.remote(r)), False, fail_fast)
+    outcome = [{"status": r["status"], "error": r["error"]} for r in results]  # the store holds the rest
+    return outcome, time.perf_counter() - started
 
 
 def run_ray(
@@ -101,7 +103,6 @@ def run_ray(
     store: CellStore,
     address: str | None = None,
     fail_fast: bool = False,
-    progress: bool = False,
     echo: Callable[[str], None] = print,
 ) -> None:
     """Run every group as a Ray task on the cluster at ``address``; results are written as they arrive."""
@@ -114,7 +115,7 @@ def run_ray(
         task = ray.remote(_group_task).options(
             num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries, retry_exceptions=False
         )
-        refs = {task.remote(spec, g, sink, progress, fail_fast): g for g in groups}
+        refs = {task.remote(spec, g, sink, fail_fast): g for g in groups}
         pending = list(refs)
         for i in range(1, len(groups) + 1):
             [ref], pending = ray.wait(pending, num_returns=1)
