@@ -25,7 +25,7 @@ from conftest import invoke as posprobe
 from posprobe.backbones import create_backbone
 from posprobe.data import RolledImages, bundled_test_set, bundled_train_set
 from posprobe.errors import PosprobeError
-from posprobe.intervals import bootstrap
+from posprobe.intervals import bootstrap, paired_statistic
 from posprobe.readouts.linear import LinearProbe
 from posprobe.readouts.probe import PositionProbe
 from posprobe.readouts.train import get_profile
@@ -434,6 +434,24 @@ def test_a_local_run_writes_every_output_and_tidy_tables(grid):
         == ("tv:resnet18", "all", "pem k3", "H", "natural")
     )
     assert number(r18_h["value"]) > 0.5 and number(r18_h["selectivity"]) > 0.3
+
+    # its interval: the paired two-way bootstrap over the same seeds and images as PosENet's, from the cell files
+    def grid(name: str) -> torch.Tensor:
+        mine = sorted(
+            (c for c in cells(out).values() if c["identity"]["name"] == name and c["identity"]["levels"] == "all"),
+            key=lambda c: c["identity"]["seed"],
+        )
+        mine = [c for c in mine if c["identity"]["method"] == "pem k3" and c["identity"]["pattern"] == "H"]
+        return torch.tensor([c["per_image"]["natural"]["spc"] for c in mine], dtype=torch.float64)
+
+    floor_at_chance = lambda m: m[:, 0] - m[:, 1:].clamp(min=0).max(dim=1).values  # noqa: E731
+    reference = paired_statistic([grid("tv:resnet18"), grid("posenet")], floor_at_chance)
+    assert number(r18_h["selectivity_lo"]) == pytest.approx(reference.lo, abs=1e-9)
+    assert number(r18_h["selectivity_hi"]) == pytest.approx(reference.hi, abs=1e-9)
+    bounded = [r for r in spc if r["selectivity_lo"] not in ("", "nan")]
+    assert bounded and all(
+        number(r["selectivity_lo"]) <= number(r["selectivity"]) <= number(r["selectivity_hi"]) for r in bounded
+    )
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "posprobe sweep: grid" in html and "tv:resnet18 · random" in html
     assert len(events(out, "cell ok")) == n and len(events(out, "group started")) == 2

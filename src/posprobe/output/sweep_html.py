@@ -473,6 +473,7 @@ def _results_table(summary: Sequence[Mapping]) -> str:
         if r.get("error"):
             status += f'<div class="err" title="{_e(r["error"])}">{_e(r["error"])}</div>'
         mae = _with_interval(r.get("mae"), r.get("mae_lo"), r.get("mae_hi"))
+        selectivity = _with_interval(r.get("selectivity"), r.get("selectivity_lo"), r.get("selectivity_hi"))
         cells = {
             "group": f'<td class="group">{_group_label(r.get("group"), bool(r.get("stand_in")))}</td>',
             "weights": f'<td class="weights" title="{_e(r.get("weights"))}">{_e(r.get("weights"))}</td>',
@@ -487,7 +488,7 @@ def _results_table(summary: Sequence[Mapping]) -> str:
             "seeds": _num_cell(r.get("seeds"), _e(r.get("seeds"))),
             "seed_sd": _num_cell(r.get("seed_sd"), _num(r.get("seed_sd"))),
             "mae": _num_cell(r.get("mae"), _num(r.get("mae")), mae),
-            "selectivity": _num_cell(r.get("selectivity"), _num(r.get("selectivity"))),
+            "selectivity": _num_cell(r.get("selectivity"), _num(r.get("selectivity")), selectivity),
             "flags": f'<td title="{_e(_flag_note(r))}">{_e(_flags(r))}</td>',
             "status": f"<td>{status}</td>",
         }

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..intervals import SEED_SPREAD_LIMIT, bootstrap
+from ..intervals import SEED_SPREAD_LIMIT, bootstrap, paired_statistic
 from ..output.rundir import replace_atomically, write_csv
+from .controls import selectivity
 from .sweep_spec import ALL
 
 FINISHED = ("converged", "flat map", "exact")  # a linear probe is solved, not trained
@@ -121,7 +122,7 @@ def summary_rows(results: Sequence[dict], test_sets: Sequence[str]) -> list[dict
     by_cell: dict[str, list[dict]] = {}
     for r in results:
         by_cell.setdefault(_cell_key(r), []).append(r)
-    out = []
+    out, spc = [], []  # spc[i]: row i's per-seed, per-image SPC (to pair it with PosENet's)
     for rs in by_cell.values():
         ok = [r for r in rs if r["status"] == "ok"]
         first = {k: v for k, v in _cell_columns((ok or rs)[0]).items() if k not in ("cell_id", "seed")}
@@ -142,8 +143,23 @@ def summary_rows(results: Sequence[dict], test_sets: Sequence[str]) -> list[dict
                     "error": "; ".join(errors),
                 }
             )
-    _add_selectivity(out)
+            spc.append(_per_seed_image(ok, t))
+    _add_selectivity(out, spc)
     return out
+
+
+def _per_seed_image(ok: Sequence[dict], test_set: str) -> dict[int, dict[str, float]]:
+    """seed -> image id -> SPC of a cell's successful seeds on ``test_set`` ({} for a measure)."""
+    scored = {r["identity"]["seed"]: r.get("per_image", {}).get(test_set) for r in ok}
+    return {seed: dict(zip(s["ids"], s["spc"])) for seed, s in scored.items() if s and "ids" in s}
+
+
+def _paired_grids(a: dict, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, N) grids of two cells over the seeds and images both scored, in one order."""
+    seeds = [s for s in a if s in b]
+    ids = [i for i in a[seeds[0]] if all(i in a[s] and i in b[s] for s in seeds)] if seeds else []
+    grid = lambda d: torch.tensor([[d[s][i] for i in ids] for s in seeds], dtype=torch.float64)  # noqa: E731
+    return grid(a).reshape(len(seeds), len(ids)), grid(b).reshape(len(seeds), len(ids))
 
 
 def _grid(ok: Sequence[dict], test_set: str, metric: str) -> torch.Tensor:
@@ -208,18 +224,23 @@ def _over_seeds(ok: Sequence[dict], test_set: str) -> dict:
     }
 
 
-def _add_selectivity(rows: list[dict]) -> None:
+def _add_selectivity(rows: list[dict], spc: Sequence[dict]) -> None:
     """selectivity = SPC - max(0, PosENet's SPC with the same readout, pattern, training and test set): what the
-    features add over the raw pixels' own position cues (studies/controls.py), None without a PosENet group."""
+    features add over the raw pixels' own position cues (``controls.selectivity``), with its paired two-way
+    interval over the seeds and images both scored; None without a PosENet group."""
     pixels = {
-        (r["train_set"], r["readout"], r["pattern"], r["test_set"]): r["value"]
-        for r in rows
-        if r["backbone"] == "posenet" and r["layers"] == ALL and r["metric"] == "spc"
+        (r["train_set"], r["readout"], r["pattern"], r["test_set"]): k
+        for k, r in enumerate(rows)
+        if r["backbone"] == "posenet" and r["layers"] == ALL and r["metric"] == "spc" and spc[k]
     }
-    for r in rows:
-        base = pixels.get((r["train_set"], r["readout"], r["pattern"], r["test_set"]))
-        ok = r["metric"] == "spc" and r["backbone"] != "posenet" and base is not None and not math.isnan(base)
-        r["selectivity"] = r["value"] - max(0.0, base) if ok else None
+    for r, mine in zip(rows, spc):
+        k = pixels.get((r["train_set"], r["readout"], r["pattern"], r["test_set"]))
+        grids = _paired_grids(mine, spc[k]) if k is not None and r["backbone"] != "posenet" and mine else None
+        if grids is None or grids[0].numel() == 0:
+            r.update(selectivity=None, selectivity_lo=None, selectivity_hi=None)
+            continue
+        iv = paired_statistic(list(grids), selectivity)
+        r.update(selectivity=iv.mean, selectivity_lo=iv.lo, selectivity_hi=iv.hi)
 
 
 def write_tables(out: Path, rows: list[dict], summary: list[dict]) -> list[str]:
