@@ -565,6 +565,84 @@ def layer_curve_cmd(
     print(f"wrote {out}")
 
 
+@app.command("channels")
+def channels_cmd(
+    out: OutDir,
+    backbone: str = typer.Option(..., help="Backbone name (see 'posprobe backbones'), tv:NAME or timm:NAME."),
+    level: Optional[str] = typer.Option(
+        None, help="The layer whose channels are ranked (see 'posprobe layers MODEL'); default: the deepest tap."
+    ),
+    weights: Optional[str] = typer.Option(None, help="Backbone weights: its default, 'random' or a checkpoint path."),
+    backbone_padding: Optional[str] = typer.Option(
+        None, help="Re-pad every conv and pool: zeros, reflect, replicate, circular or valid (default: as built)."
+    ),
+    pos_embed: str = typer.Option("keep", help="A ViT's learned position embedding: keep, zero or shuffle."),
+    rankers: str = typer.Option("linear,pvf,flip,border", help="Channel rankers, comma list (README: Channels)."),
+    ablation: str = typer.Option("zero,mean", help="zero: set to 0; mean: set to the training mean; comma list."),
+    k: str = typer.Option("1,2,5,10,20,50", help="Channels to ablate, percent of the level, comma list."),
+    draws: int = typer.Option(5, help="Random k-channel draws per k (the comparison for every ranker)."),
+    readouts: str = typer.Option("pem,linear", help="Readouts re-scored: pem (trained, per seed), linear (exact)."),
+    seeds: int = typer.Option(1, help="PEM readout seeds (--seed, --seed + 1, ...)."),
+    pattern: str = typer.Option("H,V,G", help="H, V, G, HS, VS, a comma list, or 'all'."),
+    train: TrainDir = None,
+    test: TestDir = None,
+    kernel_size: KernelSize = 3,
+    depth: Depth = 1,
+    readout_padding: ReadoutPadding = 0,
+    readout_width: ReadoutWidth = None,
+    feat_size: FeatSize = 28,
+    image_size: ImageSize = 224,
+    input_norm: InputNorm = "paper",
+    profile: Profile = "official",
+    epochs: Epochs = None,
+    steps: Steps = None,
+    lr: Lr = None,
+    batch_size: BatchSize = None,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    crops_per_photo: CropsPerPhoto = 8,
+    cache: UseCache = True,
+    cache_dir: CacheDir = None,
+    cache_max_gb: CacheMaxGb = 32.0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Which channels carry position: rank a level's channels, ablate the top k, compare with random k."""
+    from .output.rundir import check_out_dir
+    from .studies.channel_run import ChannelConfig, format_channel_table, parse_k_percent, run_channels, write_channels
+    from .targets import resolve_patterns
+
+    check_out_dir(out, overwrite)
+    split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
+    config = ChannelConfig(
+        backbone=backbone,
+        level=level,
+        backbone_padding=backbone_padding,
+        pos_embed=pos_embed,
+        rankers=split(rankers),
+        ablations=split(ablation),
+        k_percent=parse_k_percent(k),
+        draws=draws,
+        seeds=seeds,
+        readouts=split(readouts),
+        patterns=tuple(resolve_patterns(pattern)),
+        **_shared_settings({**locals(), "layers": None}),
+    )
+    result = run_channels(config, progress=not quiet)
+    write_channels(result, out, overwrite)
+    print(f"{result.backbone.name} ({result.backbone.weights_label}); input: {result.backbone.input_description}")
+    for line in _surgery_lines(result.backbone, image_size):
+        print(line)
+    for mode in config.ablations:
+        print(format_channel_table(result, mode))
+    unsettled = sorted(label for label, status in result.convergence.items() if status not in ("converged", "flat map"))
+    if unsettled:
+        print(f"warning: {len(unsettled)} PEM readout(s) did not converge ({', '.join(unsettled[:3])}): "
+              "their SPC is flagged in ablation.json; train longer (--steps)", file=sys.stderr)
+    print(f"({result.seconds['total']:.1f} s)")
+    print(f"wrote {out}")
+
+
 cache_app = typer.Typer(no_args_is_help=True, help="The feature cache: list entries, total size, verify, clear.")
 
 

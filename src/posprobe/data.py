@@ -259,6 +259,44 @@ class RolledImages(Dataset):
         return {"transform": "circular roll", "shifts": self.shifts}
 
 
+class FlippedImages(Dataset):
+    """Every image mirrored left-right (``horizontal``) or top-bottom (``vertical``).
+
+    A network whose features are equivariant to the flip has the same globally pooled features for an image and
+    its mirror, so a channel whose pooled value changes under the flip (Islam et al. 2021's flip test) responds
+    to where content sits. Ids are the base ids with '@hflip' or '@vflip'; the cache keys the features by the base
+    images' identity and the flip.
+    """
+
+    AXES = {"horizontal": -1, "vertical": -2}
+
+    def __init__(self, images: Dataset, axis: str = "horizontal"):
+        if axis not in self.AXES:
+            raise unknown_choice("flip axis", axis, self.AXES)
+        self.base, self.axis = images, axis
+        tag = "@hflip" if axis == "horizontal" else "@vflip"
+        self.ids = [f"{i}{tag}" for i in getattr(images, "ids", [str(k) for k in range(len(images))])]
+        self.name = f"{getattr(images, 'name', 'images')}-{tag[1:]}"
+        self.description = f"{getattr(images, 'description', '') or self.name}, flipped {axis}ly"
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, k: int) -> torch.Tensor | None:
+        x = self.base[k]
+        return None if x is None else torch.flip(x, dims=(self.AXES[self.axis],))
+
+    def unreadable_reason(self, image: int | str) -> str | None:
+        fn = getattr(self.base, "unreadable_reason", None)
+        if fn is None:
+            return None
+        return fn(self.ids.index(image) if isinstance(image, str) else image)
+
+    def transform_identity(self) -> dict:
+        """What was done to ``base``: the cache keys these features by the base images' identity and this."""
+        return {"transform": "flip", "axis": self.axis}
+
+
 def _image_side(images: Dataset) -> int:
     """The side S of a set's (3, S, S) images, without decoding one where the set says it."""
     side = getattr(images, "image_size", None)
