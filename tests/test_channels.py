@@ -254,8 +254,8 @@ def test_channels_command_writes_its_run_directory(registered, noise_sets, tmp_p
     assert "pvf" in stdout and "wrote" in stdout
     names = {p.name for p in out.iterdir()}
     assert names == {
-        "config.json", "rankings.json", "channels.csv", "ablation.json", "ablation.csv", "environment.json",
-        "ablation.png", "top_channels.png",
+        "config.json", "rankings.json", "channels.csv", "ablation.json", "ablation.csv", "report.md",
+        "environment.json", "ablation.png", "top_channels.png",
     }  # fmt: skip
     rankings = json.loads((out / "rankings.json").read_text())
     assert set(rankings["rankings"]) == {"pvf", "border"} and rankings["channels"] == 16

@@ -433,9 +433,38 @@ def format_channel_table(result: ChannelResult, ablation: str | None = None) -> 
     return "\n".join(lines)
 
 
+def channel_report(result: ChannelResult) -> str:
+    """report.md: what was ranked and ablated, the tables as printed, the stated test, the figures."""
+    backbone, cfg = result.backbone, result.config
+    unsettled = sorted(k for k, v in result.convergence.items() if v not in ("converged", "flat map"))
+    lines = [
+        f"# Position channels: {backbone.name} {result.level}",
+        "",
+        f"- Backbone: {backbone.name} ({backbone.weights_label}); input: {backbone.input_description}",
+        f"- Level: {result.level}, {len(result.border_ratio)} channels, measured {result.data['measured_at']}",
+        f"- Training images (rankers, readouts): {result.data['train']['description']} ({result.data['train']['n']})",
+        f"- Test images (ablation): {result.data['test']['description']} ({result.data['test']['n']})",
+        f"- Readouts: {', '.join(cfg.readouts)}; PEM seeds {cfg.seeds}; {cfg.draws} random draws per k",
+        f"- Test: {TEST_DOC}",
+        "- PEM readouts not converged: " + (", ".join(unsettled) if unsettled else "none"),
+        "",
+    ]
+    for mode in cfg.ablations:
+        lines += ["```", format_channel_table(result, mode), "```", ""]
+    lines += [
+        "Rankers: " + "; ".join(f"**{k}**: {DEFINITIONS[k]}" for k in result.rankings),
+        "",
+        "![ablation](ablation.png)",
+        "",
+        "![top channels](top_channels.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def write_channels(result: ChannelResult, out: Path, overwrite: bool = False) -> Path:
     """The run directory, atomically: config.json, rankings.json, channels.csv, ablation.json, ablation.csv,
-    environment.json, ablation.png and top_channels.png."""
+    report.md, environment.json, ablation.png and top_channels.png."""
     cfg, backbone = result.config, result.backbone
     rows = [flat_row(r) for r in result.rows]
     with atomic_run_dir(out, overwrite) as tmp:
@@ -470,6 +499,7 @@ def write_channels(result: ChannelResult, out: Path, overwrite: bool = False) ->
             },
         )
         write_csv(tmp / "ablation.csv", rows)
+        (tmp / "report.md").write_text(channel_report(result), encoding="utf-8")
         write_json(tmp / "environment.json", environment(cfg.device))
         label = f"{backbone.name} ({backbone.weights_label}) {result.level}"
         ablation_plot(tmp / "ablation.png", rows, list(result.rankings), title=f"Channel ablation: {label}")
