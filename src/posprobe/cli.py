@@ -939,6 +939,64 @@ def sweep_report_cmd(
     print(f"wrote {folder / 'report.html'}, results.csv, summary.csv ({len(summary['results'])} cells)")
 
 
+@app.command("tokens")
+def tokens_cmd(
+    out: OutDir,
+    backbone: str = typer.Option(..., help="A timm vision transformer, timm:NAME (e.g. timm:vit_tiny_patch16_224)."),
+    weights: Optional[str] = typer.Option(None, help="Backbone weights: its default, 'random' or a checkpoint path."),
+    pos_embed: str = typer.Option(
+        "keep,zero,shuffle", help="Position-embedding controls, comma list of keep, zero, shuffle: one curve each."
+    ),
+    images: str = typer.Option(
+        "bundled,black,white,noise",
+        help="Input sets, comma list: bundled (crops of the bundled photos), black, white, noise, or image folders.",
+    ),
+    n_images: int = typer.Option(64, help="Images per set (bundled crops, noise images, a folder's seeded draw)."),
+    input_norm: InputNorm = "paper",
+    image_size: ImageSize = 224,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    cache: UseCache = True,
+    cache_dir: CacheDir = None,
+    cache_max_gb: CacheMaxGb = 32.0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """ViT token position per block: a position probe (top-1 row / column / patch, distance error), the position-
+    embedding similarity map and the token-norm maps, per --pos-embed control and input set."""
+    from .output.rundir import check_out_dir, resolve_device
+    from .studies.token_run import (
+        TokenConfig,
+        format_token_table,
+        parse_images,
+        parse_pos_embeds,
+        run_tokens,
+        write_tokens,
+    )
+
+    check_out_dir(out, overwrite)
+    config = TokenConfig(
+        backbone=backbone,
+        weights=weights,
+        pos_embeds=parse_pos_embeds(pos_embed),
+        images=parse_images(images),
+        n_images=n_images,
+        image_size=image_size,
+        input_norm=input_norm,
+        seed=seed,
+        device=resolve_device(device),
+        cache=cache,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        cache_max_gb=cache_max_gb,
+    )
+    result = run_tokens(config, progress=not quiet)
+    write_tokens(result, out, overwrite)
+    print(f"{backbone} ({result.backbone.weights_label}); input: {result.backbone.input_description}")
+    print(format_token_table(result))
+    print(f"({result.seconds['total']:.1f} s)")
+    print(f"wrote {out}")
+
+
 @app.command("bench")
 def bench_cmd(
     backbone: list[str] = typer.Option(["vgg16"], "--backbone", help="Backbone to time (repeatable)."),
