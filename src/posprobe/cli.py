@@ -870,6 +870,91 @@ def cache_clear_cmd(
         )
 
 
+@app.command("canvas")
+def canvas_cmd(
+    out: OutDir,
+    backbone: str = typer.Option(..., help="Backbone name (see 'posprobe backbones'), tv:NAME or timm:NAME."),
+    weights: Optional[str] = typer.Option(None, help="Backbone weights: its default, 'random' or a checkpoint path."),
+    layers: Optional[str] = typer.Option(
+        None, help="Layers to tap, comma list or 'all' (see 'posprobe layers MODEL'); default: the backbone's own taps."
+    ),
+    backbone_padding: Optional[str] = typer.Option(
+        None,
+        help="Comma list of zeros, reflect, replicate, circular, valid: one backbone each (default: as built).",
+    ),
+    canvas: str = typer.Option("black", help="Canvas colours, comma list of black, white, mean (the content's mean)."),
+    placement: str = typer.Option("grid", help="grid (every content at every cell) or continuous (uniform)."),
+    grid: int = typer.Option(3, help="Cells per side of the grid the cell classifier names."),
+    jitter: int = typer.Option(0, help="Grid placements: uniform offset of up to this many px per axis."),
+    positions: Optional[int] = typer.Option(None, help="Continuous placements per content (default: grid^2)."),
+    content: int = typer.Option(64, help="Side of the pasted photo crop in px."),
+    image_size: int = typer.Option(224, help="Canvas side in px (the network's input)."),
+    per_photo: int = typer.Option(4, help="Random square crops (contents) per photo."),
+    distance_bins: Optional[str] = typer.Option(
+        None, help="Bin edges of the distance to the border in px, comma list (default: 0,1,2,4,8,...)."
+    ),
+    feat_size: Optional[int] = typer.Option(
+        None, help="Side levels are cached at (default: the largest level's, so every pooled level is exact)."
+    ),
+    train: TrainDir = None,
+    test: TestDir = None,
+    input_norm: InputNorm = "paper",
+    seed: Seed = 0,
+    device: Device = "cpu",
+    cache: UseCache = True,
+    cache_dir: CacheDir = None,
+    cache_max_gb: CacheMaxGb = 32.0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Where on a canvas is the content? Linear probes of pooled features, by padding, canvas and border distance."""
+    from .measures.canvas import parse_colours
+    from .output.rundir import check_out_dir, resolve_device
+    from .studies.canvas_run import (
+        CanvasConfig,
+        format_canvas_table,
+        parse_edges,
+        parse_paddings,
+        run_canvas,
+        write_canvas,
+    )
+
+    check_out_dir(out, overwrite)
+    config = CanvasConfig(
+        backbone=backbone,
+        weights=weights,
+        layers=_layer_list(layers),
+        paddings=parse_paddings(backbone_padding),
+        canvases=parse_colours(canvas),
+        placement=placement,
+        grid=grid,
+        jitter=jitter,
+        positions=positions,
+        content=content,
+        image_size=image_size,
+        per_photo=per_photo,
+        distance_edges=parse_edges(distance_bins),
+        feat_size=feat_size,
+        input_norm=input_norm,
+        train_dir=str(train) if train else None,
+        test_dir=str(test) if test else None,
+        seed=seed,
+        device=resolve_device(device),
+        cache=cache,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        cache_max_gb=cache_max_gb,
+    )
+    result = run_canvas(config, progress=not quiet)
+    write_canvas(result, out, overwrite)
+    for label, b in result.backbones.items():
+        print(f"{backbone} ({b.weights_label}), padding {label}; input: {b.input_description}")
+        for line in _surgery_lines(b, image_size):
+            print(line)
+    print(format_canvas_table(result))
+    print(f"({result.seconds['total']:.1f} s)")
+    print(f"wrote {out}")
+
+
 @app.command("sweep")
 def sweep_cmd(
     spec: Path = typer.Argument(..., help="The grid: a TOML file (see the README's 'Sweeps')."),

@@ -11,11 +11,13 @@ Where position lives (closed-form linear probes at most):
 
 - ``channels``: per-channel position scores from several rankers, and channel ablation;
 - ``tokens``: a ViT's patch-token position per block, its position embedding's similarity map, token norms;
+- ``canvas``: where content was placed on a constant canvas, from globally pooled features.
 
 Each consumes what the probes consume (an EncodedSet's levels, ``features.levels.level_views``) or runs the
 frozen backbone itself.
 """
 
+from .canvas import CanvasImages, GapProbe, Placement, gap_features, photo_contents
 from .channels import ChannelRanking, ablate, border_scores, flip_scores, linear_weight_scores
 from .equivariance import Equivariance, default_shifts, interior_mask, translation_equivariance
 from .feature_maps import BlankMap, blank_maps, mean_map
@@ -38,8 +40,11 @@ from .tokens import (
 
 __all__ = [
     "BlankMap",
+    "CanvasImages",
     "ChannelRanking",
     "Equivariance",
+    "GapProbe",
+    "Placement",
     "PositionScores",
     "PositionVariance",
     "TokenLayout",
@@ -53,10 +58,12 @@ __all__ = [
     "default_shifts",
     "extract_tokens",
     "flip_scores",
+    "gap_features",
     "interior_mask",
     "linear_weight_scores",
     "mean_map",
     "patch_pos_embed",
+    "photo_contents",
     "position_chance",
     "position_variance_fraction",
     "probe_position",
