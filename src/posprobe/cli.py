@@ -635,10 +635,7 @@ def channels_cmd(
         print(line)
     for mode in config.ablations:
         print(format_channel_table(result, mode))
-    unsettled = sorted(label for label, status in result.convergence.items() if status not in ("converged", "flat map"))
-    if unsettled:
-        print(f"warning: {len(unsettled)} PEM readout(s) did not converge ({', '.join(unsettled[:3])}): "
-              "their SPC is flagged in ablation.json; train longer (--steps)", file=sys.stderr)
+    _warn_unconverged(result.convergence)
     print(f"({result.seconds['total']:.1f} s)")
     print(f"wrote {out}")
 

@@ -45,6 +45,7 @@ from ..measures.channels import (
 from ..measures.position_variance import position_variance_fraction
 from ..output.channel_plots import ablation_plot, top_channels_plot
 from ..output.rundir import atomic_run_dir, environment, write_csv, write_json
+from ..readouts.convergence import Convergence
 from ..readouts.engine import Cell, ReadoutSetting, TrainedCell, score_cells, train_cells
 from ..readouts.linear import LinearProbe
 from ..readouts.pem import check_readout_config
@@ -90,7 +91,7 @@ class ChannelResult:
     moments: tuple[np.ndarray, np.ndarray]  # each channel's mean and std on the training images
     mean_maps: np.ndarray  # (C, h, w): each channel's mean over training images, in std units
     rows: list[dict]
-    convergence: dict[str, str]  # PEM readout label -> status
+    convergence: dict[str, Convergence]  # PEM readout label -> its verdict
     linear: dict | None
     data: dict
     seconds: dict[str, float] = field(default_factory=dict)
@@ -394,7 +395,7 @@ def run_channels(config: ChannelConfig, progress: bool = True) -> ChannelResult:
         moments=(mean.numpy(), std.numpy()),
         mean_maps=maps.numpy(),
         rows=rows,
-        convergence={t.label: t.convergence.status for t in pem.values()},
+        convergence={t.label: t.convergence for t in pem.values()},
         linear=linear.summary() if linear is not None else None,
         data=data,
         seconds=seconds,
@@ -436,7 +437,7 @@ def format_channel_table(result: ChannelResult, ablation: str | None = None) -> 
 def channel_report(result: ChannelResult) -> str:
     """report.md: what was ranked and ablated, the tables as printed, the stated test, the figures."""
     backbone, cfg = result.backbone, result.config
-    unsettled = sorted(k for k, v in result.convergence.items() if v not in ("converged", "flat map"))
+    unsettled = sorted(k for k, v in result.convergence.items() if not v.finished)
     lines = [
         f"# Position channels: {backbone.name} {result.level}",
         "",
@@ -492,7 +493,7 @@ def write_channels(result: ChannelResult, out: Path, overwrite: bool = False) ->
                     "mean": "each channel set to its mean over the training images and locations",
                 },
                 "pattern_mean": f"pattern '{MEAN}': each image's SPC averaged over the patterns first",
-                "pem_convergence": result.convergence,
+                "pem_convergence": {k: v.to_dict() for k, v in result.convergence.items()},
                 "linear_probe": result.linear,
                 "rows": rows,
                 "seconds": result.seconds,
