@@ -75,7 +75,7 @@ def _megapixels(pixels: float) -> str:
     return f"{pixels / 1e6:,.0f}" if pixels >= 1e6 else f"{pixels / 1e6:.2g}"
 
 
-def _open_image(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
     """Image.open, with PIL's decompression-bomb warning and error turned into messages that name the file.
 
     PIL's own limits stand (Image.MAX_IMAGE_PIXELS, 89 Mpx by default): an image over twice the limit is refused
@@ -115,7 +115,7 @@ def upright(img: Image.Image) -> Image.Image:
 def decode_image(path: str | Path, image_size: int) -> torch.Tensor:
     """One image file -> (3, S, S) float32 in [0, 1], upright (EXIF orientation applied); raises UnreadableImage."""
     try:
-        with _open_image(Path(path)) as img:
+        with open_image(Path(path)) as img:
             return to_tensor(upright(img), image_size)
     except UnreadableImage:
         raise

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..data import UnreadableImage, _open_image, display_name, image_group, random_square_crops, to_tensor, upright
+from ..data import UnreadableImage, display_name, image_group, open_image, random_square_crops, to_tensor, upright
 from ..errors import PosprobeError, unknown_choice
 from ..features.encode import EncodedSet
 from ..features.levels import level_views
@@ -182,7 +182,7 @@ def photo_contents(
     seen: dict[str, int] = {}
     for path in map(Path, paths):
         try:
-            with _open_image(path) as img:
+            with open_image(path) as img:
                 img.draft("RGB", (max(content, img.width // 4), max(content, img.height // 4)))  # JPEG: faster
                 img = upright(img).convert("RGB")
                 crops = random_square_crops(img, per_photo, rng, min_fraction)
