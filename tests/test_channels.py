@@ -17,6 +17,7 @@ from posprobe.data import FlippedImages, TensorImages
 from posprobe.errors import PosprobeError
 from posprobe.features.cache import dataset_identity
 from posprobe.measures.channels import (
+    ABLATIONS,
     ChannelRanking,
     ablate,
     border_scores,
@@ -238,7 +239,7 @@ def test_ablating_the_top_channels_drops_spc_far_more_than_random_channels(resul
 
 
 def test_random_rows_are_shared_by_every_ranker(result):
-    rows = [r for r in result.rows if (r["readout"], r["pattern"], r["k"], r["ablation"]) == ("pem", "H", 4, "zero")]
+    rows = [r for r in result.rows if (r["readout"], r["pattern"], r["k"], r["ablation"]) == ("pem", "H", 4, "mean")]
     assert len(rows) == 4 and len({(r["random_spc"].mean, r["random_draw_std"]) for r in rows}) == 1
 
 
@@ -272,6 +273,7 @@ def test_channels_command_writes_its_run_directory(registered, noise_sets, tmp_p
         (["--k", "0,5"], ["--k percentages"]),
         (["--readouts", "pem", "--rankers", "linear"], ["add linear to --readouts"]),
         (["--level", "nowhere"], ["nowhere"]),
+        (["--level", "all"], ["one layer"]),
         (["--draws", "0"], ["--draws"]),
     ],
 )
@@ -283,3 +285,39 @@ def test_channels_command_refuses_bad_input_in_one_line(registered, noise_sets, 
     )  # fmt: skip
     assert_one_line_error(code, err, *fragments)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_config_built_in_python_trains_its_profile_and_is_checked_like_the_command(registered, noise_sets):
+    assert ChannelConfig(profile="quick").train.steps == 500  # the profile's schedule, not the official one
+    train, test = noise_sets
+    for bad, fragment in (
+        (dict(k_percent=(0,)), "k_percent"),
+        (dict(k_percent="5"), "k_percent"),
+        (dict(rankers="pvf"), "the string 'pvf'"),
+        (dict(level="all"), "one layer"),
+        (dict(level="mixed,mixed"), "one layer"),
+    ):
+        with pytest.raises(PosprobeError, match=fragment):
+            run_channels(_config(train, test, **bad), progress=False)
+
+
+def test_zero_and_mean_ablation_rank_alike_for_a_one_layer_unpadded_readout_but_not_a_padded_one():
+    """A constant channel shifts a one-layer unpadded linear readout's map by a constant (the upsampling is linear):
+    SPC cannot tell the two ablations apart (a PEM readout's sigmoid before the upsampling bends that only slightly).
+    With readout padding the border cells see the constant differently, so they differ (README: Channels)."""
+    from posprobe.metrics import spearman
+    from posprobe.readouts.linear import LinearReadout
+    from posprobe.targets import make_target
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 16, 16, generator=gen) + torch.linspace(0, 1, 16)  # position along x in every channel
+    target = make_target("H", 64, 64)
+    means = torch.full((6,), 3.0, dtype=torch.float64)
+    spc = {}
+    for padding in (0, 1):
+        torch.manual_seed(0)
+        readout = LinearReadout(6, 3, padding, 16, 64)
+        with torch.no_grad():
+            spc[padding] = [spearman(readout(ablate(x, [0, 1], mode, means))[:, 0], target) for mode in ABLATIONS]
+    assert torch.allclose(spc[0][0], spc[0][1], atol=1e-5)
+    assert not torch.allclose(spc[1][0], spc[1][1], atol=1e-3)

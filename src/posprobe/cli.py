@@ -578,7 +578,10 @@ def channels_cmd(
     ),
     pos_embed: str = typer.Option("keep", help="A ViT's learned position embedding: keep, zero or shuffle."),
     rankers: str = typer.Option("linear,pvf,flip,border", help="Channel rankers, comma list (README: Channels)."),
-    ablation: str = typer.Option("zero,mean", help="zero: set to 0; mean: set to the training mean; comma list."),
+    ablation: str = typer.Option(
+        "mean",
+        help="mean: set to the training mean; zero: set to 0; comma list (README: Channels, on when they differ).",
+    ),
     k: str = typer.Option("1,2,5,10,20,50", help="Channels to ablate, percent of the level, comma list."),
     draws: int = typer.Option(5, help="Random k-channel draws per k (the comparison for every ranker)."),
     readouts: str = typer.Option("pem,linear", help="Readouts re-scored: pem (trained, per seed), linear (exact)."),

@@ -17,7 +17,8 @@ PATTERN_MEAN = "mean"
 
 def ablation_plot(path: Path, rows: Sequence[Mapping], rankers: Sequence[str], title: str = "") -> Figure:
     """SPC (mean over patterns) against the share of channels ablated: one panel per (readout, ablation), one line
-    per ranker with its 95% band, the random draws' mean with their min-max band in grey, the intact SPC dotted.
+    per ranker with its 95% interval, the random draws' mean with their min-max range in grey, the intact SPC
+    dotted.
 
     ``rows``: ablation.csv's (flat: ``top_spc``, ``top_spc_lo``...)."""
     rows = [r for r in rows if r["pattern"] == PATTERN_MEAN]
@@ -35,15 +36,15 @@ def ablation_plot(path: Path, rows: Sequence[Mapping], rankers: Sequence[str], t
         lo = np.array([first[k]["random_draw_min"] for k in ks])
         hi = np.array([first[k]["random_draw_max"] for k in ks])
         ax.fill_between(x, lo, hi, color="0.8", label="random k (min-max of draws)")
-        ax.plot(x, rand, color="0.4", marker=".", label="random k (mean)")
+        ax.errorbar(x, rand, yerr=[rand - lo, hi - rand], color="0.4", marker=".", capsize=2, label="random k (mean)")
         ax.axhline(first[ks[0]]["intact_spc"], color="k", ls=":", lw=1, label="intact")
         for name in rankers:
             by_k = {r["k"]: r for r in mine if r["ranker"] == name}
             if not by_k:
                 continue
             y = np.array([by_k[k]["top_spc"] for k in ks])
-            ax.plot(x, y, marker="o", ms=3, label=f"top k: {name}")
-            ax.fill_between(x, [by_k[k]["top_spc_lo"] for k in ks], [by_k[k]["top_spc_hi"] for k in ks], alpha=0.15)
+            err = np.abs(np.array([[by_k[k]["top_spc_lo"] for k in ks], [by_k[k]["top_spc_hi"] for k in ks]]) - y)
+            ax.errorbar(x, y, yerr=np.nan_to_num(err), marker="o", ms=3, capsize=2, label=f"top k: {name}")
         ax.set_xscale("log")
         ax.set_xlabel("channels ablated (% of the level)")
         ax.set_ylabel("SPC (mean over patterns)")
@@ -64,6 +65,7 @@ def top_channels_plot(path: Path, mean_maps: np.ndarray, top: Mapping[str, Seque
     fig = Figure(figsize=(1.5 * cols + 1, 1.5 * max(1, len(names)) + 0.6))
     axes = fig.subplots(max(1, len(names)), cols, squeeze=False)
     bound = max(1e-6, float(np.nanmax(np.abs(mean_maps)))) if mean_maps.size else 1.0
+    image = None
     for i, name in enumerate(names):
         for j in range(cols):
             ax = axes[i][j]
@@ -73,12 +75,14 @@ def top_channels_plot(path: Path, mean_maps: np.ndarray, top: Mapping[str, Seque
                 ax.axis("off")
                 continue
             c = int(top[name][j])
-            ax.imshow(mean_maps[c], cmap="RdBu_r", vmin=-bound, vmax=bound)
+            image = ax.imshow(mean_maps[c], cmap="RdBu_r", vmin=-bound, vmax=bound)
             ax.set_title(f"#{j + 1}: ch {c}", fontsize=7)
             if j == 0:
                 ax.set_ylabel(name, fontsize=9)
     if title:
         fig.suptitle(display_name(title), fontsize=9)
     fig.tight_layout()
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="mean over images (channel std units)")
     fig.savefig(path, dpi=110)
     return fig

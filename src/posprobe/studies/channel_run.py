@@ -71,7 +71,7 @@ class ChannelConfig(ReadoutSettings):
     pos_embed: str = "keep"
     patterns: tuple[str, ...] = ("H", "V", "G")
     rankers: tuple[str, ...] = RANKERS
-    ablations: tuple[str, ...] = ABLATIONS
+    ablations: tuple[str, ...] = ("mean",)
     k_percent: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
     draws: int = 5  # random k-channel draws per k
     seeds: int = 1  # PEM readout seeds (seed, seed + 1, ...)
@@ -147,6 +147,8 @@ def parse_k_percent(text: str) -> tuple[float, ...]:
 
 
 def _checked_choices(what: str, given: tuple[str, ...], valid: tuple[str, ...]) -> None:
+    if isinstance(given, str):
+        raise PosprobeError(f"{what} must be a tuple of names such as {valid[:2]}; given the string '{given}'")
     if not given:
         raise PosprobeError(f"--{what} needs at least one of {', '.join(valid)}; given none")
     for g in given:
@@ -161,12 +163,20 @@ def prepare(config: ChannelConfig) -> Backbone:
     _checked_choices("readouts", config.readouts, READOUTS)
     if "linear" in config.rankers and "linear" not in config.readouts:
         raise PosprobeError("the linear ranker reads the linear probe's weights: add linear to --readouts")
+    if (
+        isinstance(config.k_percent, str)
+        or not all(isinstance(v, (int, float)) and 0 < v <= 100 for v in config.k_percent)
+        or not config.k_percent
+    ):
+        raise PosprobeError(f"k_percent must be percentages in (0, 100] such as (1, 5, 10); given {config.k_percent!r}")
     if config.draws < 1 or config.seeds < 1:
         raise PosprobeError(f"--draws and --seeds must be at least 1; given {config.draws} and {config.seeds}")
     if config.image_size < 8:
         raise PosprobeError(f"--image-size must be at least 8; given {config.image_size}")
     check_readout_config(config.feat_size, config.kernel_size, config.depth, config.readout_padding)
     level = config.level or get_backbone_spec(config.backbone, config.image_size).levels[-1].name
+    if "," in level or level == "all":
+        raise PosprobeError(f"--level takes one layer (its channels are ranked); given '{level}'")
     backbone = create_backbone(
         config.backbone,
         config.weights,
@@ -402,16 +412,25 @@ def run_channels(config: ChannelConfig, progress: bool = True) -> ChannelResult:
     )
 
 
+def _iv_text(iv: Interval) -> str:
+    """'.486 [.45, .52]' (no interval: the point value alone)."""
+    point = f"{iv.mean:.3f}"
+    if math.isnan(iv.lo):
+        return point
+    return f"{point} [{iv.lo:.2f}, {iv.hi:.2f}]".replace("0.", ".")
+
+
 def format_channel_table(result: ChannelResult, ablation: str | None = None) -> str:
-    """SPC (mean over patterns) per readout and k: intact, random k (mean, draw spread) and each ranker's top k,
-    marked v where the top k lower SPC more than random (the stated test), ^ where less."""
+    """SPC (mean over patterns) per readout and k with 95% intervals: intact, random k (the draws' spread in
+    parentheses) and each ranker's top k, marked v where the top k lower SPC more than random (the stated test:
+    the drop beyond random's interval above 0), ^ where less."""
     ablation = ablation or result.config.ablations[-1]
     names = list(result.rankings)
     lines = [
         f"{result.backbone.name} {result.level} ({len(result.border_ratio)} channels), {ablation} ablation; "
-        f"SPC mean over {','.join(result.config.patterns)} on {result.data['test']['n']} test images; "
-        "v / ^: top k lower / raise SPC vs random k (95% interval of the drop beyond random)",
-        f"{'readout':<8}{'k':>10}{'intact':>8}{'random k (sd)':>16}" + "".join(f"{n:>10}" for n in names),
+        f"SPC mean over {','.join(result.config.patterns)} on {result.data['test']['n']} test images [95%]; "
+        "v / ^: the top k lower / raise SPC more than random k (the drop beyond random's interval excludes 0)",
+        f"{'readout':<8}{'k':>10}  {'intact':<20}{'random k (sd of draws)':<28}" + "".join(f"{n:<21}" for n in names),
     ]
     mark = {"lower": "v", "higher": "^", "unresolved": " "}
     for readout in result.config.readouts:
@@ -424,11 +443,11 @@ def format_channel_table(result: ChannelResult, ablation: str | None = None) -> 
             if not rows:
                 continue
             any_row = next(iter(rows.values()))
-            rand = f"{any_row['random_spc'].mean:.3f} ({any_row['random_draw_std']:.3f})"
+            rand = f"{_iv_text(any_row['random_spc'])} ({any_row['random_draw_std']:.3f})"
             flag = "" if any_row["readout_converged"] else "  (not converged: --steps)"
             lines.append(
-                f"{readout:<8}{f'{k} ({pct:g}%)':>10}{any_row['intact_spc'].mean:>8.3f}{rand:>16}"
-                + "".join(f"{rows[n]['top_spc'].mean:>9.3f}{mark[rows[n]['verdict']]}" for n in names)
+                f"{readout:<8}{f'{k} ({pct:g}%)':>10}  {_iv_text(any_row['intact_spc']):<20}{rand:<28}"
+                + "".join(f"{_iv_text(rows[n]['top_spc']) + mark[rows[n]['verdict']]:<21}" for n in names)
                 + flag
             )
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from ..readouts.engine import Scores
 from ..readouts.linear import LinearProbe
 from ..readouts.pem import check_readout_config
 from ..readouts.probe import PositionProbe
-from ..readouts.train import PROFILES, TrainConfig
+from ..readouts.train import TrainConfig, get_profile
 from ..targets import PATTERNS, load_target_image
 from .controls import COSTS, DEFAULT_CONTROLS, Arm, ControlRun, check_rolls, flag_marks, run_controls, unavailable
 from .controls import DOC as CONTROL_DOC
@@ -57,7 +57,7 @@ class ReadoutSettings:
     feat_size: int = 28
     image_size: int = 224
     profile: str = "official"
-    train: TrainConfig = field(default_factory=lambda: PROFILES["official"])
+    train: TrainConfig | None = None  # None: the named profile's schedule (readouts.train.get_profile)
     seed: int = 0
     device: str = "cpu"
     train_dir: str | None = None  # None: the bundled training photos
@@ -66,6 +66,10 @@ class ReadoutSettings:
     cache: bool = False  # encode through the feature cache (the commands turn it on)
     cache_dir: str | None = None  # None: $POSPROBE_CACHE or ~/.cache/posprobe
     cache_max_gb: float = 32.0  # a set whose features exceed this is streamed, not cached
+
+    def __post_init__(self) -> None:
+        if self.train is None:  # the profile's schedule, so that profile="quick" alone trains the quick one
+            object.__setattr__(self, "train", get_profile(self.profile))
 
     def to_dict(self) -> dict:
         """The settings as recorded in a run's config.json; the cache folder as resolved ($POSPROBE_CACHE or
