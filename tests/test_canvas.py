@@ -267,6 +267,7 @@ def test_continuous_placements_and_a_lone_train_folder(photos, tmp_path):
         (["--jitter", "9"], ["--jitter must be between 0 and"]),
         (["--distance-bins", "8,4"], ["--distance-bins must be at least two increasing"]),
         (["--per-photo", "0"], ["--per-photo must be at least 1"]),
+        (["--grid", "1"], ["--grid must be at least 2"]),
     ],
 )
 def test_bad_input_is_one_line(photos, tmp_path, args, fragments):
@@ -286,6 +287,10 @@ def test_empty_folder_and_library_errors(tmp_path):
         parse_colours("black,grey")
     with pytest.raises(PosprobeError, match="--canvas needs at least one"):
         parse_colours(" , ")
+    from posprobe.studies.canvas_run import CanvasConfig, run_canvas
+
+    with pytest.raises(PosprobeError, match="the string 'zeros'"):
+        run_canvas(CanvasConfig(backbone=TINY, paddings="zeros"), progress=False)
 
 
 def test_circular_padding_is_blind_at_any_distance_from_the_border(photos):

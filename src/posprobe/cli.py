@@ -897,7 +897,12 @@ def canvas_cmd(
         None, help="Side levels are cached at (default: the largest level's, so every pooled level is exact)."
     ),
     train: TrainDir = None,
-    test: TestDir = None,
+    test: Optional[Path] = typer.Option(
+        None,
+        "--test",
+        help="Test photo folder (default: the bundled test photos; with --train alone, a seeded "
+        "quarter of its photos, split by photo).",
+    ),
     input_norm: InputNorm = "paper",
     seed: Seed = 0,
     device: Device = "cpu",

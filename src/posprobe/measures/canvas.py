@@ -76,8 +76,8 @@ class Placement:
 
 def check_geometry(image_size: int, content: int, grid: int, jitter: int = 0) -> None:
     """Refuse a content that does not fit the canvas or its grid cell (``PosprobeError``, one line)."""
-    if grid < 1:
-        raise PosprobeError(f"--grid must be at least 1 (cells per side); given {grid}")
+    if grid < 2:
+        raise PosprobeError(f"--grid must be at least 2 cells per side (one cell leaves nothing to tell); given {grid}")
     if content < 1 or content > image_size:
         raise PosprobeError(
             f"--content must be between 1 and the canvas side --image-size {image_size} px; given {content}"

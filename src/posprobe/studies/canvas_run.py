@@ -215,6 +215,11 @@ def photo_split(config: CanvasConfig) -> tuple[list[Path], list[Path], str, str]
 
 def prepare(config: CanvasConfig) -> dict[str, Backbone]:
     """Validate the settings and build one backbone per padding, before any image is read."""
+    for name in ("paddings", "canvases"):
+        if isinstance(getattr(config, name), str):
+            raise PosprobeError(
+                f"{name} must be a tuple such as ('zeros', 'valid'); given the string '{getattr(config, name)}'"
+            )
     if config.placement not in PLACEMENTS:
         raise unknown_choice("placement", config.placement, PLACEMENTS)
     for c in config.canvases:
