@@ -460,14 +460,16 @@ def write_tokens(result: TokenResult, out: Path, overwrite: bool = False) -> Pat
         pos_embed_similarity_plot(
             tmp / "pos_embed_similarity.png", result.similarity[mode], f"Position-embedding similarity: {label}", note
         )
-        maps, lines = {}, {}
+        maps, lines = {}, {}  # the drawn mode only: one row per image set stays readable (every mode in tokens.json)
         for (name, m), n in result.norms.items():
+            if m != mode:
+                continue
             key = f"{name} / {m}"
             maps[key] = n.patch
             flat = n.patch.flatten(1)  # (R, h, w) -> (R, P)
             lines[key] = {"patch mean": flat.mean(1).tolist(), "patch max": flat.max(1).values.tolist()}
             lines[key].update({p: n.prefix[:, j].tolist() for j, p in enumerate(n.prefix_names)})
-        token_norms_plot(tmp / "token_norms.png", result.layout.rows, maps, lines, f"Token norms: {label}")
+        token_norms_plot(tmp / "token_norms.png", result.layout.rows, maps, lines, f"Token norms ({mode}): {label}")
     return out
 
 
