@@ -611,23 +611,31 @@ def channels_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Which channels carry position: rank a level's channels, ablate the top k, compare with random k."""
+    from .errors import parse_choices
+    from .measures.channels import ABLATIONS, RANKERS
     from .output.rundir import check_out_dir
-    from .studies.channel_run import ChannelConfig, format_channel_table, parse_k_percent, run_channels, write_channels
+    from .studies.channel_run import (
+        READOUTS,
+        ChannelConfig,
+        format_channel_table,
+        parse_k_percent,
+        run_channels,
+        write_channels,
+    )
     from .targets import resolve_patterns
 
     check_out_dir(out, overwrite)
-    split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
     config = ChannelConfig(
         backbone=backbone,
         level=level,
         backbone_padding=backbone_padding,
         pos_embed=pos_embed,
-        rankers=split(rankers),
-        ablations=split(ablation),
+        rankers=parse_choices(rankers, "--rankers", "ranker", RANKERS),
+        ablations=parse_choices(ablation, "--ablation", "ablation", ABLATIONS),
         k_percent=parse_k_percent(k),
         draws=draws,
         seeds=seeds,
-        readouts=split(readouts),
+        readouts=parse_choices(readouts, "--readouts", "readout", READOUTS),
         patterns=tuple(resolve_patterns(pattern)),
         **_shared_settings({**locals(), "layers": None}),
     )

@@ -61,3 +61,16 @@ def unknown_choice(
     if max_listed is not None and len(valid) > max_listed:
         listed = f"{', '.join(valid[:max_listed])}, ... ({len(valid)} in all)"
     return PosprobeError(f"unknown {what} '{given}'; expected one of: {listed}.{suggestion}{hint}")
+
+
+def parse_choices(text: str, option: str, what: str, valid: Iterable[str]) -> tuple[str, ...]:
+    """'a, b,a' -> ('a', 'b'): a comma list of ``valid`` names given to ``option``, in order, duplicates dropped;
+    an empty list or an unknown name is a one-line ``PosprobeError``."""
+    valid = list(valid)
+    items = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    if not items:
+        raise PosprobeError(f"{option} needs at least one of {', '.join(valid)}; given '{text}'")
+    for item in items:
+        if item not in valid:
+            raise unknown_choice(what, item, valid)
+    return items

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data import UnreadableImage, display_name, image_group, open_image, random_square_crops, to_tensor, upright
-from ..errors import PosprobeError, unknown_choice
+from ..errors import PosprobeError, parse_choices, unknown_choice
 from ..features.encode import EncodedSet
 from ..features.levels import level_views
 from ..intervals import Interval, paired_statistic
@@ -158,13 +158,7 @@ def compose(content: torch.Tensor, placement: Placement, canvas: str) -> torch.T
 
 def parse_colours(text: str) -> tuple[str, ...]:
     """'black,mean' -> ('black', 'mean'), each checked."""
-    items = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
-    if not items:
-        raise PosprobeError(f"--canvas needs at least one of {', '.join(CANVAS_COLOURS)}; given '{text}'")
-    for c in items:
-        if c not in CANVAS_COLOURS:
-            raise unknown_choice("canvas colour", c, CANVAS_COLOURS)
-    return items
+    return parse_choices(text, "--canvas", "canvas colour", CANVAS_COLOURS)
 
 
 def photo_contents(

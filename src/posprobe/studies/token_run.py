@@ -29,7 +29,7 @@ from ..data import (
     image_group,
     synthetic_images,
 )
-from ..errors import PosprobeError, unknown_choice
+from ..errors import PosprobeError, parse_choices
 from ..features.cache import FeatureCache, default_cache_dir, encode_images
 from ..features.levels import level_views
 from ..measures.tokens import (
@@ -106,13 +106,7 @@ class TokenConfig:
 
 def parse_pos_embeds(text: str) -> tuple[str, ...]:
     """'keep,zero,shuffle' -> validated tuple, in the order given."""
-    modes = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
-    if not modes:
-        raise PosprobeError(f"--pos-embed needs at least one of {', '.join(POS_EMBEDS)}; given '{text}'")
-    for m in modes:
-        if m not in POS_EMBEDS:
-            raise unknown_choice("--pos-embed mode", m, POS_EMBEDS)
-    return modes
+    return parse_choices(text, "--pos-embed", "--pos-embed mode", POS_EMBEDS)
 
 
 def parse_images(text: str) -> tuple[str, ...]:
