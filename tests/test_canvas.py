@@ -221,7 +221,7 @@ def test_canvas_command_writes_a_run(photos, tmp_path):
     assert code == 0, err
     assert "cell accuracy (chance 0.111)" in stdout
     names = {p.name for p in out.iterdir()}
-    want = {"config.json", "canvas.json", "canvas.csv", "environment.json"}
+    want = {"config.json", "canvas.json", "canvas.csv", "environment.json", "report.md"}
     assert want | {"location_by_distance.png", "canvas_examples.png"} <= names
     result = json.loads((out / "canvas.json").read_text())
     rows = result["results"]

@@ -211,7 +211,7 @@ def test_cli_writes_the_run_directory(tmp_path):
     )  # fmt: skip
     assert code == 0, stderr
     names = {p.name for p in out.iterdir()}
-    assert names >= {"config.json", "tokens.json", "tokens.csv", "environment.json"}
+    assert names >= {"config.json", "tokens.json", "tokens.csv", "environment.json", "report.md"}
     assert names >= {"token_position.png", "pos_embed_similarity.png", "token_norms.png"}
     rows = list(csv.DictReader((out / "tokens.csv").open()))
     assert len(rows) == 2 * 3 * 13  # image sets x modes x rows

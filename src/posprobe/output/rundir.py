@@ -267,6 +267,19 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def markdown_report(
+    title: str, facts: Sequence[str], tables: Sequence[str], notes: Sequence[str] = (), figures: Sequence[str] = ()
+) -> str:
+    """A run's report.md: a title, its settings and data as a list, each table as printed (monospace), notes
+    (definitions, the stated test) and the figures it wrote."""
+    lines = [f"# {title}", ""] + [f"- {f}" for f in facts] + [""]
+    for table in tables:
+        lines += ["```", table, "```", ""]
+    lines += [n for note in notes for n in (note, "")]
+    lines += [f for name in figures for f in (f"![{Path(name).stem}]({name})", "")]
+    return "\n".join(lines)
+
+
 def environment(device: str | torch.device = "cpu") -> dict:
     """Versions, device and commit, so a number can be traced to what produced it."""
     import torchvision

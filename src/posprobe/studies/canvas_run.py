@@ -53,7 +53,7 @@ from ..measures.canvas import (
     photo_contents,
 )
 from ..output.canvas_plots import canvas_examples_plot, location_by_distance_plot
-from ..output.rundir import atomic_run_dir, environment, write_csv, write_json
+from ..output.rundir import atomic_run_dir, environment, markdown_report, write_csv, write_json
 from .probe_run import ReadoutSettings, backbone_record
 
 ALL = "all"  # the level name of the probe over every level's GAP concatenated, and the bin of every distance
@@ -414,7 +414,7 @@ def format_canvas_table(result: CanvasResult) -> str:
 
 
 def write_canvas(result: CanvasResult, out: Path, overwrite: bool = False) -> Path:
-    """The run directory, atomically: config.json, canvas.json, canvas.csv, environment.json,
+    """The run directory, atomically: config.json, canvas.json, canvas.csv, environment.json, report.md,
     location_by_distance.png and canvas_examples.png."""
     cfg = result.config
     with atomic_run_dir(out, overwrite) as tmp:
@@ -422,6 +422,18 @@ def write_canvas(result: CanvasResult, out: Path, overwrite: bool = False) -> Pa
         write_json(tmp / "canvas.json", result.to_dict())
         write_csv(tmp / "canvas.csv", result.rows)
         write_json(tmp / "environment.json", environment(cfg.device))
+        facts = [
+            f"Backbone: {cfg.backbone}; paddings {', '.join(result.backbones)}; canvases {', '.join(cfg.canvases)}",
+            f"Placement: {cfg.placement}, grid {cfg.grid}x{cfg.grid}; {cfg.content} px content on a "
+            f"{cfg.image_size} px canvas",
+            *(f"{k.capitalize()} photos: {v['photos']}, {v['n_contents']} crops" for k, v in result.data.items()),
+        ]
+        notes = [f"**{k}**: {v}" for k, v in DEFINITIONS.items()]
+        figures = ["location_by_distance.png", "canvas_examples.png"]
+        report = markdown_report(
+            "Where is the content? Location on a canvas", facts, [format_canvas_table(result)], notes, figures
+        )
+        (tmp / "report.md").write_text(report, encoding="utf-8")
         first = next(iter(result.backbones.values()))
         label = f"{cfg.backbone} ({first.weights_label}), {cfg.image_size} px canvas, {cfg.content} px content"
         location_by_distance_plot(

@@ -44,7 +44,7 @@ from ..measures.channels import (
 )
 from ..measures.position_variance import position_variance_fraction
 from ..output.channel_plots import ablation_plot, top_channels_plot
-from ..output.rundir import atomic_run_dir, environment, write_csv, write_json
+from ..output.rundir import atomic_run_dir, environment, markdown_report, write_csv, write_json
 from ..readouts.convergence import Convergence
 from ..readouts.engine import Cell, ReadoutSetting, TrainedCell, score_cells, train_cells
 from ..readouts.linear import LinearProbe
@@ -455,31 +455,23 @@ def format_channel_table(result: ChannelResult, ablation: str | None = None) -> 
 
 def channel_report(result: ChannelResult) -> str:
     """report.md: what was ranked and ablated, the tables as printed, the stated test, the figures."""
-    backbone, cfg = result.backbone, result.config
+    backbone, cfg, data = result.backbone, result.config, result.data
     unsettled = sorted(k for k, v in result.convergence.items() if not v.finished)
-    lines = [
-        f"# Position channels: {backbone.name} {result.level}",
-        "",
-        f"- Backbone: {backbone.name} ({backbone.weights_label}); input: {backbone.input_description}",
-        f"- Level: {result.level}, {len(result.border_ratio)} channels, measured {result.data['measured_at']}",
-        f"- Training images (rankers, readouts): {result.data['train']['description']} ({result.data['train']['n']})",
-        f"- Test images (ablation): {result.data['test']['description']} ({result.data['test']['n']})",
-        f"- Readouts: {', '.join(cfg.readouts)}; PEM seeds {cfg.seeds}; {cfg.draws} random draws per k",
-        f"- Test: {TEST_DOC}",
-        "- PEM readouts not converged: " + (", ".join(unsettled) if unsettled else "none"),
-        "",
-    ]
-    for mode in cfg.ablations:
-        lines += ["```", format_channel_table(result, mode), "```", ""]
-    lines += [
-        "Rankers: " + "; ".join(f"**{k}**: {DEFINITIONS[k]}" for k in result.rankings),
-        "",
-        "![ablation](ablation.png)",
-        "",
-        "![top channels](top_channels.png)",
-        "",
-    ]
-    return "\n".join(lines)
+    return markdown_report(
+        f"Position channels: {backbone.name} {result.level}",
+        [
+            f"Backbone: {backbone.name} ({backbone.weights_label}); input: {backbone.input_description}",
+            f"Level: {result.level}, {len(result.border_ratio)} channels, measured {data['measured_at']}",
+            f"Training images (rankers, readouts): {data['train']['description']} ({data['train']['n']})",
+            f"Test images (ablation): {data['test']['description']} ({data['test']['n']})",
+            f"Readouts: {', '.join(cfg.readouts)}; PEM seeds {cfg.seeds}; {cfg.draws} random draws per k",
+            f"Test: {TEST_DOC}",
+            "PEM readouts not converged: " + (", ".join(unsettled) if unsettled else "none"),
+        ],
+        [format_channel_table(result, mode) for mode in cfg.ablations],
+        ["Rankers: " + "; ".join(f"**{k}**: {DEFINITIONS[k]}" for k in result.rankings)],
+        ["ablation.png", "top_channels.png"],
+    )
 
 
 def write_channels(result: ChannelResult, out: Path, overwrite: bool = False) -> Path:

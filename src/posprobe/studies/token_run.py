@@ -49,7 +49,7 @@ from ..measures.tokens import (
     token_layout,
     token_norms,
 )
-from ..output.rundir import atomic_run_dir, environment, write_csv, write_json
+from ..output.rundir import atomic_run_dir, environment, markdown_report, write_csv, write_json
 from ..output.token_plots import pos_embed_similarity_plot, token_norms_plot, token_position_plot
 
 BUNDLED = "bundled"
@@ -425,14 +425,24 @@ def format_token_table(result: TokenResult) -> str:
 
 
 def write_tokens(result: TokenResult, out: Path, overwrite: bool = False) -> Path:
-    """The run directory, atomically: config.json, tokens.json, tokens.csv, environment.json, token_position.png,
-    pos_embed_similarity.png and token_norms.png."""
+    """The run directory, atomically: config.json, tokens.json, tokens.csv, environment.json, report.md,
+    token_position.png, pos_embed_similarity.png and token_norms.png."""
     cfg = result.config
     with atomic_run_dir(out, overwrite) as tmp:
         write_json(tmp / "config.json", {**cfg.to_dict(), "resolved": _resolved(result)})
         write_json(tmp / "tokens.json", result.to_dict())
         write_csv(tmp / "tokens.csv", result.rows())
         write_json(tmp / "environment.json", environment(cfg.device))
+        figures = ["token_position.png", "pos_embed_similarity.png", "token_norms.png"]
+        facts = [
+            f"Backbone: {result.backbone.name} ({result.backbone.weights_label}); {cfg.image_size} px, "
+            f"grid {result.layout.grid[0]}x{result.layout.grid[1]}",
+            f"Position embedding: {', '.join(cfg.pos_embeds)}",
+            *(f"Images {name}: {s.get('description', '')}" for name, s in result.sets.items()),
+        ]
+        notes = [f"**{k}**: {v}" for k, v in DEFINITIONS.items()]
+        report = markdown_report("ViT token position", facts, [format_token_table(result)], notes, figures)
+        (tmp / "report.md").write_text(report, encoding="utf-8")
         label = f"{result.backbone.name} ({result.backbone.weights_label}), {cfg.image_size} px"
         curves = {
             name: {
