@@ -108,3 +108,40 @@ def test_spearman_on_cuda_tensors_matches_cpu():
     pred = torch.rand(3, SIZE, SIZE, generator=g)
     target = make_target("G", SIZE, SIZE)
     torch.testing.assert_close(spearman(pred.cuda(), target).cpu(), spearman(pred, target), rtol=1e-5, atol=1e-6)
+
+
+def test_a_cached_training_set_that_fits_is_resident_on_the_gpu_and_trains_as_on_the_cpu(tmp_path):
+    """The resident path: the cache entry's float32 working copy is made once in GPU memory, batches are gathered
+    there, and the readouts end where the CPU's end."""
+    from posprobe.features.sources import MemorySource
+
+    backbone = create_backbone("vgg16", "random", seed=0)
+    entry = FeatureCache(tmp_path, log=None).encode(backbone, _images(12, 4), FEAT, device="cpu", progress=False)
+    source = MemorySource(entry)
+    whole = source._whole_parts(torch.device("cuda"))
+    assert whole is not None and all(p.data.device.type == "cuda" for p in whole)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            readout = Readout(backbone.channels, 3, 1, 0, FEAT, SIZE)
+        job = ReadoutJob("H", readout, make_target("H", SIZE, SIZE))
+        train_readouts(MemorySource(entry), [job], TrainConfig(steps=6, epochs=1, batch_size=4), device, False)
+        runs[device] = job
+    assert runs["cuda"].losses == pytest.approx(runs["cpu"].losses, rel=2e-3, abs=1e-5)
+
+
+def test_jpeg_folders_decode_through_pinned_batches_and_encode_as_on_the_cpu(tmp_path):
+    """The decode path: JPEG files decoded in loader workers, pinned, copied and encoded on the GPU give the
+    CPU's features."""
+    from posprobe.data import FolderImages
+    from posprobe.studies.bench_dataset import write_synthetic_dataset
+
+    train_dir, _ = write_synthetic_dataset(tmp_path, 20, 1, progress=False)
+    images = FolderImages(train_dir, SIZE)
+    backbone = create_backbone("vgg16", "random", seed=0)
+    cpu = encode(backbone, images, FEAT, device="cpu", num_workers=1, progress=False)
+    gpu = encode(backbone, images, FEAT, device="cuda", num_workers=1, progress=False)
+    assert gpu.ids == cpu.ids == images.ids
+    scale = cpu.features.abs().amax()
+    torch.testing.assert_close(gpu.features.float(), cpu.features.float(), rtol=0, atol=2e-3 * float(scale))

@@ -137,7 +137,8 @@ def encode_batches(
     start: int = 0,
 ) -> Iterator[tuple[list[int], list[Part] | None, list[int]]]:
     """Encode images[start:] in order, batch by batch: (indices kept, their parts, indices unreadable).
-    Decoding runs in worker processes, overlapped with the encoder.
+    Decoding runs in worker processes (one per spare core), overlapped with the encoder; for a GPU the batches
+    are pinned, so the copy runs beside the decoding of the next one.
 
     A NaN or an infinity in any level stops here, before alignment and before any caller (memory, cache)
     keeps the batch, with one line naming the level and the images (``Backbone.forward`` finds it).
@@ -151,12 +152,13 @@ def encode_batches(
         shuffle=False,
         collate_fn=_collate,
         num_workers=workers if len(subset) > batch_size else 0,
+        pin_memory=torch.device(device).type == "cuda",  # page-locked batches copy to the GPU without a staging copy
     )
     for idx, batch, failed in loader:
         if batch is None:
             yield idx, None, failed
             continue
-        x = batch.to(device)
+        x = batch.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         try:
