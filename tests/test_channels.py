@@ -288,7 +288,7 @@ def test_channels_command_refuses_bad_input_in_one_line(registered, noise_sets, 
 
 
 def test_a_config_built_in_python_trains_its_profile_and_is_checked_like_the_command(registered, noise_sets):
-    assert ChannelConfig(profile="quick").train.steps == 500  # the profile's schedule, not the official one
+    assert ChannelConfig(profile="quick").train.steps == 1000  # the profile's schedule, not the official one
     train, test = noise_sets
     for bad, fragment in (
         (dict(k_percent=(0,)), "k_percent"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -415,3 +416,9 @@ def test_probe_score_agrees_with_metrics_on_its_predictions(content_free_train_s
         expected = spearmanr(preds[name][0].flatten().double(), target.flatten().double()).statistic
         assert float(scores[name].spc[0]) == pytest.approx(expected, abs=1e-5)
         assert float(scores[name].mae[0]) == pytest.approx(float((preds[name][0] - target).abs().mean()), abs=1e-6)
+
+
+def test_the_demo_profile_is_quick_with_half_its_updates():
+    quick, demo = get_profile("quick"), get_profile("demo")
+    assert (quick.steps, demo.steps) == (1000, 500)
+    assert replace(demo, steps=quick.steps) == quick  # the same optimiser and widths, fewer updates
