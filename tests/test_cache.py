@@ -18,7 +18,7 @@ from posprobe.errors import PosprobeError
 from posprobe.features import cache as cache_mod
 from posprobe.features.cache import FeatureCache, feature_key
 from posprobe.features.encode import EncodedSet, encode
-from posprobe.features.sources import StreamedSet
+from posprobe.features.sources import MemorySource, StreamedSet
 
 SIZE, FEAT = 32, 12
 
@@ -201,6 +201,35 @@ def test_values_beyond_float16_are_stored_scaled_by_a_power_of_two_not_as_inf(tm
     # range's floor (6.1e-5 x the scale)
     big = ref.abs() > 6.2e-5 * scale
     torch.testing.assert_close(got.features[big], ref[big], rtol=2.0**-11, atol=0)
+
+
+def test_batches_read_from_the_entry_equal_the_working_copys(tmp_path, resnet):
+    """A cache entry too large for the working copy is read batch by batch (float16 rows gathered, then widened):
+    the same float32 values as from the working copy, for native and aligned parts and a scaled part; a part not
+    stored channels_last takes the plain path."""
+    cache, _ = quiet_cache(tmp_path)
+    huge = TensorImages(
+        torch.rand(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 1e7, list("abcde"), "h"
+    )
+    for backbone, images in ((resnet, noise_images(7)), (create_backbone("posenet"), huge)):
+        entry = cache.encode(backbone, images, FEAT, progress=False)
+        order = torch.tensor([4, 0, 2, 1, 3])
+        copy = MemorySource(entry).batches(order, 2)
+        direct = MemorySource(entry, budget_bytes=0).batches(order, 2)
+        seen = 0
+        for (i1, b1), (i2, b2) in zip(copy, direct):  # in step: each batch is used before the next is gathered
+            assert torch.equal(i1, i2)
+            for p1, p2 in zip(b1.parts, b2.parts):  # the same exact widening of the same stored numbers
+                assert p2.data.dtype == torch.float32 and p2.data.is_contiguous(memory_format=torch.channels_last)
+                assert torch.equal(p1.data, p2.data)
+            for p, whole in zip(b2.parts, entry.parts):
+                assert torch.equal(p.data, whole.values(i2))
+            seen += len(i2)
+        assert seen == 5
+    assert any(p.scale != 1.0 for p in entry.parts)
+    plain = EncodedSet.from_aligned("x", torch.rand(4, 3, FEAT, FEAT), FEAT, list("wxyz"))  # NCHW, not channels_last
+    ((_, batch),) = MemorySource(plain, budget_bytes=0).batches(torch.arange(4), 4)
+    assert torch.equal(batch.aligned(), plain.features)
 
 
 @pytest.mark.parametrize(
