@@ -267,21 +267,25 @@ def _authors_steps(
     gen: torch.Generator,
 ) -> None:
     """``steps`` SGD updates as the authors' code runs them: decode, encoder, alignment and readout step for every
-    batch (decoding through the same loader as posprobe's, so the comparison is of the protocols alone)."""
+    batch, a fresh shuffle every pass (decoding through the same loader as posprobe's, so the comparison is of the
+    protocols alone)."""
     backbone, channels_last = prepare_encoder(backbone, device)
-    order = torch.randperm(len(images), generator=gen)[: steps * config.batch_size]
     readout.train()
-    for _, x, _ in _loader(images, config.batch_size, device, order):
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            feats = align(backbone(x), feat_size)
-        pred = readout.forward_aligned(feats)[:, 0]
-        loss = F.mse_loss(pred, target.expand_as(pred))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    done = 0
+    while done < steps:
+        order = torch.randperm(len(images), generator=gen)[: (steps - done) * config.batch_size]
+        for _, x, _ in _loader(images, config.batch_size, device, order):
+            x = x.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                feats = align(backbone(x), feat_size)
+            pred = readout.forward_aligned(feats)[:, 0]
+            loss = F.mse_loss(pred, target.expand_as(pred))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
 
 
 @torch.no_grad()
@@ -299,11 +303,6 @@ def _authors_test(
         readout.forward_aligned(align(backbone(x), feat_size))
         seen += len(x)
     return seen
-
-
-def bench_config(profile: str = "official", steps: int | None = None, epochs: int | None = None, seed: int = 0):
-    """The Table 1 column's schedule: the profile's SGD updates, or exactly ``steps`` updates / ``epochs`` passes."""
-    return get_profile(profile, steps=steps, epochs=epochs, seed=seed)
 
 
 def bench_dataset(
@@ -377,7 +376,7 @@ def run_bench(
             "bench needs n_train, n_test, authors_batches, repeats >= 1 and 1..5 authors_patterns; given "
             + ", ".join(bad or [f"authors_patterns={authors_patterns}"])
         )
-    config = bench_config(profile, steps, epochs, seed)
+    config = get_profile(profile, steps=steps, epochs=epochs, seed=seed)
     backbone = create_backbone(backbone_name, weights, seed)
     train, test, dataset, tmp = bench_dataset(
         synthetic_dataset, dataset_dir, n_train, n_test, image_size, seed, photos, log

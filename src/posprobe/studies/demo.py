@@ -6,11 +6,11 @@ VGG16, edge detection, not ImageNet) for VGG16, EfficientNet-Lite0 (real ImageNe
 
 What fits 15 minutes on 2 CPU cores with every readout trained to the end of its schedule and three seeds:
 Table 1, Table 2(b) without the 5x5 row (the paper prints none), Table 4 and Figs. 4-7. The readout
-convolutions already run near the CPU's arithmetic peak, so ``quick``'s 1,000 updates (which settle the VGG16
-stand-in's G readout across seeds) would take the demo to about 20 minutes; the report flags what 500 leave
-unsettled. Table 2(a) is left to ``posprobe reproduce table2a``: its six deep readouts cost ~0.27 s per update
-each at 32 channels on 2 cores (~1.7 s per update of the table), so 500 updates x 3 seeds alone would take over
-40 minutes.
+convolutions already run as large matrix products (~160 GFLOP/s on 2 cores for the 7x7 ones; an FFT form was
+3-5x slower), so ``quick``'s 1,000 updates (which settle the VGG16 stand-in's G readout across seeds) would take
+the demo to about 20 minutes; the report flags what 500 leave unsettled. Table 2(a) is left to
+``posprobe reproduce table2a``: its six deep readouts cost ~0.27 s per update each at 32 channels on 2 cores
+(~1.7 s per update of the table), so 500 updates x 3 seeds alone would take over 40 minutes.
 """
 
 from __future__ import annotations
