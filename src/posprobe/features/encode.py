@@ -138,7 +138,7 @@ def encode_batches(
 ) -> Iterator[tuple[list[int], list[Part] | None, list[int]]]:
     """Encode images[start:] in order, batch by batch: (indices kept, their parts, indices unreadable).
     Decoding runs in worker processes (one per spare core), overlapped with the encoder; for a GPU the batches
-    are pinned, so the copy runs beside the decoding of the next one.
+    are pinned and copied without blocking the host.
 
     A NaN or an infinity in any level stops here, before alignment and before any caller (memory, cache)
     keeps the batch, with one line naming the level and the images (``Backbone.forward`` finds it).
